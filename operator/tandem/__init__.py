@@ -1,0 +1,3 @@
+"""Tandem: a Kubernetes operator for heterogeneous, disaggregated LLM inference."""
+
+__version__ = "0.1.0"

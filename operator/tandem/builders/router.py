@@ -1,0 +1,118 @@
+"""The router in front of an InferenceService: config, Deployment and Service.
+
+The router's behaviour (per-request split decision) is the router issue's; here it gets its
+image, its config (pools, their Services, the split threshold) and a stable Service.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tandem import names
+from tandem.builders.common import Manifest, ServiceContext, child_name, metadata, with_hash
+
+ROUTER_CONFIG_KEY = "router.json"
+
+
+def router_name(service: str) -> str:
+    return child_name(service, "router")
+
+
+def router_endpoint(service: str, namespace: str) -> str:
+    return f"http://{router_name(service)}.{namespace}.svc:{names.PORT_HTTP}"
+
+
+def router_labels() -> dict[str, str]:
+    return {names.LABEL_NAME: "tandem-router", names.LABEL_COMPONENT: "router"}
+
+
+def router_config(ctx: ServiceContext, split_threshold: int | None = None) -> dict[str, Any]:
+    pools = []
+    for pool in ctx.spec.pools:
+        pools.append(
+            {
+                "name": pool.name,
+                "role": pool.role,
+                "service": child_name(ctx.name, pool.name),
+                "port": names.PORT_HTTP,
+                "vendor": ctx.accelerator_pools[pool.name].vendor,
+            }
+        )
+    return {
+        "model": ctx.spec.model.name,
+        "namespace": ctx.namespace,
+        "pools": pools,
+        "disaggregation": ctx.spec.routing.disaggregation,
+        "splitThresholdTokens": ctx.spec.routing.min_prompt_tokens if split_threshold is None else split_threshold,
+        "timeouts": {"connectSeconds": 5, "prefillSeconds": 300, "decodeSeconds": 3600},
+    }
+
+
+def build_router_configmap(ctx: ServiceContext, split_threshold: int | None = None) -> Manifest:
+    text = json.dumps(router_config(ctx, split_threshold), indent=2, sort_keys=True)
+    return with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": metadata(ctx, router_name(ctx.name), router_labels()),
+            "data": {ROUTER_CONFIG_KEY: text},
+        }
+    )
+
+
+def build_router_deployment(ctx: ServiceContext) -> Manifest:
+    labels = router_labels()
+    selector = {names.LABEL_SERVICE: ctx.name, names.LABEL_COMPONENT: "router"}
+    container = {
+        "name": "router",
+        "image": ctx.images.ref(ctx.images.router),
+        "args": ["--config", f"/etc/tandem/{ROUTER_CONFIG_KEY}", "--port", str(names.PORT_HTTP)],
+        "ports": [{"name": names.PORT_NAME_HTTP, "containerPort": names.PORT_HTTP, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": names.PORT_NAME_HTTP}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": names.PORT_NAME_HTTP}, "periodSeconds": 10},
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": [{"name": "config", "mountPath": "/etc/tandem", "readOnly": True}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    manifest = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(ctx, router_name(ctx.name), labels),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": {**labels, **selector, names.LABEL_MANAGED_BY: names.MANAGED_BY_VALUE}},
+                "spec": {
+                    "containers": [container],
+                    "volumes": [{"name": "config", "configMap": {"name": router_name(ctx.name)}}],
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+    return with_hash(manifest)
+
+
+def build_router_service(ctx: ServiceContext) -> Manifest:
+    return with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(ctx, router_name(ctx.name), router_labels()),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": {names.LABEL_SERVICE: ctx.name, names.LABEL_COMPONENT: "router"},
+                "ports": [
+                    {"name": names.PORT_NAME_HTTP, "port": names.PORT_HTTP, "targetPort": names.PORT_NAME_HTTP, "protocol": "TCP"}
+                ],
+            },
+        }
+    )

@@ -1,0 +1,163 @@
+"""The controller's run-time state: what it has seen, per-object serialisation, resync, Events.
+
+kopf handlers (``tandem.handlers``) feed it watch events; it decides when to reconcile which
+InferenceService and posts Events about what changed. It holds no decisions of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandem import names
+from tandem.builders import Images
+from tandem.kube import Kube, KubeError
+from tandem.reconcile import Outcome, reconcile
+
+log = logging.getLogger("tandem.controller")
+
+Key = tuple[str, str]  # namespace, name
+
+
+@dataclass
+class Settings:
+    resync_seconds: float = 60.0
+    debounce_seconds: float = 0.2
+    images: Images = field(default_factory=Images)
+
+
+class Controller:
+    def __init__(self, kube: Kube, settings: Settings | None = None) -> None:
+        self.kube = kube
+        self.settings = settings or Settings()
+        self.services: dict[Key, Mapping[str, Any]] = {}
+        self.pools: dict[str, Mapping[str, Any]] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._pending: dict[Key, asyncio.Task[None]] = {}
+        self._resync: asyncio.Task[None] | None = None
+        self.reconciles = 0
+
+    # what the watches tell us
+    def load_pools(self) -> None:
+        """Reads every AcceleratorPool once at start, so services are not judged on a partial view."""
+        for item in self.kube.list(names.KIND_POOL):
+            self.pools[item["metadata"]["name"]] = item.get("spec") or {}
+
+    def pool_seen(self, name: str, spec: Mapping[str, Any] | None) -> list[Key]:
+        """Records a pool change; returns the services that reference it."""
+        if spec is None:
+            self.pools.pop(name, None)
+        else:
+            self.pools[name] = dict(spec)
+        return [key for key, body in self.services.items() if name in _pool_refs(body)]
+
+    def service_seen(self, body: Mapping[str, Any] | None, key: Key) -> None:
+        if body is None:
+            self.services.pop(key, None)
+            self._locks.pop(key, None)
+        else:
+            self.services[key] = body
+
+    # reconciling
+    async def reconcile(self, key: Key) -> Outcome | None:
+        body = self.services.get(key)
+        if body is None:
+            return None
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            body = self.services.get(key)  # the newest one seen while waiting
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            self.reconciles += 1
+            outcome = await reconcile(body, kube=self.kube, pools=self.pools, images=self.settings.images)
+        await self._post_events(body, outcome)
+        return outcome
+
+    def request(self, key: Key) -> None:
+        """Asks for a reconcile soon; requests arriving meanwhile are folded into one."""
+        if key in self._pending or key not in self.services:
+            return
+
+        async def run() -> None:
+            try:
+                await asyncio.sleep(self.settings.debounce_seconds)
+                self._pending.pop(key, None)
+                await self.reconcile(key)
+            except KubeError as exc:
+                log.warning("Reconcile of %s/%s failed, the resync will retry: %s", *key, exc)
+            except Exception:  # one bad object must never stop the others
+                log.exception("Reconcile of %s/%s failed, the resync will retry", *key)
+            finally:
+                self._pending.pop(key, None)
+
+        self._pending[key] = asyncio.create_task(run())
+
+    def start_resync(self) -> None:
+        if self._resync is None:
+            self._resync = asyncio.create_task(self._resync_loop())
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._resync, *self._pending.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.resync_seconds)
+            for key in list(self.services):
+                self.request(key)
+
+    # reporting
+    async def _post_events(self, body: Mapping[str, Any], outcome: Outcome) -> None:
+        events: list[tuple[str, str, str]] = []
+        for what in outcome.applied:
+            events.append(("Normal", "Applied", f"Applied {what}."))
+        for what in outcome.pruned:
+            events.append(("Normal", "Pruned", f"Pruned {what}: no longer in the spec."))
+        if outcome.problems and outcome.ready_after != outcome.ready_before:
+            for p in outcome.problems:
+                events.append(("Warning", p.reason, p.message[0].upper() + p.message[1:] + "."))
+        for type_, reason, message in events:
+            try:
+                await asyncio.to_thread(post_event, self.kube, body, type_, reason, message)
+            except KubeError as exc:
+                log.warning("Could not post Event %s: %s", reason, exc)
+
+
+def post_event(kube: Kube, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    meta = body["metadata"]
+    namespace = meta.get("namespace") or "default"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    event = {
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+        "eventTime": now,
+        "type": type_,
+        "reason": reason,
+        "note": message[:1024],
+        "action": "Reconcile",
+        "reportingController": f"{names.GROUP}/operator",
+        "reportingInstance": "tandem-operator",
+        "regarding": {
+            "apiVersion": body.get("apiVersion", names.API_VERSION),
+            "kind": body.get("kind", names.KIND_SERVICE),
+            "name": meta["name"],
+            "namespace": namespace,
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+    }
+    kube.request("POST", f"/apis/events.k8s.io/v1/namespaces/{namespace}/events", body=event)
+
+
+def _pool_refs(body: Mapping[str, Any]) -> set[str]:
+    return {p.get("acceleratorPool", "") for p in (body.get("spec") or {}).get("pools", [])}

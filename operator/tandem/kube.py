@@ -1,0 +1,179 @@
+"""The Kubernetes API adapter: the only module that talks to the apiserver for reconciling.
+
+A thin, synchronous layer over the official client's transport (auth, TLS, kubeconfig and
+in-cluster config come from the ``kubernetes`` package) that speaks plain dicts, so builders and
+status code never see client model classes. Async callers run it in a thread (``asyncio.to_thread``).
+Every call is counted by verb, which is how tests prove that a no-op reconcile writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import kubernetes
+
+from tandem import names
+
+# kind -> (API path prefix, plural, namespaced)
+KINDS: dict[str, tuple[str, str, bool]] = {
+    "Deployment": ("/apis/apps/v1", "deployments", True),
+    "Service": ("/api/v1", "services", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "Pod": ("/api/v1", "pods", True),
+    "Node": ("/api/v1", "nodes", False),
+    names.KIND_SERVICE: (f"/apis/{names.API_VERSION}", names.PLURAL_SERVICE, True),
+    names.KIND_POOL: (f"/apis/{names.API_VERSION}", names.PLURAL_POOL, False),
+}
+OWNED_KINDS = ("ConfigMap", "Service", "Deployment")
+WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, reason: str, body: Mapping[str, Any] | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.body = dict(body or {})
+        super().__init__(f"{status} {reason}: {self.body.get('message', '')}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in (409, 429) or self.status >= 500
+
+
+def load_config() -> kubernetes.client.Configuration:
+    """In-cluster config when running in a pod, else the current kubeconfig."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    return configuration
+
+
+def path_of(kind: str, namespace: str | None = None, name: str | None = None, subresource: str = "") -> str:
+    prefix, plural, namespaced = KINDS[kind]
+    path = prefix
+    if namespaced and namespace:
+        path += f"/namespaces/{quote(namespace)}"
+    path += f"/{plural}"
+    if name:
+        path += f"/{quote(name)}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+class Kube:
+    def __init__(self, configuration: kubernetes.client.Configuration | None = None) -> None:
+        self.api = kubernetes.client.ApiClient(configuration or load_config())
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    @property
+    def writes(self) -> int:
+        with self._lock:
+            return sum(n for verb, n in self.calls.items() if verb in WRITE_VERBS)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        with self._lock:
+            self.calls[method] += 1
+        serialized = self.api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self.api.call_api(*serialized, _request_timeout=REQUEST_TIMEOUT)
+        except kubernetes.client.ApiException as exc:  # non-2xx raised by the transport
+            payload = _json(exc.body)
+            raise KubeError(exc.status or 0, exc.reason or "", payload) from None
+        data = response.read()
+        payload = _json(data)
+        if not 200 <= response.status <= 299:
+            raise KubeError(response.status, response.reason or "", payload)
+        return payload
+
+    # reads
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", path_of(kind, namespace, name))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str | None = None, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        query: list[tuple[str, str]] = []
+        if labels:
+            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(labels.items()))))
+        items: list[dict[str, Any]] = []
+        cont = ""
+        while True:
+            q = [*query, ("limit", "500")] + ([("continue", cont)] if cont else [])
+            page = self.request("GET", path_of(kind, namespace), query=q)
+            group_version = page.get("apiVersion", "v1")
+            for item in page.get("items", []):
+                item.setdefault("kind", kind)
+                item.setdefault("apiVersion", group_version)
+                items.append(item)
+            cont = page.get("metadata", {}).get("continue", "")
+            if not cont:
+                return items
+
+    # writes
+    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply with Tandem's single field manager, taking fields back from hand edits."""
+        meta = manifest["metadata"]
+        return self.request(
+            "PATCH",
+            path_of(manifest["kind"], meta.get("namespace"), meta["name"]),
+            body=json.dumps(manifest),
+            query=[("fieldManager", names.FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        try:
+            self.request(
+                "DELETE",
+                path_of(kind, namespace, name),
+                body={"propagationPolicy": "Background"},
+            )
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+
+    def patch_status(self, kind: str, name: str, namespace: str | None, status: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request(
+            "PATCH",
+            path_of(kind, namespace, name, "status"),
+            body={"status": dict(status)},
+            content_type="application/merge-patch+json",
+        )
+
+
+def _json(data: Any) -> dict[str, Any]:
+    if not data:
+        return {}
+    try:
+        value = json.loads(data)
+    except (TypeError, ValueError):
+        return {"message": str(data)[:500]}
+    return value if isinstance(value, dict) else {"value": value}

@@ -1,0 +1,197 @@
+"""InferenceService: a model served by prefill, decode and mixed pools on AcceleratorPools."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tandem.perf.models import MODEL_PRESETS
+from tandem.models.common import (
+    DECIMAL,
+    DNS_LABEL,
+    Condition,
+    EnvVar,
+    Model,
+    ResourceRequirements,
+    StatusModel,
+    conditions_field,
+    rule,
+)
+
+Role = Literal["prefill", "decode", "mixed"]
+Engine = Literal["vllm", "sglang", "sim"]
+Dtype = Literal["float16", "bfloat16", "fp8", "auto"]
+
+MAX_POOLS = 8
+MAX_SERVICE_NAME = 42  # + "-" + a 20-character pool name stays a 63-character DNS label
+MAX_POOL_NAME = 20
+
+
+class Architecture(Model):
+    """A model's shape, for models without a preset."""
+
+    parameters_billions: float = Field(gt=0, description="Total parameters, in billions.")
+    active_parameters_billions: float | None = Field(
+        default=None, gt=0, description="Parameters active per token (mixture-of-experts), in billions."
+    )
+    layers: int = Field(ge=1, le=1024)
+    hidden_size: int = Field(ge=1)
+    kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    dtype: Dtype = "bfloat16"
+
+
+class ModelSpec(Model):
+    name: str = Field(min_length=1, max_length=253, description="Served model name, e.g. meta-llama/Llama-3.1-8B-Instruct.")
+    source: str | None = Field(default=None, description="Where workers load weights from (hf://, s3://, pvc://...).")
+    preset: str | None = Field(default=None, description="A known architecture, e.g. llama-3.1-8b.")
+    architecture: Architecture | None = None
+    max_model_len: int | None = Field(default=None, ge=1)
+
+
+class Replicas(Model):
+    min: int = Field(default=1, ge=0, le=1000)
+    max: int = Field(default=1, ge=0, le=1000)
+
+
+class PoolSpec(Model):
+    name: str = Field(pattern=DNS_LABEL, max_length=MAX_POOL_NAME)
+    role: Role
+    accelerator_pool: str = Field(min_length=1, max_length=253, description="Name of an AcceleratorPool.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    replicas: Replicas = Field(default_factory=Replicas)
+    resources: ResourceRequirements | None = None
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    args: list[str] = Field(default_factory=list, max_length=64, description="Extra engine arguments.")
+    image: str | None = Field(default=None, description="Overrides the AcceleratorPool's engine image.")
+
+
+class Slo(Model):
+    ttft_seconds: float = Field(default=2.0, gt=0, description="Time-to-first-token target.")
+    itl_seconds: float = Field(default=0.1, gt=0, description="Inter-token-latency target.")
+    attainment: float = Field(default=0.9, gt=0, le=1, description="Share of requests that must meet both.")
+
+
+class Budget(Model):
+    max_devices: int | None = Field(default=None, ge=0)
+    max_cost_per_hour: str | None = Field(default=None, pattern=DECIMAL)
+
+
+class Autoscaling(Model):
+    mode: Literal["planner", "external", "off"] = "off"
+    interval_seconds: int = Field(default=30, ge=5, le=3600)
+    prometheus_url: str | None = Field(default=None, pattern=r"^https?://")
+    budget: Budget | None = None
+
+
+class Routing(Model):
+    disaggregation: Literal["auto", "always", "never"] = "auto"
+    min_prompt_tokens: int = Field(
+        default=512, ge=0, description="Prompts shorter than this go to a mixed replica when one exists."
+    )
+
+
+class KvTransfer(Model):
+    connector: Literal["nixl", "mooncake", "lmcache"] = "nixl"
+    fabric: Literal["auto", "rdma", "tcp"] = "auto"
+
+
+class InferenceServiceSpec(Model):
+    model: ModelSpec
+    engine: Engine = "vllm"
+    pools: list[PoolSpec] = Field(min_length=1, max_length=MAX_POOLS)
+    slo: Slo = Field(default_factory=Slo)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    routing: Routing = Field(default_factory=Routing)
+    kv_transfer: KvTransfer = Field(default_factory=KvTransfer)
+
+    def pools_by_role(self, role: Role) -> list[PoolSpec]:
+        return [p for p in self.pools if p.role == role]
+
+
+KNOWN_PRESETS: tuple[str, ...] = tuple(sorted(MODEL_PRESETS))
+
+MODEL_RULES = [
+    rule(
+        "!has(self.preset) || self.preset in " + str(list(KNOWN_PRESETS)),
+        "model.preset must be one of " + ", ".join(KNOWN_PRESETS) + " (or give an architecture instead)",
+    ),
+    rule(
+        "has(self.preset) != has(self.architecture)",
+        "model needs exactly one of preset (a known architecture such as llama-3.1-8b) or architecture",
+    ),
+]
+REPLICAS_RULES = [rule("self.min <= self.max", "replicas.min must not exceed replicas.max")]
+TP_RULES = [
+    rule(
+        "self in [1, 2, 4, 8, 16, 32, 64]",
+        "tensorParallelSize must be a power of two (1, 2, 4, 8, 16, 32 or 64)",
+    )
+]
+SPEC_RULES = [
+    rule(
+        "self.pools.all(p, self.pools.exists_one(q, q.name == p.name))",
+        "pool names must be unique",
+    ),
+    rule(
+        "self.pools.exists(p, p.role == 'decode' || p.role == 'mixed')",
+        "at least one pool must have role decode or mixed (something has to generate tokens)",
+    ),
+    rule(
+        "!self.pools.exists(p, p.role == 'prefill') || self.pools.exists(p, p.role == 'decode')",
+        "a prefill pool needs a decode pool to hand its KV caches to",
+    ),
+    rule(
+        "self.routing.disaggregation != 'always' || self.pools.exists(p, p.role == 'prefill')",
+        "routing.disaggregation 'always' needs a prefill pool",
+    ),
+]
+ROOT_RULES = [
+    rule(
+        f"size(self.metadata.name) <= {MAX_SERVICE_NAME}",
+        f"the InferenceService name must be at most {MAX_SERVICE_NAME} characters "
+        "(it prefixes the pools' Deployment and Service names)",
+    ),
+]
+
+
+class PoolStatus(StatusModel):
+    name: str
+    role: Role
+    accelerator_pool: str
+    vendor: str | None = None
+    desired_replicas: int = 0
+    ready_replicas: int = 0
+
+
+class Decision(StatusModel):
+    time: str
+    reason: str
+    message: str = ""
+    signals: dict[str, str] = Field(default_factory=dict)
+
+
+class RoleSummary(StatusModel):
+    """Ready/desired replicas per role, as text for `kubectl get`."""
+
+    prefill: str = "0/0"
+    decode: str = "0/0"
+    mixed: str = "0/0"
+
+
+class InferenceServiceStatus(StatusModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = conditions_field()
+    pools: list[PoolStatus] = Field(default_factory=list, json_schema_extra={"x-kubernetes-list-type": "atomic"})
+    replicas: RoleSummary | None = None
+    ratio: str | None = Field(default=None, description="Current prefill:decode replica ratio, e.g. 1:2.")
+    target_ratio: str | None = None
+    endpoint: str | None = None
+    last_decision: Decision | None = None
+
+
+class InferenceService(Model):
+    api_version: Literal["inference.tandem.dev/v1alpha1"] = "inference.tandem.dev/v1alpha1"
+    kind: Literal["InferenceService"] = "InferenceService"
+    spec: InferenceServiceSpec

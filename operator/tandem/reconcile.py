@@ -1,0 +1,168 @@
+"""One level-based reconcile of an InferenceService: gather -> decide -> build -> apply -> report.
+
+Create, update, resume, child changes and the periodic resync all end up in ``reconcile``; the
+controller serialises it per object. Only this module and ``tandem.kube`` do I/O for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from tandem import names
+from tandem.builders import Images, ServiceContext, desired_objects, owned_labels, router_endpoint
+from tandem.builders.router import router_name
+from tandem.children import plan_changes
+from tandem.kube import OWNED_KINDS, Kube
+from tandem.models.common import Condition
+from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
+from tandem.planner import base_replicas
+from tandem.resolve import Problem, Resolution, resolve
+from tandem.status import compute_status, set_conditions, status_changed
+
+log = logging.getLogger("tandem.reconcile")
+
+
+def utcnow() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe(obj: Mapping[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{obj['kind']} {meta.get('namespace', '')}/{meta['name']}".replace(" /", " ")
+
+
+@dataclass
+class Outcome:
+    applied: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    status_written: bool = False
+    # the Ready condition's reason before and after, to post an Event only when it changes
+    ready_before: str | None = None
+    ready_after: str | None = None
+
+
+def _ready_reason(status: Mapping[str, Any] | InferenceServiceStatus | None) -> str | None:
+    if status is None:
+        return None
+    conds = status.conditions if isinstance(status, InferenceServiceStatus) else status.get("conditions", [])
+    for c in conds:
+        ctype = c.type if not isinstance(c, Mapping) else c.get("type")
+        if ctype == "Ready":
+            return c.reason if not isinstance(c, Mapping) else c.get("reason")
+    return None
+
+
+def _invalid_spec(exc: ValidationError) -> Problem:
+    detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+    return Problem("InvalidSpec", f"the spec cannot be read: {detail}")
+
+
+async def reconcile(
+    body: Mapping[str, Any],
+    *,
+    kube: Kube,
+    pools: Mapping[str, Mapping[str, Any]],
+    images: Images,
+    now: str | None = None,
+) -> Outcome:
+    meta = body["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    generation = int(meta.get("generation", 1))
+    raw_status = body.get("status") or {}
+    previous = InferenceServiceStatus.model_validate(raw_status) if raw_status else InferenceServiceStatus()
+    outcome = Outcome(ready_before=_ready_reason(previous))
+    now = now or utcnow()
+
+    # gather
+    observed: list[dict[str, Any]] = []
+    for kind in OWNED_KINDS:
+        observed += await asyncio.to_thread(kube.list, kind, namespace, owned_labels(name))
+    observed = [o for o in observed if _owned_by(o, uid)]
+    live_deployments = {
+        o["metadata"]["labels"].get(names.LABEL_POOL, ""): o
+        for o in observed
+        if o["kind"] == "Deployment" and o["metadata"]["labels"].get(names.LABEL_POOL)
+    }
+
+    # decide
+    try:
+        spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        spec = None
+        resolution = Resolution(problems=[_invalid_spec(exc)])
+    else:
+        resolution = resolve(spec, pools)
+    outcome.problems = list(resolution.problems)
+
+    # build + apply (only when every reference resolved: a half-understood spec changes nothing)
+    router_live = next(
+        (o for o in observed if o["kind"] == "Deployment" and o["metadata"]["name"] == router_name(name)), None
+    )
+    if spec is not None and resolution.ok:
+        ctx = ServiceContext(
+            name=name,
+            namespace=namespace,
+            uid=uid,
+            spec=spec,
+            accelerator_pools=resolution.accelerator_pools,
+            replicas=base_replicas(spec, live_deployments),
+            images=images,
+        )
+        to_apply, to_prune = plan_changes(desired_objects(ctx), observed)
+        for manifest in to_apply:
+            result = await asyncio.to_thread(kube.apply, manifest)
+            outcome.applied.append(describe(manifest))
+            log.info("Applied %s", describe(manifest))
+            pool = manifest["metadata"]["labels"].get(names.LABEL_POOL)
+            if manifest["kind"] == "Deployment":
+                if pool:
+                    live_deployments[pool] = result
+                else:
+                    router_live = result
+        for obj in to_prune:
+            await asyncio.to_thread(kube.delete, obj["kind"], obj["metadata"]["name"], namespace)
+            outcome.pruned.append(describe(obj))
+            log.info("Pruned %s", describe(obj))
+            pool = obj["metadata"]["labels"].get(names.LABEL_POOL)
+            if obj["kind"] == "Deployment" and pool:
+                live_deployments.pop(pool, None)
+
+    # report
+    if spec is None:
+        status = previous.model_copy(update={"observed_generation": generation})
+        problem = resolution.problems[0]
+        conds = [
+            Condition(type="Ready", status="False", reason=problem.reason, message=problem.message, observed_generation=generation),
+            Condition(type="Degraded", status="True", reason=problem.reason, message=problem.message, observed_generation=generation),
+        ]
+        status = status.model_copy(update={"conditions": set_conditions(previous.conditions, conds, now)})
+    else:
+        status = compute_status(
+            spec=spec,
+            generation=generation,
+            resolution=resolution,
+            deployments=live_deployments,
+            router=router_live,
+            endpoint=router_endpoint(name, namespace),
+            previous=previous,
+            now=now,
+        )
+    outcome.ready_after = _ready_reason(status)
+    if status_changed(raw_status, status):
+        await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, status.to_wire())
+        outcome.status_written = True
+    return outcome
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Objects with our labels but another owner (e.g. a re-created service's leftovers) are not ours."""
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(r.get("uid") == uid for r in refs) or not refs

@@ -1,0 +1,155 @@
+"""Computes an InferenceService's status from what was observed (pure).
+
+Conditions follow the Kubernetes API conventions: keyed by type in a stable order, CamelCase
+reasons, sentence messages, ``observedGeneration``, and a ``lastTransitionTime`` that moves only
+when the condition's status flips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from math import gcd
+from typing import Any
+
+from tandem.models.common import Condition, ConditionStatus
+from tandem.models.inference_service import (
+    InferenceServiceSpec,
+    InferenceServiceStatus,
+    PoolStatus,
+    RoleSummary,
+)
+from tandem.resolve import Problem, Resolution
+
+CONDITION_ORDER = ("Ready", "Progressing", "Degraded")
+
+
+def merge_condition(
+    previous: Sequence[Condition], new: Condition, now: str
+) -> Condition:
+    """``new`` with the previous ``lastTransitionTime`` kept unless the status flipped."""
+    for old in previous:
+        if old.type == new.type and old.status == new.status and old.last_transition_time:
+            return new.model_copy(update={"last_transition_time": old.last_transition_time})
+    return new.model_copy(update={"last_transition_time": now})
+
+
+def set_conditions(
+    previous: Sequence[Condition], new: Sequence[Condition], now: str
+) -> list[Condition]:
+    """Replace the conditions in ``new`` by type; keep others (e.g. the planner's) as they were."""
+    by_type = {c.type: c for c in previous}
+    for cond in new:
+        by_type[cond.type] = merge_condition(previous, cond, now)
+    order = {t: i for i, t in enumerate(CONDITION_ORDER)}
+    return sorted(by_type.values(), key=lambda c: (order.get(c.type, len(order)), c.type))
+
+
+def _cond(type_: str, status: ConditionStatus, reason: str, message: str, generation: int) -> Condition:
+    return Condition(type=type_, status=status, reason=reason, message=message, observed_generation=generation)
+
+
+def ratio(prefill: int, decode: int) -> str:
+    if prefill == 0 and decode == 0:
+        return "0:0"
+    if prefill == 0 or decode == 0:
+        return f"{prefill}:{decode}"
+    g = gcd(prefill, decode)
+    return f"{prefill // g}:{decode // g}"
+
+
+def _deployment_counts(dep: Mapping[str, Any] | None) -> tuple[int, int, bool]:
+    """(desired, ready, rolled out) of a live Deployment."""
+    if dep is None:
+        return 0, 0, False
+    spec, status = dep.get("spec", {}), dep.get("status", {}) or {}
+    desired = int(spec.get("replicas", 1))
+    ready = int(status.get("readyReplicas", 0) or 0)
+    updated = int(status.get("updatedReplicas", 0) or 0)
+    generation = dep.get("metadata", {}).get("generation", 0)
+    rolled_out = (
+        status.get("observedGeneration", 0) >= generation
+        and updated >= desired
+        and ready >= desired
+        and int(status.get("replicas", 0) or 0) == desired
+    )
+    return desired, ready, rolled_out
+
+
+def compute_status(
+    *,
+    spec: InferenceServiceSpec,
+    generation: int,
+    resolution: Resolution,
+    deployments: Mapping[str, Mapping[str, Any]],
+    router: Mapping[str, Any] | None,
+    endpoint: str,
+    previous: InferenceServiceStatus,
+    now: str,
+    extra_problems: Sequence[Problem] = (),
+) -> InferenceServiceStatus:
+    """The status to write. ``deployments``: pool name -> live Deployment."""
+    pools: list[PoolStatus] = []
+    per_role: dict[str, list[int]] = {"prefill": [0, 0], "decode": [0, 0], "mixed": [0, 0]}
+    not_ready: list[str] = []
+    rolling: list[str] = []
+    for pool in spec.pools:
+        dep = deployments.get(pool.name)
+        desired, ready, rolled_out = _deployment_counts(dep)
+        accel = resolution.accelerator_pools.get(pool.name)
+        pools.append(
+            PoolStatus(
+                name=pool.name,
+                role=pool.role,
+                accelerator_pool=pool.accelerator_pool,
+                vendor=accel.vendor if accel else None,
+                desired_replicas=desired,
+                ready_replicas=ready,
+            )
+        )
+        per_role[pool.role][0] += ready
+        per_role[pool.role][1] += desired
+        if dep is None or ready < desired:
+            not_ready.append(pool.name)
+        if dep is None or not rolled_out:
+            rolling.append(pool.name)
+    _, _, router_ok = _deployment_counts(router)
+    if not router_ok:
+        rolling.append("router")
+        not_ready.append("router")
+
+    problems = [*resolution.problems, *extra_problems]
+    if problems:
+        first = problems[0]
+        message = " ".join(p.message.rstrip(".") + "." for p in problems)
+        ready_c = _cond("Ready", "False", first.reason, message, generation)
+        degraded = _cond("Degraded", "True", first.reason, message, generation)
+        progressing = _cond("Progressing", "False", first.reason, "Waiting for the spec's problems to be fixed.", generation)
+    else:
+        degraded = _cond("Degraded", "False", "AsExpected", "", generation)
+        if not_ready:
+            ready_c = _cond(
+                "Ready", "False", "ReplicasNotReady", f"Not all replicas are ready: {', '.join(not_ready)}.", generation
+            )
+        else:
+            ready_c = _cond("Ready", "True", "AllReplicasReady", "All pools and the router are ready.", generation)
+        if rolling:
+            progressing = _cond("Progressing", "True", "RollingOut", f"Rolling out: {', '.join(rolling)}.", generation)
+        else:
+            progressing = _cond("Progressing", "False", "RolloutComplete", "", generation)
+
+    summary = RoleSummary(**{role: f"{r}/{d}" for role, (r, d) in per_role.items()})
+    return previous.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": set_conditions(previous.conditions, [ready_c, progressing, degraded], now),
+            "pools": pools,
+            "replicas": summary,
+            "ratio": ratio(per_role["prefill"][1], per_role["decode"][1]),
+            "endpoint": endpoint,
+        }
+    )
+
+
+def status_changed(old: Mapping[str, Any] | None, new: InferenceServiceStatus) -> bool:
+    """Compares wire forms so that an unchanged status is never written again."""
+    return dict(old or {}) != new.to_wire()

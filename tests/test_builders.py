@@ -1,0 +1,177 @@
+"""Golden manifests and properties of the pure builders, per vendor, engine and role."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tandem import names
+from tandem.builders import ServiceContext, desired_objects
+from tandem.builders.engine import engine_args
+from tandem.models import InferenceServiceSpec
+from tandem.planner import base_replicas
+from tandem.resolve import resolve
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def make_ctx(spec_doc: dict[str, Any], pools: dict[str, dict], name: str = "llama") -> ServiceContext:
+    spec = InferenceServiceSpec.model_validate(spec_doc)
+    resolution = resolve(spec, pools)
+    assert resolution.ok, resolution.problems
+    return ServiceContext(
+        name=name,
+        namespace="team-a",
+        uid="00000000-0000-0000-0000-000000000001",
+        spec=spec,
+        accelerator_pools=resolution.accelerator_pools,
+        replicas=base_replicas(spec, {}),
+    )
+
+
+def spec_for(engine: str, vendor_pool: str, role: str) -> dict[str, Any]:
+    pools = [{"name": role, "role": role, "acceleratorPool": vendor_pool, "tensorParallelSize": 2}]
+    if role == "prefill":
+        pools.append({"name": "decode", "role": "decode", "acceleratorPool": vendor_pool})
+    return {"model": {"name": "meta-llama/Llama-3.1-8B", "preset": "llama-3.1-8b"}, "engine": engine, "pools": pools}
+
+
+def check_golden(name: str, objects: list[dict[str, Any]]) -> None:
+    path = GOLDEN / f"{name}.yaml"
+    text = yaml.safe_dump_all(objects, sort_keys=True)
+    if os.environ.get("UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+        if not os.environ.get("UPDATE_GOLDEN"):
+            pytest.fail(f"golden file {path.name} was missing and has been written; re-run")
+    assert text == path.read_text(), f"{path.name} differs; run UPDATE_GOLDEN=1 pytest if intended"
+
+
+CASES = [
+    (engine, pool, role)
+    for engine in ("vllm", "sglang", "sim")
+    for pool in ("h100", "mi300x", "gaudi3")
+    for role in ("prefill", "mixed")
+]
+
+
+@pytest.mark.parametrize(("engine", "pool", "role"), CASES)
+def test_golden_manifests(engine: str, pool: str, role: str, sample_pools: dict[str, dict]) -> None:
+    ctx = make_ctx(spec_for(engine, pool, role), sample_pools)
+    check_golden(f"{engine}-{pool}-{role}", desired_objects(ctx))
+
+
+def test_sample_service_objects(sample_service: dict, sample_pools: dict[str, dict]) -> None:
+    ctx = make_ctx(sample_service["spec"], sample_pools)
+    objects = desired_objects(ctx)
+    check_golden("sample-llama", objects)
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert kinds == [
+        ("Service", "llama-prefill"),
+        ("Deployment", "llama-prefill"),
+        ("Service", "llama-decode"),
+        ("Deployment", "llama-decode"),
+        ("Service", "llama-mixed"),
+        ("Deployment", "llama-mixed"),
+        ("ConfigMap", "llama-router"),
+        ("Service", "llama-router"),
+        ("Deployment", "llama-router"),
+    ]
+
+
+def deployment(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+
+
+def test_worker_lands_on_its_vendor(sample_service: dict, sample_pools: dict[str, dict]) -> None:
+    objects = desired_objects(make_ctx(sample_service["spec"], sample_pools))
+    decode = deployment(objects, "llama-decode")
+    pod = decode["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # Gaudi 3 decode: 8 habana.ai/gaudi devices (tensorParallelSize 8), the Gaudi taint tolerated,
+    # required node affinity on the pool's selector.
+    assert container["resources"]["limits"]["habana.ai/gaudi"] == "8"
+    assert container["resources"]["requests"]["habana.ai/gaudi"] == "8"
+    assert {"key": "habana.ai/gaudi", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"] == [
+        {"key": "inference.tandem.dev/accelerator-model", "operator": "In", "values": ["Gaudi3"]}
+    ]
+    labels = decode["spec"]["template"]["metadata"]["labels"]
+    assert labels[names.LABEL_ROLE] == "decode"
+    assert labels[names.LABEL_VENDOR] == "intel"
+    assert labels[names.LABEL_LLMD_ROLE] == "decode"
+    assert deployment(objects, "llama-mixed")["spec"]["template"]["metadata"]["labels"][names.LABEL_LLMD_ROLE] == (
+        "prefill-decode"
+    )
+    assert decode["spec"]["replicas"] == 2  # min, before any planner
+    owner = decode["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "InferenceService" and owner["controller"] is True
+
+
+def test_vllm_kv_transfer_config_per_role_and_vendor(sample_pools: dict[str, dict]) -> None:
+    spec = InferenceServiceSpec.model_validate(
+        {
+            "model": {"name": "m", "preset": "llama-3.1-8b"},
+            "pools": [
+                {"name": "p", "role": "prefill", "acceleratorPool": "h100", "tensorParallelSize": 4},
+                {"name": "d", "role": "decode", "acceleratorPool": "gaudi3"},
+                {"name": "x", "role": "mixed", "acceleratorPool": "mi300x"},
+            ],
+        }
+    )
+    res = resolve(spec, sample_pools)
+    prefill = engine_args(spec, spec.pools[0], res.accelerator_pools["p"])
+    decode = engine_args(spec, spec.pools[1], res.accelerator_pools["d"])
+    mixed = engine_args(spec, spec.pools[2], res.accelerator_pools["x"])
+    assert prefill[:3] == ["vllm", "serve", "m"]
+    assert prefill[prefill.index("--tensor-parallel-size") + 1] == "4"
+    assert '"kv_connector":"NixlConnector"' in prefill[prefill.index("--kv-transfer-config") + 1]
+    assert '"kv_buffer_device":"cuda"' in prefill[prefill.index("--kv-transfer-config") + 1]
+    # Gaudi stages KV in host memory
+    assert '"kv_buffer_device":"cpu"' in decode[decode.index("--kv-transfer-config") + 1]
+    assert "--kv-transfer-config" not in mixed
+
+
+def test_user_overrides_merge(sample_pools: dict[str, dict]) -> None:
+    doc = spec_for("vllm", "h100", "mixed")
+    doc["pools"][0].update(
+        {
+            "resources": {"requests": {"cpu": 16, "memory": "200Gi", "nvidia.com/gpu": 1}},
+            "env": [{"name": "TANDEM_ROLE", "value": "custom"}, {"name": "HF_HOME", "value": "/cache"}],
+            "args": ["--enable-prefix-caching"],
+            "image": "example.com/my-vllm:1",
+        }
+    )
+    ctx = make_ctx(doc, sample_pools)
+    container = deployment(desired_objects(ctx), "llama-mixed")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "example.com/my-vllm:1"
+    assert container["command"][-1] == "--enable-prefix-caching"
+    # the device count follows tensorParallelSize, not a conflicting override
+    assert container["resources"]["requests"] == {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": "2"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TANDEM_ROLE"] == "custom" and env["HF_HOME"] == "/cache"
+    assert [e["name"] for e in container["env"]].count("TANDEM_ROLE") == 1
+
+
+def test_builders_are_deterministic(sample_service: dict, sample_pools: dict[str, dict]) -> None:
+    a = desired_objects(make_ctx(sample_service["spec"], sample_pools))
+    b = desired_objects(make_ctx(sample_service["spec"], sample_pools))
+    assert a == b
+    hashes = {o["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH] for o in a}
+    assert len(hashes) == len(a)
+
+
+def test_external_mode_leaves_replicas_to_the_hpa(sample_service: dict, sample_pools: dict[str, dict]) -> None:
+    doc = dict(sample_service["spec"], autoscaling={"mode": "external"})
+    spec = InferenceServiceSpec.model_validate(doc)
+    live = {"decode": {"spec": {"replicas": 3}}}
+    replicas = base_replicas(spec, live)
+    assert replicas["decode"] is None  # already exists: the HPA owns it
+    assert replicas["prefill"] == 1  # creation: start at min
+    res = resolve(spec, sample_pools)
+    ctx = ServiceContext("llama", "ns", "u", spec, res.accelerator_pools, replicas)
+    assert "replicas" not in deployment(desired_objects(ctx), "llama-decode")["spec"]

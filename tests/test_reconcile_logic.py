@@ -1,0 +1,210 @@
+"""Pure pieces of the reconcile: replicas policy, reference resolution, child diffing, status."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tandem.children import is_subset, needs_apply, plan_changes
+from tandem.models import InferenceServiceSpec, InferenceServiceStatus
+from tandem.models.common import Condition
+from tandem.planner import base_replicas
+from tandem.resolve import resolve
+from tandem.status import compute_status, merge_condition, ratio, set_conditions, status_changed
+
+
+def spec(**pools_override: Any) -> InferenceServiceSpec:
+    doc: dict[str, Any] = {
+        "model": {"name": "m", "preset": "llama-3.1-8b"},
+        "pools": [
+            {"name": "p", "role": "prefill", "acceleratorPool": "b200", "replicas": {"min": 1, "max": 4}},
+            {"name": "d", "role": "decode", "acceleratorPool": "gaudi3", "replicas": {"min": 2, "max": 6}},
+        ],
+    }
+    doc.update(pools_override)
+    return InferenceServiceSpec.model_validate(doc)
+
+
+# replicas
+@pytest.mark.parametrize(
+    ("mode", "live", "expected"),
+    [
+        ("off", {"p": {"spec": {"replicas": 3}}}, {"p": 1, "d": 2}),
+        ("planner", {"p": {"spec": {"replicas": 3}}}, {"p": 3, "d": 2}),
+        ("planner", {"p": {"spec": {"replicas": 9}}, "d": {"spec": {"replicas": 0}}}, {"p": 4, "d": 2}),
+        ("external", {"p": {"spec": {"replicas": 3}}}, {"p": None, "d": 2}),
+    ],
+)
+def test_base_replicas(mode: str, live: dict, expected: dict) -> None:
+    s = spec(autoscaling={"mode": mode})
+    assert base_replicas(s, live) == expected
+
+
+# references
+def test_resolve_reports_every_problem(sample_pools: dict[str, dict]) -> None:
+    s = InferenceServiceSpec.model_validate(
+        {
+            "model": {"name": "m", "preset": "llama-3.1-8b"},
+            "pools": [
+                {"name": "p", "role": "prefill", "acceleratorPool": "nope"},
+                {"name": "d", "role": "decode", "acceleratorPool": "gaudi3", "tensorParallelSize": 16},
+                {"name": "x", "role": "mixed", "acceleratorPool": "h100"},
+            ],
+        }
+    )
+    res = resolve(s, sample_pools)
+    assert [p.reason for p in res.problems] == ["AcceleratorPoolNotFound", "TensorParallelTooLarge"]
+    assert "'nope'" in res.problems[0].message
+    assert "8 devices per node" in res.problems[1].message
+    assert set(res.accelerator_pools) == {"x"}
+    assert not res.ok
+
+
+def test_resolve_reports_broken_pool_objects(sample_pools: dict[str, dict]) -> None:
+    broken = dict(sample_pools, b200={"vendor": "nvidia"})  # model missing
+    res = resolve(spec(), broken)
+    assert res.problems[0].reason == "InvalidAcceleratorPool"
+    assert "model" in res.problems[0].message
+
+
+# diffing
+def test_subset_ignores_server_defaults() -> None:
+    desired = {"spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "a", "image": "x"}]}}}}
+    actual = copy.deepcopy(desired)
+    actual["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
+    actual["spec"]["progressDeadlineSeconds"] = 600
+    assert is_subset(desired, actual)
+    actual["spec"]["template"]["spec"]["containers"][0]["image"] = "hand-edited"
+    assert not is_subset(desired, actual)
+    assert is_subset({"port": 8000}, {"port": "8000"})
+    assert not is_subset({"a": [1, 2]}, {"a": [1]})
+
+
+def obj(kind: str, name: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": kind, "metadata": {"name": name, "namespace": "ns", **extra}, "spec": {"x": 1}}
+
+
+def test_plan_changes() -> None:
+    desired = [obj("Deployment", "a"), obj("Service", "a"), obj("Deployment", "b")]
+    live = [
+        obj("Deployment", "a"),  # unchanged
+        {**obj("Service", "a"), "spec": {"x": 2}},  # edited by hand
+        obj("Deployment", "gone"),  # no longer desired
+        obj("Deployment", "dying", deletionTimestamp="2026-01-01T00:00:00Z"),
+    ]
+    to_apply, to_prune = plan_changes(desired, live)
+    assert [(o["kind"], o["metadata"]["name"]) for o in to_apply] == [("Service", "a"), ("Deployment", "b")]
+    assert [o["metadata"]["name"] for o in to_prune] == ["gone"]
+    assert not needs_apply(obj("Deployment", "a"), obj("Deployment", "a"))
+
+
+# status
+def dep(replicas: int, ready: int, generation: int = 1, observed: int = 1) -> dict[str, Any]:
+    return {
+        "metadata": {"generation": generation},
+        "spec": {"replicas": replicas},
+        "status": {
+            "observedGeneration": observed,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "updatedReplicas": replicas,
+        },
+    }
+
+
+def conds(status: InferenceServiceStatus) -> dict[str, Condition]:
+    return {c.type: c for c in status.conditions}
+
+
+def test_status_ready_when_everything_is_ready(sample_pools: dict[str, dict]) -> None:
+    s = spec()
+    st = compute_status(
+        spec=s,
+        generation=3,
+        resolution=resolve(s, sample_pools),
+        deployments={"p": dep(1, 1), "d": dep(2, 2)},
+        router=dep(1, 1),
+        endpoint="http://x",
+        previous=InferenceServiceStatus(),
+        now="2026-11-22T00:00:00Z",
+    )
+    c = conds(st)
+    assert c["Ready"].status == "True" and c["Ready"].reason == "AllReplicasReady"
+    assert c["Progressing"].status == "False" and c["Degraded"].status == "False"
+    assert st.observed_generation == 3 and c["Ready"].observed_generation == 3
+    assert st.ratio == "1:2" and st.replicas is not None and st.replicas.decode == "2/2"
+    assert [p.vendor for p in st.pools] == ["nvidia", "intel"]
+    assert [c.type for c in st.conditions] == ["Ready", "Progressing", "Degraded"]
+
+
+def test_status_not_ready_and_rolling(sample_pools: dict[str, dict]) -> None:
+    s = spec()
+    st = compute_status(
+        spec=s,
+        generation=1,
+        resolution=resolve(s, sample_pools),
+        deployments={"p": dep(1, 0)},
+        router=None,
+        endpoint="http://x",
+        previous=InferenceServiceStatus(),
+        now="t0",
+    )
+    c = conds(st)
+    assert c["Ready"].status == "False" and c["Ready"].reason == "ReplicasNotReady"
+    assert "p" in c["Ready"].message and "d" in c["Ready"].message and "router" in c["Ready"].message
+    assert c["Progressing"].status == "True"
+
+
+def test_status_reports_reference_problems(sample_pools: dict[str, dict]) -> None:
+    s = spec(pools=[{"name": "d", "role": "decode", "acceleratorPool": "missing"}])
+    st = compute_status(
+        spec=s,
+        generation=1,
+        resolution=resolve(s, sample_pools),
+        deployments={},
+        router=None,
+        endpoint="http://x",
+        previous=InferenceServiceStatus(),
+        now="t0",
+    )
+    c = conds(st)
+    assert (c["Ready"].status, c["Ready"].reason) == ("False", "AcceleratorPoolNotFound")
+    assert (c["Degraded"].status, c["Degraded"].reason) == ("True", "AcceleratorPoolNotFound")
+    assert "'missing'" in c["Ready"].message
+
+
+def test_last_transition_time_moves_only_on_flips() -> None:
+    old = [Condition(type="Ready", status="False", reason="A", last_transition_time="t0")]
+    same = merge_condition(old, Condition(type="Ready", status="False", reason="B"), "t1")
+    flipped = merge_condition(old, Condition(type="Ready", status="True", reason="C"), "t1")
+    assert same.last_transition_time == "t0" and same.reason == "B"
+    assert flipped.last_transition_time == "t1"
+    kept = set_conditions(
+        [Condition(type="MetricsAvailable", status="True", reason="X", last_transition_time="t0")],
+        [Condition(type="Ready", status="True", reason="Y")],
+        "t1",
+    )
+    assert [c.type for c in kept] == ["Ready", "MetricsAvailable"]
+
+
+def test_status_changed_detects_equal_status(sample_pools: dict[str, dict]) -> None:
+    s = spec()
+    kwargs: dict[str, Any] = dict(
+        spec=s,
+        generation=1,
+        resolution=resolve(s, sample_pools),
+        deployments={"p": dep(1, 1), "d": dep(2, 2)},
+        router=dep(1, 1),
+        endpoint="http://x",
+    )
+    first = compute_status(previous=InferenceServiceStatus(), now="t0", **kwargs)
+    second = compute_status(previous=InferenceServiceStatus.model_validate(first.to_wire()), now="t1", **kwargs)
+    assert not status_changed(first.to_wire(), second)
+    assert status_changed(None, second)
+
+
+@pytest.mark.parametrize(("p", "d", "expected"), [(2, 4, "1:2"), (3, 2, "3:2"), (0, 2, "0:2"), (0, 0, "0:0")])
+def test_ratio(p: int, d: int, expected: str) -> None:
+    assert ratio(p, d) == expected
