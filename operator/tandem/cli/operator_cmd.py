@@ -13,14 +13,24 @@ from tandem import names
 def register(sub: Any) -> None:
     p = sub.add_parser("operator", help="run the Tandem controller")
     scope = p.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    scope.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
+    )
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
-    p.add_argument("--peering", default="tandem", help="kopf peering name, so only one replica acts (default: tandem)")
+    p.add_argument(
+        "--peering", default="tandem", help="kopf peering name, so only one replica acts (default: tandem)"
+    )
     p.add_argument("--standalone", action="store_true", help="no peering: for a single replica or local runs")
     p.add_argument("--resync-seconds", type=float, default=60.0, help="level-based resync period")
     p.add_argument("--image-registry", default=names.IMAGE_REGISTRY, help="registry of Tandem's images")
-    p.add_argument("--image-tag", default=None, help="tag of Tandem's images (default: the operator's version)")
-    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="health endpoint URL ('' to disable)")
+    p.add_argument(
+        "--image-tag", default=None, help="tag of Tandem's images (default: the operator's version)"
+    )
+    p.add_argument(
+        "--liveness", default="http://0.0.0.0:8080/healthz", help="health endpoint URL ('' to disable)"
+    )
+    p.add_argument("--metrics-port", type=int, default=9090, help="port of /metrics (0 to disable)")
+    p.add_argument("--metrics-address", default="0.0.0.0", help="address /metrics listens on")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=run)
 
@@ -29,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     import tandem
-    import tandem.handlers  # noqa: F401  (registers the handlers)
+    import tandem.handlers
     from tandem.builders import Images
     from tandem.controller import Settings
 
@@ -37,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # kopf logs every handler call at INFO; our own lines tell the story
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_address)
     memo = kopf.Memo(
         controller_settings=Settings(
             resync_seconds=args.resync_seconds,
@@ -46,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     asyncio.run(
         kopf.operator(
             clusterwide=not args.namespace,
-            namespaces=args.namespace or None,
+            namespaces=args.namespace,
             standalone=args.standalone,
             peering_name=args.peering,
             liveness_endpoint=args.liveness or None,
