@@ -37,7 +37,11 @@ def spec_for(engine: str, vendor_pool: str, role: str) -> dict[str, Any]:
     pools = [{"name": role, "role": role, "acceleratorPool": vendor_pool, "tensorParallelSize": 2}]
     if role == "prefill":
         pools.append({"name": "decode", "role": "decode", "acceleratorPool": vendor_pool})
-    return {"model": {"name": "meta-llama/Llama-3.1-8B", "preset": "llama-3.1-8b"}, "engine": engine, "pools": pools}
+    return {
+        "model": {"name": "meta-llama/Llama-3.1-8B", "preset": "llama-3.1-8b"},
+        "engine": engine,
+        "pools": pools,
+    }
 
 
 def check_golden(name: str, objects: list[dict[str, Any]]) -> None:
@@ -96,7 +100,9 @@ def test_worker_lands_on_its_vendor(sample_service: dict, sample_pools: dict[str
     assert container["resources"]["limits"]["habana.ai/gaudi"] == "8"
     assert container["resources"]["requests"]["habana.ai/gaudi"] == "8"
     assert {"key": "habana.ai/gaudi", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ][0]
     assert term["matchExpressions"] == [
         {"key": "inference.tandem.dev/accelerator-model", "operator": "In", "values": ["Gaudi3"]}
     ]
@@ -104,9 +110,9 @@ def test_worker_lands_on_its_vendor(sample_service: dict, sample_pools: dict[str
     assert labels[names.LABEL_ROLE] == "decode"
     assert labels[names.LABEL_VENDOR] == "intel"
     assert labels[names.LABEL_LLMD_ROLE] == "decode"
-    assert deployment(objects, "llama-mixed")["spec"]["template"]["metadata"]["labels"][names.LABEL_LLMD_ROLE] == (
-        "prefill-decode"
-    )
+    assert deployment(objects, "llama-mixed")["spec"]["template"]["metadata"]["labels"][
+        names.LABEL_LLMD_ROLE
+    ] == ("prefill-decode")
     assert decode["spec"]["replicas"] == 2  # min, before any planner
     owner = decode["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "InferenceService" and owner["controller"] is True
@@ -165,7 +171,9 @@ def test_builders_are_deterministic(sample_service: dict, sample_pools: dict[str
     assert len(hashes) == len(a)
 
 
-def test_external_mode_leaves_replicas_to_the_hpa(sample_service: dict, sample_pools: dict[str, dict]) -> None:
+def test_external_mode_leaves_replicas_to_the_hpa(
+    sample_service: dict, sample_pools: dict[str, dict]
+) -> None:
     doc = dict(sample_service["spec"], autoscaling={"mode": "external"})
     spec = InferenceServiceSpec.model_validate(doc)
     live = {"decode": {"spec": {"replicas": 3}}}

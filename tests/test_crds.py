@@ -75,10 +75,21 @@ def test_defaults_are_literal_in_the_schema() -> None:
     isvc = schema(yaml.safe_load(crdgen.render_all()["inference.tandem.dev_inferenceservices.yaml"]))
     spec = isvc["properties"]["spec"]["properties"]
     assert spec["engine"]["default"] == "vllm"
-    assert spec["slo"]["default"] == {} and spec["slo"]["properties"]["attainment"]["default"] == 0.9
+    assert (
+        spec["slo"]["default"] == {"ttftSeconds": 2.0, "itlSeconds": 0.1, "attainment": 0.9}
+        and spec["slo"]["properties"]["attainment"]["default"] == 0.9
+    )
     assert spec["kvTransfer"]["properties"]["connector"]["default"] == "nixl"
     assert "default" not in spec["autoscaling"]["properties"]["budget"]  # optional stays absent
 
 
 def test_no_drift() -> None:
     assert crdgen.main(["--check", "--out", str(ROOT / "crds")]) == 0
+
+
+def test_api_accelerator_names_match_the_catalog() -> None:
+    from tandem.models.accelerator_pool import KNOWN_MODELS
+    from tandem.perf.catalog import ACCELERATORS, get_accelerator
+
+    resolved = {get_accelerator(name).name for name in KNOWN_MODELS}
+    assert resolved == {a.name for a in ACCELERATORS.values()}

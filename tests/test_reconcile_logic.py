@@ -200,7 +200,9 @@ def test_status_changed_detects_equal_status(sample_pools: dict[str, dict]) -> N
         endpoint="http://x",
     )
     first = compute_status(previous=InferenceServiceStatus(), now="t0", **kwargs)
-    second = compute_status(previous=InferenceServiceStatus.model_validate(first.to_wire()), now="t1", **kwargs)
+    second = compute_status(
+        previous=InferenceServiceStatus.model_validate(first.to_wire()), now="t1", **kwargs
+    )
     assert not status_changed(first.to_wire(), second)
     assert status_changed(None, second)
 

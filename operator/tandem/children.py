@@ -23,8 +23,8 @@ def is_subset(desired: Any, actual: Any) -> bool:
         if not isinstance(actual, list) or len(desired) != len(actual):
             return False
         return all(is_subset(d, a) for d, a in zip(desired, actual, strict=True))
-    if isinstance(desired, int | float) and isinstance(actual, str) or isinstance(desired, str) and isinstance(
-        actual, int | float
+    if (isinstance(desired, int | float) and isinstance(actual, str)) or (
+        isinstance(desired, str) and isinstance(actual, int | float)
     ):
         return str(desired) == str(actual)
     return bool(desired == actual)

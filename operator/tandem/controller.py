@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from tandem import names
 from tandem.builders import Images
 from tandem.kube import Kube, KubeError
 from tandem.reconcile import Outcome, reconcile
+from tandem.telemetry import CHILD_WRITES, RECONCILE_SECONDS, RECONCILES
 
 log = logging.getLogger("tandem.controller")
 
@@ -74,7 +76,19 @@ class Controller:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             self.reconciles += 1
-            outcome = await reconcile(body, kube=self.kube, pools=self.pools, images=self.settings.images)
+            with RECONCILE_SECONDS.time():
+                try:
+                    outcome = await reconcile(
+                        body, kube=self.kube, pools=self.pools, images=self.settings.images
+                    )
+                except Exception:
+                    RECONCILES.labels("error").inc()
+                    raise
+            RECONCILES.labels("problem" if outcome.problems else "ok").inc()
+            for what in outcome.applied:
+                CHILD_WRITES.labels("apply", what.split(" ", 1)[0]).inc()
+            for what in outcome.pruned:
+                CHILD_WRITES.labels("prune", what.split(" ", 1)[0]).inc()
         await self._post_events(body, outcome)
         return outcome
 
@@ -89,7 +103,10 @@ class Controller:
                 self._pending.pop(key, None)
                 await self.reconcile(key)
             except KubeError as exc:
-                log.warning("Reconcile of %s/%s failed, the resync will retry: %s", *key, exc)
+                if exc.namespace_gone:
+                    log.info("Skipped %s/%s: its namespace is being deleted", *key)
+                else:
+                    log.warning("Reconcile of %s/%s failed, the resync will retry: %s", *key, exc)
             except Exception:  # one bad object must never stop the others
                 log.exception("Reconcile of %s/%s failed, the resync will retry", *key)
             finally:
@@ -139,7 +156,7 @@ def post_event(kube: Kube, body: Mapping[str, Any], type_: str, reason: str, mes
     event = {
         "apiVersion": "events.k8s.io/v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": namespace},
         "eventTime": now,
         "type": type_,
         "reason": reason,

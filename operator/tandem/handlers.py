@@ -57,10 +57,10 @@ async def accelerator_pool_event(event: kopf.RawEvent, name: str, memo: kopf.Mem
 
 @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL_SERVICE)
 async def inference_service_event(
-    event: kopf.RawEvent, name: str, namespace: str, memo: kopf.Memo, **_: Any
+    event: kopf.RawEvent, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
     controller: Controller = memo.controller
-    key = (namespace, name)
+    key = (namespace or "", name)
     controller.service_seen(None if event.get("type") == "DELETED" else event["object"], key)
     controller.request(key)
 

@@ -18,6 +18,7 @@ from urllib.parse import quote
 import kubernetes
 
 from tandem import names
+from tandem.telemetry import KUBE_REQUESTS
 
 # kind -> (API path prefix, plural, namespaced)
 KINDS: dict[str, tuple[str, str, bool]] = {
@@ -42,6 +43,15 @@ class KubeError(Exception):
         super().__init__(f"{status} {reason}: {self.body.get('message', '')}")
 
     @property
+    def namespace_gone(self) -> bool:
+        """The namespace is being deleted or gone: nothing to reconcile there any more."""
+        details = self.body.get("details") or {}
+        message = str(self.body.get("message", ""))
+        return (self.status == 404 and details.get("kind") == "namespaces") or (
+            self.status == 403 and "because it is being terminated" in message
+        )
+
+    @property
     def retryable(self) -> bool:
         return self.status in (409, 429) or self.status >= 500
 
@@ -50,9 +60,9 @@ def load_config() -> kubernetes.client.Configuration:
     """In-cluster config when running in a pod, else the current kubeconfig."""
     configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     return configuration
 
 
@@ -91,6 +101,7 @@ class Kube:
     ) -> dict[str, Any]:
         with self._lock:
             self.calls[method] += 1
+        KUBE_REQUESTS.labels(method, _kind_of(path)).inc()
         serialized = self.api.param_serialize(
             method,
             path,
@@ -104,7 +115,7 @@ class Kube:
         except kubernetes.client.ApiException as exc:  # non-2xx raised by the transport
             payload = _json(exc.body)
             raise KubeError(exc.status or 0, exc.reason or "", payload) from None
-        data = response.read()
+        data = response.read()  # type: ignore[no-untyped-call]
         payload = _json(data)
         if not 200 <= response.status <= 299:
             raise KubeError(response.status, response.reason or "", payload)
@@ -119,7 +130,9 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: str, namespace: str | None = None, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    def list(
+        self, kind: str, namespace: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         query: list[tuple[str, str]] = []
         if labels:
             query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(labels.items()))))
@@ -160,7 +173,9 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def patch_status(self, kind: str, name: str, namespace: str | None, status: Mapping[str, Any]) -> dict[str, Any]:
+    def patch_status(
+        self, kind: str, name: str, namespace: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
         return self.request(
             "PATCH",
             path_of(kind, namespace, name, "status"),
@@ -177,3 +192,21 @@ def _json(data: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {"message": str(data)[:500]}
     return value if isinstance(value, dict) else {"value": value}
+
+
+def _kind_of(path: str) -> str:
+    """The resource plural of a request path, for metrics labels."""
+    parts = [p for p in path.split("/") if p]
+    for plural in (
+        "deployments",
+        "services",
+        "configmaps",
+        "pods",
+        "nodes",
+        "events",
+        "inferenceservices",
+        "acceleratorpools",
+    ):
+        if plural in parts:
+            return plural
+    return "other"

@@ -93,6 +93,7 @@ async def reconcile(
     }
 
     # decide
+    spec: InferenceServiceSpec | None
     try:
         spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
@@ -104,7 +105,8 @@ async def reconcile(
 
     # build + apply (only when every reference resolved: a half-understood spec changes nothing)
     router_live = next(
-        (o for o in observed if o["kind"] == "Deployment" and o["metadata"]["name"] == router_name(name)), None
+        (o for o in observed if o["kind"] == "Deployment" and o["metadata"]["name"] == router_name(name)),
+        None,
     )
     if spec is not None and resolution.ok:
         ctx = ServiceContext(
@@ -140,8 +142,20 @@ async def reconcile(
         status = previous.model_copy(update={"observed_generation": generation})
         problem = resolution.problems[0]
         conds = [
-            Condition(type="Ready", status="False", reason=problem.reason, message=problem.message, observed_generation=generation),
-            Condition(type="Degraded", status="True", reason=problem.reason, message=problem.message, observed_generation=generation),
+            Condition(
+                type="Ready",
+                status="False",
+                reason=problem.reason,
+                message=problem.message,
+                observed_generation=generation,
+            ),
+            Condition(
+                type="Degraded",
+                status="True",
+                reason=problem.reason,
+                message=problem.message,
+                observed_generation=generation,
+            ),
         ]
         status = status.model_copy(update={"conditions": set_conditions(previous.conditions, conds, now)})
     else:

@@ -65,14 +65,17 @@ def resolve(spec: InferenceServiceSpec, pools: Mapping[str, Mapping[str, Any]]) 
             problems.append(
                 Problem(
                     "AcceleratorPoolNotFound",
-                    f"pool {pool.name!r} references AcceleratorPool {pool.accelerator_pool!r}, which does not exist",
+                    f"pool {pool.name!r} references AcceleratorPool {pool.accelerator_pool!r}, "
+                    "which does not exist",
                 )
             )
             continue
         accel = parse_pool_spec(raw)
         if isinstance(accel, str):
             problems.append(
-                Problem("InvalidAcceleratorPool", f"AcceleratorPool {pool.accelerator_pool!r} is invalid: {accel}")
+                Problem(
+                    "InvalidAcceleratorPool", f"AcceleratorPool {pool.accelerator_pool!r} is invalid: {accel}"
+                )
             )
             continue
         if pool.tensor_parallel_size > accel.devices_per_node:
@@ -80,7 +83,8 @@ def resolve(spec: InferenceServiceSpec, pools: Mapping[str, Mapping[str, Any]]) 
                 Problem(
                     "TensorParallelTooLarge",
                     f"pool {pool.name!r} asks for tensorParallelSize {pool.tensor_parallel_size} but "
-                    f"AcceleratorPool {pool.accelerator_pool!r} has {accel.devices_per_node} devices per node",
+                    f"AcceleratorPool {pool.accelerator_pool!r} has {accel.devices_per_node} "
+                    "devices per node",
                 )
             )
             continue

@@ -23,9 +23,7 @@ from tandem.resolve import Problem, Resolution
 CONDITION_ORDER = ("Ready", "Progressing", "Degraded")
 
 
-def merge_condition(
-    previous: Sequence[Condition], new: Condition, now: str
-) -> Condition:
+def merge_condition(previous: Sequence[Condition], new: Condition, now: str) -> Condition:
     """``new`` with the previous ``lastTransitionTime`` kept unless the status flipped."""
     for old in previous:
         if old.type == new.type and old.status == new.status and old.last_transition_time:
@@ -33,9 +31,7 @@ def merge_condition(
     return new.model_copy(update={"last_transition_time": now})
 
 
-def set_conditions(
-    previous: Sequence[Condition], new: Sequence[Condition], now: str
-) -> list[Condition]:
+def set_conditions(previous: Sequence[Condition], new: Sequence[Condition], now: str) -> list[Condition]:
     """Replace the conditions in ``new`` by type; keep others (e.g. the planner's) as they were."""
     by_type = {c.type: c for c in previous}
     for cond in new:
@@ -45,7 +41,9 @@ def set_conditions(
 
 
 def _cond(type_: str, status: ConditionStatus, reason: str, message: str, generation: int) -> Condition:
-    return Condition(type=type_, status=status, reason=reason, message=message, observed_generation=generation)
+    return Condition(
+        type=type_, status=status, reason=reason, message=message, observed_generation=generation
+    )
 
 
 def ratio(prefill: int, decode: int) -> str:
@@ -123,17 +121,27 @@ def compute_status(
         message = " ".join(p.message.rstrip(".") + "." for p in problems)
         ready_c = _cond("Ready", "False", first.reason, message, generation)
         degraded = _cond("Degraded", "True", first.reason, message, generation)
-        progressing = _cond("Progressing", "False", first.reason, "Waiting for the spec's problems to be fixed.", generation)
+        progressing = _cond(
+            "Progressing", "False", first.reason, "Waiting for the spec's problems to be fixed.", generation
+        )
     else:
         degraded = _cond("Degraded", "False", "AsExpected", "", generation)
         if not_ready:
             ready_c = _cond(
-                "Ready", "False", "ReplicasNotReady", f"Not all replicas are ready: {', '.join(not_ready)}.", generation
+                "Ready",
+                "False",
+                "ReplicasNotReady",
+                f"Not all replicas are ready: {', '.join(not_ready)}.",
+                generation,
             )
         else:
-            ready_c = _cond("Ready", "True", "AllReplicasReady", "All pools and the router are ready.", generation)
+            ready_c = _cond(
+                "Ready", "True", "AllReplicasReady", "All pools and the router are ready.", generation
+            )
         if rolling:
-            progressing = _cond("Progressing", "True", "RollingOut", f"Rolling out: {', '.join(rolling)}.", generation)
+            progressing = _cond(
+                "Progressing", "True", "RollingOut", f"Rolling out: {', '.join(rolling)}.", generation
+            )
         else:
             progressing = _cond("Progressing", "False", "RolloutComplete", "", generation)
 

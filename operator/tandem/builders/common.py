@@ -24,8 +24,18 @@ class Images:
     engine_images: dict[str, dict[str, str]] = field(
         default_factory=lambda: {
             "vllm": {"nvidia": "vllm-cuda", "amd": "vllm-rocm", "intel": "vllm-gaudi", "other": "vllm-cuda"},
-            "sglang": {"nvidia": "sglang-cuda", "amd": "sglang-rocm", "intel": "sglang-cuda", "other": "sglang-cuda"},
-            "sim": {"nvidia": "sim-worker", "amd": "sim-worker", "intel": "sim-worker", "other": "sim-worker"},
+            "sglang": {
+                "nvidia": "sglang-cuda",
+                "amd": "sglang-rocm",
+                "intel": "sglang-cuda",
+                "other": "sglang-cuda",
+            },
+            "sim": {
+                "nvidia": "sim-worker",
+                "amd": "sim-worker",
+                "intel": "sim-worker",
+                "other": "sim-worker",
+            },
         }
     )
     router: str = "router"

@@ -13,7 +13,11 @@ from tandem.models.inference_service import InferenceServiceSpec, PoolSpec
 KV_BUFFER_DEVICE_BY_VENDOR = {"nvidia": "cuda", "amd": "cuda", "intel": "cpu", "other": "cpu"}
 
 # vLLM's connector names (vllm/distributed/kv_transfer/kv_connector/factory.py).
-VLLM_CONNECTORS = {"nixl": "NixlConnector", "mooncake": "MooncakeConnectorV1", "lmcache": "LMCacheConnectorV1"}
+VLLM_CONNECTORS = {
+    "nixl": "NixlConnector",
+    "mooncake": "MooncakeConnectorV1",
+    "lmcache": "LMCacheConnectorV1",
+}
 
 
 def kv_buffer_device(accel: AcceleratorPoolSpec) -> str:

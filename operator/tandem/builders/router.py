@@ -44,7 +44,9 @@ def router_config(ctx: ServiceContext, split_threshold: int | None = None) -> di
         "namespace": ctx.namespace,
         "pools": pools,
         "disaggregation": ctx.spec.routing.disaggregation,
-        "splitThresholdTokens": ctx.spec.routing.min_prompt_tokens if split_threshold is None else split_threshold,
+        "splitThresholdTokens": ctx.spec.routing.min_prompt_tokens
+        if split_threshold is None
+        else split_threshold,
         "timeouts": {"connectSeconds": 5, "prefillSeconds": 300, "decodeSeconds": 3600},
     }
 
@@ -89,7 +91,9 @@ def build_router_deployment(ctx: ServiceContext) -> Manifest:
             "replicas": 1,
             "selector": {"matchLabels": selector},
             "template": {
-                "metadata": {"labels": {**labels, **selector, names.LABEL_MANAGED_BY: names.MANAGED_BY_VALUE}},
+                "metadata": {
+                    "labels": {**labels, **selector, names.LABEL_MANAGED_BY: names.MANAGED_BY_VALUE}
+                },
                 "spec": {
                     "containers": [container],
                     "volumes": [{"name": "config", "configMap": {"name": router_name(ctx.name)}}],
@@ -111,7 +115,12 @@ def build_router_service(ctx: ServiceContext) -> Manifest:
                 "type": "ClusterIP",
                 "selector": {names.LABEL_SERVICE: ctx.name, names.LABEL_COMPONENT: "router"},
                 "ports": [
-                    {"name": names.PORT_NAME_HTTP, "port": names.PORT_HTTP, "targetPort": names.PORT_NAME_HTTP, "protocol": "TCP"}
+                    {
+                        "name": names.PORT_NAME_HTTP,
+                        "port": names.PORT_HTTP,
+                        "targetPort": names.PORT_NAME_HTTP,
+                        "protocol": "TCP",
+                    }
                 ],
             },
         }

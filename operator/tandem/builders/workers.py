@@ -32,11 +32,14 @@ def node_affinity(accel: AcceleratorPoolSpec) -> dict[str, Any] | None:
     if not accel.node_selector:
         return None
     expressions = [
-        {"key": key, "operator": "In", "values": [value]} for key, value in sorted(accel.node_selector.items())
+        {"key": key, "operator": "In", "values": [value]}
+        for key, value in sorted(accel.node_selector.items())
     ]
     return {
         "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": expressions}]}
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": expressions}]
+            }
         }
     }
 
@@ -140,7 +143,12 @@ def build_pool_service(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
             "type": "ClusterIP",
             "selector": selector_labels(ctx, pool),
             "ports": [
-                {"name": names.PORT_NAME_HTTP, "port": names.PORT_HTTP, "targetPort": names.PORT_NAME_HTTP, "protocol": "TCP"}
+                {
+                    "name": names.PORT_NAME_HTTP,
+                    "port": names.PORT_HTTP,
+                    "targetPort": names.PORT_NAME_HTTP,
+                    "protocol": "TCP",
+                }
             ],
         },
     }

@@ -4,8 +4,9 @@ pydantic emits JSON Schema 2020-12; the apiserver wants a *structural* OpenAPI v
 post-processing here inlines ``$ref``, drops ``null`` branches and titles, turns ``const`` into
 ``enum`` and numeric ``exclusiveMinimum`` into the boolean OpenAPI form, removes
 ``additionalProperties: false`` (the apiserver prunes unknown fields itself) and
-``uniqueItems`` (not allowed), and adds literal ``default: {}`` for nested objects so that the
-apiserver applies nested defaults and ``kubectl get -o yaml`` shows them.
+``uniqueItems`` (not allowed), and adds a literal ``default`` for nested objects so that the
+apiserver applies nested defaults and ``kubectl get -o yaml`` shows them (the literal default is
+the object's own field defaults, since CEL rules on it are evaluated against that literal).
 
 Run ``python -m tandem.models.crdgen --out crds`` to write, ``--check`` to fail on drift.
 """
@@ -59,6 +60,33 @@ def _resolve(node: Any, defs: dict[str, Schema]) -> Any:
     return {k: _resolve(v, defs) for k, v in node.items()}
 
 
+def _openapi_keywords(out: Schema) -> None:
+    """Rewrites JSON Schema 2020 keywords into their OpenAPI v3 (Kubernetes) forms, in place."""
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("anyOf", None)
+        out.pop("type", None)
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    for bound, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        value = out.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[base] = value
+            out[bound] = True
+
+
+def _object_defaults(original: Schema, out: Schema) -> None:
+    """A nested object without a default of its own (pydantic's default_factory) gets a literal
+    default of its fields' defaults, so the apiserver fills them in; an optional object (pydantic
+    default None) stays absent. Spelled out in full: CEL rules on the object are checked against it."""
+    for key, prop in out.get("properties", {}).items():
+        had_default = "default" in original["properties"][key]
+        if prop.get("type") != "object" or "properties" not in prop or had_default or prop.get("required"):
+            continue
+        prop["default"] = {
+            k: v["default"] for k, v in prop["properties"].items() if v.get("default") is not None
+        }
+
+
 def _structural(node: Any) -> Any:
     if isinstance(node, list):
         return [_structural(n) for n in node]
@@ -66,32 +94,15 @@ def _structural(node: Any) -> Any:
         return node
     out: Schema = {}
     for key, value in node.items():
-        if key in _DROP_KEYS:
-            continue
-        if key == "additionalProperties" and value is False:
+        if key in _DROP_KEYS or (key == "additionalProperties" and value is False):
             continue
         if key == "properties":
             out[key] = {k: _structural(v) for k, v in value.items()}
         else:
             out[key] = _structural(value)
-    if out.get("x-kubernetes-int-or-string"):
-        out.pop("anyOf", None)
-        out.pop("type", None)
-    if "const" in out:
-        out["enum"] = [out.pop("const")]
-    for bound, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        if isinstance(out.get(bound), int | float) and not isinstance(out.get(bound), bool):
-            out[base] = out[bound]
-            out[bound] = True
+    _openapi_keywords(out)
     if out.get("type") == "object" and "properties" in out:
-        for key, prop in out["properties"].items():
-            # A nested object without a default of its own (pydantic's default_factory) gets
-            # `default: {}`, so the apiserver fills in its fields' defaults; an optional object
-            # (pydantic default None) stays absent.
-            had_default = "default" in node["properties"][key]
-            if prop.get("type") == "object" and "properties" in prop and not had_default:
-                if not prop.get("required"):
-                    prop["default"] = {}
+        _object_defaults(node, out)
     if "default" in out and out["default"] is None:
         del out["default"]
     return out
@@ -189,7 +200,12 @@ def inference_service_crd() -> dict[str, Any]:
         {"name": "Decode", "type": "string", "jsonPath": ".status.replicas.decode"},
         {"name": "Mixed", "type": "string", "jsonPath": ".status.replicas.mixed"},
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
-        {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason', "priority": 1},
+        {
+            "name": "Reason",
+            "type": "string",
+            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+            "priority": 1,
+        },
         _age_column(),
     ]
     return _crd(
@@ -257,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.check:
                 drift = True
                 sys.stderr.writelines(
-                    difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path), "generated")
+                    difflib.unified_diff(
+                        current.splitlines(True), text.splitlines(True), str(path), "generated"
+                    )
                 )
             else:
                 d.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from tandem.perf.models import MODEL_PRESETS
 from tandem.models.common import (
     DECIMAL,
     DNS_LABEL,
@@ -18,6 +17,7 @@ from tandem.models.common import (
     conditions_field,
     rule,
 )
+from tandem.perf.models import MODEL_PRESETS
 
 Role = Literal["prefill", "decode", "mixed"]
 Engine = Literal["vllm", "sglang", "sim"]
@@ -43,8 +43,12 @@ class Architecture(Model):
 
 
 class ModelSpec(Model):
-    name: str = Field(min_length=1, max_length=253, description="Served model name, e.g. meta-llama/Llama-3.1-8B-Instruct.")
-    source: str | None = Field(default=None, description="Where workers load weights from (hf://, s3://, pvc://...).")
+    name: str = Field(
+        min_length=1, max_length=253, description="Served model name, e.g. meta-llama/Llama-3.1-8B-Instruct."
+    )
+    source: str | None = Field(
+        default=None, description="Where workers load weights from (hf://, s3://, pvc://...)."
+    )
     preset: str | None = Field(default=None, description="A known architecture, e.g. llama-3.1-8b.")
     architecture: Architecture | None = None
     max_model_len: int | None = Field(default=None, ge=1)
@@ -183,7 +187,9 @@ class RoleSummary(StatusModel):
 class InferenceServiceStatus(StatusModel):
     observed_generation: int | None = None
     conditions: list[Condition] = conditions_field()
-    pools: list[PoolStatus] = Field(default_factory=list, json_schema_extra={"x-kubernetes-list-type": "atomic"})
+    pools: list[PoolStatus] = Field(
+        default_factory=list, json_schema_extra={"x-kubernetes-list-type": "atomic"}
+    )
     replicas: RoleSummary | None = None
     ratio: str | None = Field(default=None, description="Current prefill:decode replica ratio, e.g. 1:2.")
     target_ratio: str | None = None

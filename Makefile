@@ -1,0 +1,101 @@
+# Tandem: `make help` lists the targets. `make demo` runs the main job, `make test` the full suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+PYTEST  := $(VENV)/bin/pytest
+STAMP   := $(VENV)/.installed
+export GOTOOLCHAIN := local
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+.PHONY: venv
+venv: $(STAMP) ## Create .venv with Tandem and its dev tools
+
+.PHONY: tools
+tools: ## Build (or reuse) the control-plane, kwok and helm binaries from Go modules
+	bash tools/build.sh >/dev/null
+
+# ---- code checks ---------------------------------------------------------------------------
+.PHONY: lint
+lint: $(STAMP) ## ruff lint + format check
+	$(VENV)/bin/ruff check operator tests e2e
+	$(VENV)/bin/ruff format --check operator tests e2e
+
+.PHONY: fmt
+fmt: $(STAMP) ## Format the code
+	$(VENV)/bin/ruff check --fix operator tests e2e
+	$(VENV)/bin/ruff format operator tests e2e
+
+.PHONY: types
+types: $(STAMP) ## mypy --strict on the package
+	$(VENV)/bin/mypy
+
+.PHONY: contracts
+contracts: $(STAMP) ## import-linter layering contracts
+	cd operator && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+
+.PHONY: unit
+unit: $(STAMP) ## Fast tests, no cluster
+	$(PYTEST) tests -q -m "not prometheus"
+
+.PHONY: crds
+crds: $(STAMP) ## Regenerate crds/ from the pydantic models
+	$(PY) -m tandem.models.crdgen --out crds
+
+.PHONY: verify-crds
+verify-crds: $(STAMP) ## Fail if crds/ drifted from the models
+	$(PY) -m tandem.models.crdgen --check --out crds
+
+.PHONY: ci
+ci: lint types contracts unit verify-crds ## lint, types, import contracts, unit tests, CRD drift
+
+# ---- the local cluster ---------------------------------------------------------------------
+.PHONY: cluster-up
+cluster-up: $(STAMP) ## Start (or reuse) the local control plane with the demo fleet
+	$(PY) -m e2e.harness.cluster up
+
+.PHONY: cluster-down
+cluster-down: $(STAMP) ## Stop the local cluster
+	$(PY) -m e2e.harness.cluster down
+
+.PHONY: cluster-env
+cluster-env: $(STAMP) ## Print the export line for the local cluster's kubeconfig
+	@$(PY) -m e2e.harness.cluster env
+
+.PHONY: e2e
+e2e: $(STAMP) ## End-to-end tests on the local cluster (or TANDEM_E2E_EXTERNAL=1 + KUBECONFIG)
+	$(PYTEST) e2e -v -p no:cacheprovider --timeout=900
+
+.PHONY: e2e-kind
+e2e-kind: $(STAMP) ## Same e2e suite on a kind cluster (needs Docker and kind)
+	bash e2e/kind/run.sh
+
+.PHONY: test
+test: ci ## Everything: the checks above, unit tests with real Prometheus, and the e2e suite
+	$(PYTEST) tests -q -m prometheus
+	$(MAKE) e2e
+
+# ---- the main job --------------------------------------------------------------------------
+.PHONY: demo
+demo: $(STAMP) ## Local cluster + CRDs + sample pools + operator + a heterogeneous InferenceService
+	$(PY) -m e2e.demo
+
+.PHONY: bench-controller
+bench-controller: $(STAMP) ## Controller latency and throughput vs kubectl apply (bench/out/controller.json)
+	$(PY) -m e2e.bench_controller --out bench/out/controller.json
+
+.PHONY: clean
+clean: ## Remove local state (cluster, caches in the repo)
+	-$(PY) -m e2e.harness.cluster down
+	rm -rf .tandem bench/out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,275 @@
+"""The core controller on the real local cluster: InferenceService -> workers on the right nodes.
+
+One operator process (the real `tandem operator` entrypoint) serves the whole module; each test
+has its own namespace. AcceleratorPools are cluster-scoped and shared (e2e/samples).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.harness.common import STATE_ROOT, wait_for
+from e2e.harness.operator import OperatorProcess, install_crds, wait_seconds
+
+SAMPLES = Path(__file__).parent / "samples"
+RESYNC = 2.0
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Any) -> Iterator[OperatorProcess]:
+    install_crds(cluster)
+    cluster.kubectl("apply", "--server-side", "-f", str(SAMPLES / "acceleratorpools.yaml"))
+    op = OperatorProcess(
+        cluster.kubeconfig, STATE_ROOT / "e2e" / "operator-controller.log", resync_seconds=RESYNC
+    )
+    with op:
+        yield op
+
+
+@pytest.fixture
+def op(operator: OperatorProcess, diagnostics: Any) -> OperatorProcess:
+    diagnostics.add_log(operator.log_path)
+    return operator
+
+
+def sample(name: str = "llama") -> dict[str, Any]:
+    doc = yaml.safe_load((SAMPLES / "inferenceservice.yaml").read_text())
+    doc["metadata"]["name"] = name
+    return doc  # type: ignore[no-any-return]
+
+
+def apply(cluster: Any, doc: dict[str, Any], namespace: str) -> None:
+    cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+
+def get(cluster: Any, namespace: str | None, *what: str) -> dict[str, Any]:
+    ns = ["-n", namespace] if namespace else []
+    return json.loads(cluster.kubectl("get", *what, *ns, "-o", "json").stdout)  # type: ignore[no-any-return]
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions", []):
+        if c["type"] == type_:
+            return c  # type: ignore[no-any-return]
+    return None
+
+
+def wait_ready(cluster: Any, namespace: str, name: str, timeout: float = 90) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        svc = get(cluster, namespace, "tisvc", name)
+        c = condition(svc, "Ready")
+        gen = svc["metadata"]["generation"]
+        ok = c and c["status"] == "True" and svc["status"].get("observedGeneration") == gen
+        return svc if ok and c and c.get("observedGeneration") == gen else None
+
+    return wait_for(ready, timeout=timeout, what=f"InferenceService {namespace}/{name} Ready")
+
+
+def pods_by_pool(cluster: Any, namespace: str, service: str) -> dict[str, list[dict[str, Any]]]:
+    pods = get(cluster, namespace, "pods", "-l", f"inference.tandem.dev/service={service}")["items"]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for p in pods:
+        if p["metadata"].get("deletionTimestamp"):
+            continue
+        pool = p["metadata"]["labels"].get("inference.tandem.dev/pool", "router")
+        out.setdefault(pool, []).append(p)
+    return out
+
+
+def node_models(cluster: Any) -> dict[str, str]:
+    nodes = get(cluster, None, "nodes")["items"]
+    return {
+        n["metadata"]["name"]: n["metadata"]["labels"].get("inference.tandem.dev/accelerator-model", "cpu")
+        for n in nodes
+    }
+
+
+def deployments(cluster: Any, namespace: str) -> dict[str, dict[str, Any]]:
+    items = get(cluster, namespace, "deployments")["items"]
+    return {d["metadata"]["name"]: d for d in items if not d["metadata"].get("deletionTimestamp")}
+
+
+def test_apply_runs_each_pool_on_its_vendor(cluster: Any, namespace: str, op: OperatorProcess) -> None:
+    apply(cluster, sample(), namespace)
+    svc = wait_ready(cluster, namespace, "llama")
+    assert set(deployments(cluster, namespace)) == {
+        "llama-prefill",
+        "llama-decode",
+        "llama-mixed",
+        "llama-router",
+    }
+    models = node_models(cluster)
+    pods = pods_by_pool(cluster, namespace, "llama")
+    expected = {"prefill": ("B200", 1), "decode": ("Gaudi3", 2), "mixed": ("H100-SXM", 1)}
+    for pool, (model, count) in expected.items():
+        assert len(pods[pool]) == count, pool
+        for p in pods[pool]:
+            assert p["status"]["phase"] == "Running"
+            assert models[p["spec"]["nodeName"]] == model, (pool, p["spec"]["nodeName"])
+    assert models[pods["router"][0]["spec"]["nodeName"]] == "cpu"
+    status = svc["status"]
+    assert status["ratio"] == "1:2"
+    assert status["replicas"] == {"prefill": "1/1", "decode": "2/2", "mixed": "1/1"}
+    assert status["endpoint"] == f"http://llama-router.{namespace}.svc:8000"
+    assert {p["name"]: p["vendor"] for p in status["pools"]} == {
+        "prefill": "nvidia",
+        "decode": "intel",
+        "mixed": "nvidia",
+    }
+    table = cluster.kubectl("get", "tisvc", "-n", namespace).stdout
+    assert "P:D" in table and "1:2" in table and "True" in table
+    events = get(cluster, namespace, "events")["items"]
+    assert any(
+        e.get("reason") == "Applied" and "Deployment" in (e.get("message") or e.get("note") or "")
+        for e in events
+    )
+
+
+def test_noop_reconcile_writes_nothing(cluster: Any, namespace: str, op: OperatorProcess) -> None:
+    apply(cluster, sample(), namespace)
+    wait_ready(cluster, namespace, "llama")
+    wait_seconds(RESYNC * 2)  # let the last status writes and their watch events settle
+
+    def versions() -> dict[str, str]:
+        objs = get(cluster, namespace, "deployments,services,configmaps,tisvc")["items"]
+        return {f"{o['kind']}/{o['metadata']['name']}": o["metadata"]["resourceVersion"] for o in objs}
+
+    before_rv, before_writes, before_reconciles = versions(), op.kube_writes(), op.reconciles()
+    wait_seconds(RESYNC * 4)  # four resync periods: every service is reconciled again
+    after_writes, after_reconciles = op.kube_writes(), op.reconciles()
+    assert after_reconciles >= before_reconciles + 3, "the resync did not run"
+    assert after_writes - before_writes == 0
+    assert versions() == before_rv
+
+
+def test_changing_a_pools_accelerator_moves_its_pods(
+    cluster: Any, namespace: str, op: OperatorProcess
+) -> None:
+    doc = sample()
+    apply(cluster, doc, namespace)
+    wait_ready(cluster, namespace, "llama")
+    changed = copy.deepcopy(doc)
+    changed["spec"]["pools"][2]["acceleratorPool"] = "mi300x"  # mixed: H100 -> MI300X
+    apply(cluster, changed, namespace)
+    models = node_models(cluster)
+
+    def moved() -> bool:
+        pods = pods_by_pool(cluster, namespace, "llama").get("mixed", [])
+        return bool(pods) and all(
+            p["status"].get("phase") == "Running" and models.get(p["spec"].get("nodeName", "")) == "MI300X"
+            for p in pods
+        )
+
+    wait_for(moved, timeout=90, what="the mixed pool's pods on MI300X nodes")
+    svc = wait_ready(cluster, namespace, "llama")
+    assert {p["name"]: p["vendor"] for p in svc["status"]["pools"]}["mixed"] == "amd"
+    limits = deployments(cluster, namespace)["llama-mixed"]["spec"]["template"]["spec"]["containers"][0][
+        "resources"
+    ]["limits"]
+    assert limits.get("amd.com/gpu") == "4" and "nvidia.com/gpu" not in limits
+
+
+def test_removed_pool_is_pruned_and_deletion_collects_everything(
+    cluster: Any, namespace: str, op: OperatorProcess
+) -> None:
+    doc = sample()
+    apply(cluster, doc, namespace)
+    wait_ready(cluster, namespace, "llama")
+    smaller = copy.deepcopy(doc)
+    smaller["spec"]["pools"] = [p for p in smaller["spec"]["pools"] if p["name"] != "mixed"]
+    apply(cluster, smaller, namespace)
+    wait_for(
+        lambda: "llama-mixed" not in deployments(cluster, namespace), timeout=60, what="llama-mixed pruned"
+    )
+    wait_for(
+        lambda: (
+            "llama-mixed" not in {s["metadata"]["name"] for s in get(cluster, namespace, "services")["items"]}
+        ),
+        timeout=30,
+        what="Service llama-mixed pruned",
+    )
+    svc = wait_ready(cluster, namespace, "llama")
+    assert [p["name"] for p in svc["status"]["pools"]] == ["prefill", "decode"]
+
+    cluster.kubectl("delete", "tisvc", "llama", "-n", namespace, "--wait=true", "--timeout=60s")
+
+    def all_gone() -> bool:
+        left = get(
+            cluster,
+            namespace,
+            "deployments,services,configmaps,pods",
+            "-l",
+            "inference.tandem.dev/service=llama",
+        )
+        return not left["items"]
+
+    # owner references + the real kube-controller-manager's garbage collector
+    wait_for(all_gone, timeout=90, what="every child of llama garbage-collected")
+
+
+def test_hand_edits_and_deletions_are_restored(cluster: Any, namespace: str, op: OperatorProcess) -> None:
+    apply(cluster, sample(), namespace)
+    wait_ready(cluster, namespace, "llama")
+    original = deployments(cluster, namespace)["llama-decode"]["spec"]["template"]["spec"]["containers"][0][
+        "image"
+    ]
+    cluster.kubectl(
+        "set", "image", "deployment/llama-decode", "engine=example.invalid/hand-edited:1", "-n", namespace
+    )
+    cluster.kubectl("scale", "deployment/llama-prefill", "--replicas=3", "-n", namespace)
+    cluster.kubectl("delete", "service", "llama-decode", "-n", namespace)
+
+    def restored() -> bool:
+        deps = deployments(cluster, namespace)
+        image = deps["llama-decode"]["spec"]["template"]["spec"]["containers"][0]["image"]
+        services = {s["metadata"]["name"] for s in get(cluster, namespace, "services")["items"]}
+        return (
+            image == original
+            and deps["llama-prefill"]["spec"]["replicas"] == 1
+            and "llama-decode" in services
+        )
+
+    wait_for(restored, timeout=60, what="the hand edits reverted and the Service re-created")
+
+
+def test_unknown_accelerator_pool_is_reported_not_crashed_on(
+    cluster: Any, namespace: str, op: OperatorProcess
+) -> None:
+    pool_name = f"later-{namespace[-5:]}"
+    doc = sample()
+    doc["spec"]["pools"][1]["acceleratorPool"] = pool_name
+    apply(cluster, doc, namespace)
+
+    def not_found() -> dict[str, Any] | None:
+        c = condition(get(cluster, namespace, "tisvc", "llama"), "Ready")
+        return c if c and c["reason"] == "AcceleratorPoolNotFound" else None
+
+    c = wait_for(not_found, timeout=60, what="Ready=False AcceleratorPoolNotFound")
+    assert c["status"] == "False" and pool_name in c["message"]
+    assert deployments(cluster, namespace) == {}, "nothing is rolled out for a half-understood spec"
+    wait_for(
+        lambda: any(
+            e.get("reason") == "AcceleratorPoolNotFound" and e.get("type") == "Warning"
+            for e in get(cluster, namespace, "events")["items"]
+        ),
+        timeout=30,
+        what="a Warning Event",
+    )
+    wait_seconds(RESYNC * 2)
+    assert "Traceback" not in op.log_text()
+    # the pool appears: the service converges without anyone touching it
+    gaudi = yaml.safe_load_all((SAMPLES / "acceleratorpools.yaml").read_text())
+    pool = next(p for p in gaudi if p["metadata"]["name"] == "gaudi3")
+    pool["metadata"]["name"] = pool_name
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(pool))
+    try:
+        wait_ready(cluster, namespace, "llama")
+    finally:
+        cluster.kubectl("delete", "accpool", pool_name, "--wait=false")
