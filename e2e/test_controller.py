@@ -125,6 +125,14 @@ def test_apply_runs_each_pool_on_its_vendor(cluster: Any, namespace: str, op: Op
     }
     table = cluster.kubectl("get", "tisvc", "-n", namespace).stdout
     assert "P:D" in table and "1:2" in table and "True" in table
+
+    def pool_counted() -> dict[str, Any] | None:
+        st = get(cluster, None, "accpool", "b200").get("status") or {}
+        return st if st.get("allocatedDevices", 0) >= 4 else None
+
+    b200 = wait_for(pool_counted, timeout=30, what="AcceleratorPool b200 status counting the prefill pod")
+    assert (b200["matchingNodes"], b200["allocatableDevices"]) == (2, 16)
+    assert condition({"status": b200}, "Ready")["status"] == "True"  # type: ignore[index]
     events = get(cluster, namespace, "events")["items"]
     assert any(
         e.get("reason") == "Applied" and "Deployment" in (e.get("message") or e.get("note") or "")

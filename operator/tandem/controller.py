@@ -18,7 +18,8 @@ from typing import Any
 from tandem import names
 from tandem.builders import Images
 from tandem.kube import Kube, KubeError
-from tandem.reconcile import Outcome, reconcile
+from tandem.reconcile import Outcome, reconcile, utcnow
+from tandem.status import pool_status_update
 from tandem.telemetry import CHILD_WRITES, RECONCILE_SECONDS, RECONCILES
 
 log = logging.getLogger("tandem.controller")
@@ -47,7 +48,7 @@ class Controller:
     # what the watches tell us
     def load_pools(self) -> None:
         """Reads every AcceleratorPool once at start, so services are not judged on a partial view."""
-        for item in self.kube.list(names.KIND_POOL):
+        for item in self.kube.list_objects(names.KIND_POOL):
             self.pools[item["metadata"]["name"]] = item.get("spec") or {}
 
     def pool_seen(self, name: str, spec: Mapping[str, Any] | None) -> list[Key]:
@@ -128,9 +129,31 @@ class Controller:
 
     async def _resync_loop(self) -> None:
         while True:
+            try:
+                await self.update_pool_statuses()
+            except Exception:  # reported, retried next period; never stops the loop
+                log.exception("Could not update the AcceleratorPools' status")
             await asyncio.sleep(self.settings.resync_seconds)
             for key in list(self.services):
                 self.request(key)
+
+    async def update_pool_statuses(self) -> int:
+        """Recomputes every AcceleratorPool's status from one list of nodes and one of pods;
+        writes only those that changed. Returns how many were written."""
+        pools = await asyncio.to_thread(self.kube.list_objects, names.KIND_POOL)
+        if not pools:
+            return 0
+        nodes = await asyncio.to_thread(self.kube.list_objects, "Node")
+        pods = await asyncio.to_thread(self.kube.list_running_pods)
+        written = 0
+        for body in pools:
+            result = pool_status_update(body, nodes, pods, utcnow())
+            if result is not None:
+                await asyncio.to_thread(
+                    self.kube.patch_status, names.KIND_POOL, body["metadata"]["name"], None, result
+                )
+                written += 1
+        return written
 
     # reporting
     async def _post_events(self, body: Mapping[str, Any], outcome: Outcome) -> None:

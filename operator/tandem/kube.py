@@ -130,7 +130,7 @@ class Kube:
                 return None
             raise
 
-    def list(
+    def list_objects(
         self, kind: str, namespace: str | None = None, labels: Mapping[str, str] | None = None
     ) -> list[dict[str, Any]]:
         query: list[tuple[str, str]] = []
@@ -146,6 +146,21 @@ class Kube:
                 item.setdefault("kind", kind)
                 item.setdefault("apiVersion", group_version)
                 items.append(item)
+            cont = page.get("metadata", {}).get("continue", "")
+            if not cont:
+                return items
+
+    def list_running_pods(self) -> list[dict[str, Any]]:
+        """Every pod in the cluster that holds devices: bound to a node and not finished."""
+        query = [
+            ("fieldSelector", "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"),
+            ("limit", "500"),
+        ]
+        items: list[dict[str, Any]] = []
+        cont = ""
+        while True:
+            page = self.request("GET", path_of("Pod"), query=query + ([("continue", cont)] if cont else []))
+            items += page.get("items", [])
             cont = page.get("metadata", {}).get("continue", "")
             if not cont:
                 return items

@@ -84,7 +84,7 @@ async def reconcile(
     # gather
     observed: list[dict[str, Any]] = []
     for kind in OWNED_KINDS:
-        observed += await asyncio.to_thread(kube.list, kind, namespace, owned_labels(name))
+        observed += await asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name))
     observed = [o for o in observed if _owned_by(o, uid)]
     live_deployments = {
         o["metadata"]["labels"].get(names.LABEL_POOL, ""): o

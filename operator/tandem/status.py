@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from math import gcd
 from typing import Any
 
+from tandem.models.accelerator_pool import AcceleratorPoolSpec, AcceleratorPoolStatus
 from tandem.models.common import Condition, ConditionStatus
 from tandem.models.inference_service import (
     InferenceServiceSpec,
@@ -161,3 +162,96 @@ def compute_status(
 def status_changed(old: Mapping[str, Any] | None, new: InferenceServiceStatus) -> bool:
     """Compares wire forms so that an unchanged status is never written again."""
     return dict(old or {}) != new.to_wire()
+
+
+def _quantity_int(value: Any) -> int:
+    """Device counts are whole numbers; "1k" style suffixes appear on shared RDMA resources."""
+    text = str(value)
+    for suffix, factor in (("k", 1000), ("Ki", 1024), ("M", 1000**2), ("Mi", 1024**2)):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    try:
+        return int(float(text))
+    except ValueError:
+        return 0
+
+
+def compute_pool_status(
+    *,
+    spec: AcceleratorPoolSpec,
+    generation: int,
+    nodes: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    previous: AcceleratorPoolStatus,
+    now: str,
+) -> AcceleratorPoolStatus:
+    """Matching nodes, allocatable and allocated devices of one AcceleratorPool.
+
+    ``pods``: every pod bound to a node that is not finished; allocated devices are the
+    requests of the pool's device resource on the matching nodes, whoever owns the pods.
+    """
+    resource = spec.effective_resource_name()
+    selector = spec.node_selector
+    matching = [
+        n
+        for n in nodes
+        if all((n.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in selector.items())
+        and not (n.get("spec") or {}).get("unschedulable")
+    ]
+    names = {n["metadata"]["name"] for n in matching}
+    allocatable = sum(
+        _quantity_int((n.get("status") or {}).get("allocatable", {}).get(resource, 0)) for n in matching
+    )
+    allocated = 0
+    for pod in pods:
+        if (pod.get("spec") or {}).get("nodeName") not in names:
+            continue
+        for c in pod["spec"].get("containers", []):
+            allocated += _quantity_int(((c.get("resources") or {}).get("requests") or {}).get(resource, 0))
+    if matching and allocatable:
+        ready = _cond(
+            "Ready",
+            "True",
+            "NodesAvailable",
+            f"{len(matching)} nodes with {allocatable} {resource}.",
+            generation,
+        )
+    elif matching:
+        ready = _cond("Ready", "False", "NoDevices", f"The matching nodes expose no {resource}.", generation)
+    else:
+        ready = _cond(
+            "Ready", "False", "NoMatchingNodes", "No schedulable node matches the nodeSelector.", generation
+        )
+    return previous.model_copy(
+        update={
+            "observed_generation": generation,
+            "matching_nodes": len(matching),
+            "allocatable_devices": allocatable,
+            "allocated_devices": allocated,
+            "conditions": set_conditions(previous.conditions, [ready], now),
+        }
+    )
+
+
+def pool_status_update(
+    body: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], now: str
+) -> dict[str, Any] | None:
+    """The AcceleratorPool status to write, or None when it is unchanged or the spec unreadable."""
+    from pydantic import ValidationError
+
+    raw = body.get("status") or {}
+    try:
+        spec = AcceleratorPoolSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return None
+    previous = AcceleratorPoolStatus.model_validate(raw) if raw else AcceleratorPoolStatus()
+    new = compute_pool_status(
+        spec=spec,
+        generation=int(body["metadata"].get("generation", 1)),
+        nodes=nodes,
+        pods=pods,
+        previous=previous,
+        now=now,
+    )
+    wire = new.to_wire()
+    return None if wire == raw else wire
