@@ -43,6 +43,7 @@ class Controller:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._pending: dict[Key, asyncio.Task[None]] = {}
         self._resync: asyncio.Task[None] | None = None
+        self._pools_pending: asyncio.Task[None] | None = None
         self.reconciles = 0
 
     # what the watches tell us
@@ -115,12 +116,31 @@ class Controller:
 
         self._pending[key] = asyncio.create_task(run())
 
+    def request_pool_statuses(self) -> None:
+        """Asks for the AcceleratorPools' status soon (workers changed); folded like ``request``."""
+        if self._pools_pending is not None:
+            return
+
+        async def run() -> None:
+            try:
+                await asyncio.sleep(max(1.0, self.settings.debounce_seconds))
+                self._pools_pending = None
+                await self.update_pool_statuses()
+            except KubeError as exc:
+                log.warning("Could not update the AcceleratorPools' status: %s", exc)
+            except Exception:
+                log.exception("Could not update the AcceleratorPools' status")
+            finally:
+                self._pools_pending = None
+
+        self._pools_pending = asyncio.create_task(run())
+
     def start_resync(self) -> None:
         if self._resync is None:
             self._resync = asyncio.create_task(self._resync_loop())
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._resync, *self._pending.values()] if t is not None]
+        tasks = [t for t in [self._resync, self._pools_pending, *self._pending.values()] if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:

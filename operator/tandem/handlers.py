@@ -73,7 +73,12 @@ def _owner_key(labels: kopf.Labels, namespace: str | None) -> tuple[str, str] | 
 @kopf.on.event("apps", "v1", "deployments", labels=_OWNED)
 @kopf.on.event("", "v1", "services", labels=_OWNED)
 @kopf.on.event("", "v1", "configmaps", labels=_OWNED)
-async def child_event(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def child_event(
+    labels: kopf.Labels, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    kind = body.get("kind")
     key = _owner_key(labels, namespace)
     if key is not None:
         memo.controller.request(key)
+        if kind == "Deployment":  # workers came or went: devices allocated on the pools changed
+            memo.controller.request_pool_statuses()

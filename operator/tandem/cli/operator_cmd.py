@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             standalone=args.standalone,
-            peering_name=args.peering,
+            peering_name=None if args.standalone else args.peering,
             liveness_endpoint=args.liveness or None,
             memo=memo,
         )

@@ -1,0 +1,1 @@
+"""End-to-end tests and their harness (run with `pytest e2e`; not part of the operator package)."""

@@ -1,0 +1,1 @@
+"""Harness for the e2e suite: local control plane (kwokctl), fake GPU fleets and Prometheus."""
