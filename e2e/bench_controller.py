@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         "objects_per_service": 9,
     }
     op = OperatorProcess(
-        cluster.kubeconfig, STATE_ROOT / "bench" / "operator.log", namespaces=[ns_op], resync_seconds=60
+        cluster.kubeconfig,
+        STATE_ROOT / "bench" / "operator.log",
+        namespaces=[ns_op],
+        resync_seconds=60,
+        standalone=True,
     )
     try:
         op.start()
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             result["reconcile_100_s"] = round(time.monotonic() - t0, 2)
             result["operator_writes"] = op.kube_writes() - writes0
         op.stop()
+        # free the service IPs and devices before the floor run
+        cluster.kubectl("delete", "namespace", ns_op, "--wait=true", "--timeout=300s", timeout=320)
 
         with tempfile.TemporaryDirectory() as tmp:
             floor = Path(tmp) / "floor.yaml"

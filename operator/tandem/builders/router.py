@@ -13,6 +13,18 @@ from tandem import names
 from tandem.builders.common import Manifest, ServiceContext, child_name, metadata, with_hash
 
 ROUTER_CONFIG_KEY = "router.json"
+# The router's saturation limits (`tandem.router.config.Limits`): the prefill pool counts as saturated
+# when each replica has this many requests in flight from the router; a mixed replica is free below
+# its limit. Optional in the config; written explicitly so `kubectl get cm -o yaml` shows them.
+PREFILL_INFLIGHT_PER_REPLICA = 4
+MIXED_INFLIGHT_PER_REPLICA = 16
+
+# Gateway API Inference Extension (GIE) interop: one InferencePool per role, so an llm-d router (or
+# any GIE gateway) can be used instead of Tandem's. API: kubernetes-sigs/gateway-api-inference-extension
+# api/v1/inferencepool_types.go (selector.matchLabels, targetPorts (exactly one), endpointPickerRef).
+INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
+INFERENCE_POOL_KIND = "InferencePool"
+DEFAULT_EPP_PORT = 9002  # GIE's default Endpoint Picker port
 
 
 def router_name(service: str) -> str:
@@ -48,6 +60,10 @@ def router_config(ctx: ServiceContext, split_threshold: int | None = None) -> di
         if split_threshold is None
         else split_threshold,
         "timeouts": {"connectSeconds": 5, "prefillSeconds": 300, "decodeSeconds": 3600},
+        "limits": {
+            "prefillInflightPerReplica": PREFILL_INFLIGHT_PER_REPLICA,
+            "mixedInflightPerReplica": MIXED_INFLIGHT_PER_REPLICA,
+        },
     }
 
 
@@ -125,3 +141,44 @@ def build_router_service(ctx: ServiceContext) -> Manifest:
             },
         }
     )
+
+
+def inference_pool_name(service: str, role: str) -> str:
+    return child_name(service, role)
+
+
+def build_inference_pools(
+    ctx: ServiceContext,
+    epp_service: str | None = None,
+    epp_port: int = DEFAULT_EPP_PORT,
+    failure_mode: str = "FailClose",
+) -> list[Manifest]:
+    """One GIE ``InferencePool`` per role the service has (``<service>-<role>``), selecting the
+    worker pods of that role on the workers' HTTP port, with its Endpoint Picker (EPP) Service
+    ``epp_service`` (default ``<service>-epp``; v1 requires one). The operator applies these only
+    when the InferencePool CRD exists in the cluster."""
+    roles = sorted({pool.role for pool in ctx.spec.pools})
+    pools: list[Manifest] = []
+    for role in roles:
+        labels = {names.LABEL_NAME: "tandem-inference-pool", names.LABEL_ROLE: role}
+        pools.append(
+            with_hash(
+                {
+                    "apiVersion": INFERENCE_POOL_API_VERSION,
+                    "kind": INFERENCE_POOL_KIND,
+                    "metadata": metadata(ctx, inference_pool_name(ctx.name, role), labels),
+                    "spec": {
+                        "selector": {"matchLabels": {names.LABEL_SERVICE: ctx.name, names.LABEL_ROLE: role}},
+                        "targetPorts": [{"number": names.PORT_HTTP}],
+                        "endpointPickerRef": {
+                            "group": "",
+                            "kind": "Service",
+                            "name": epp_service or child_name(ctx.name, "epp"),
+                            "portNumber": epp_port,
+                            "failureMode": failure_mode,
+                        },
+                    },
+                }
+            )
+        )
+    return pools

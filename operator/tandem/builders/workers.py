@@ -140,7 +140,11 @@ def build_pool_service(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
         "kind": "Service",
         "metadata": metadata(ctx, child_name(ctx.name, pool.name), pool_labels(ctx, pool, accel)),
         "spec": {
+            # Headless: the router picks individual replicas by their load, so a virtual IP that
+            # load-balances blindly would only invite bypassing it (and costs a service IP).
             "type": "ClusterIP",
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
             "selector": selector_labels(ctx, pool),
             "ports": [
                 {
