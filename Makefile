@@ -51,14 +51,19 @@ unit: $(STAMP) ## Fast tests, no cluster
 
 .PHONY: crds
 crds: $(STAMP) ## Regenerate crds/ from the pydantic models
-	$(PY) -m tandem.models.crdgen --out crds
+	$(PY) -m tandem.models.crdgen --out crds --out charts/tandem/crds
 
 .PHONY: verify-crds
 verify-crds: $(STAMP) ## Fail if crds/ drifted from the models
-	$(PY) -m tandem.models.crdgen --check --out crds
+	$(PY) -m tandem.models.crdgen --check --out crds --out charts/tandem/crds
+
+.PHONY: chart-lint
+chart-lint: $(STAMP) ## helm lint the chart with its default and each CI values file
+	helm=$$(bash tools/build.sh)/helm; for f in "" charts/tandem/ci/*-values.yaml; do \
+	  $$helm lint charts/tandem --strict $${f:+-f $$f} || exit 1; done
 
 .PHONY: ci
-ci: lint types contracts unit verify-crds ## lint, types, import contracts, unit tests, CRD drift
+ci: lint types contracts unit verify-crds chart-lint ## lint, types, import contracts, unit tests, CRD drift, chart lint
 
 # ---- the local cluster ---------------------------------------------------------------------
 .PHONY: cluster-up
@@ -72,6 +77,18 @@ cluster-down: $(STAMP) ## Stop the local cluster
 .PHONY: cluster-env
 cluster-env: $(STAMP) ## Print the export line for the local cluster's kubeconfig
 	@$(PY) -m e2e.harness.cluster env
+
+.PHONY: cluster-status
+cluster-status: $(STAMP) ## Show the local cluster's components and nodes
+	$(PY) -m e2e.harness.cluster status
+
+.PHONY: prometheus-up
+prometheus-up: $(STAMP) ## Start a local Prometheus (file-based discovery) on loopback
+	$(PY) -m e2e.harness.prometheus up
+
+.PHONY: prometheus-down
+prometheus-down: $(STAMP) ## Stop the local Prometheus
+	$(PY) -m e2e.harness.prometheus down
 
 .PHONY: e2e
 e2e: $(STAMP) ## End-to-end tests on the local cluster (or TANDEM_E2E_EXTERNAL=1 + KUBECONFIG)
@@ -94,6 +111,10 @@ demo: $(STAMP) ## Local cluster + CRDs + sample pools + operator + a heterogeneo
 .PHONY: bench-controller
 bench-controller: $(STAMP) ## Controller latency and throughput vs kubectl apply (bench/out/controller.json)
 	$(PY) -m e2e.bench_controller --out bench/out/controller.json
+
+.PHONY: bench-router
+bench-router: $(STAMP) ## Router overhead vs calling a worker directly (bench/out/router.json)
+	$(PY) -m tandem.router.bench --out bench/out/router.json
 
 .PHONY: clean
 clean: ## Remove local state (cluster, caches in the repo)

@@ -80,6 +80,9 @@ def test_sample_service_objects(sample_service: dict, sample_pools: dict[str, di
         ("Deployment", "llama-decode"),
         ("Service", "llama-mixed"),
         ("Deployment", "llama-mixed"),
+        ("ServiceAccount", "llama-router"),
+        ("Role", "llama-router"),
+        ("RoleBinding", "llama-router"),
         ("ConfigMap", "llama-router"),
         ("Service", "llama-router"),
         ("Deployment", "llama-router"),
@@ -183,3 +186,19 @@ def test_external_mode_leaves_replicas_to_the_hpa(
     res = resolve(spec, sample_pools)
     ctx = ServiceContext("llama", "ns", "u", spec, res.accelerator_pools, replicas)
     assert "replicas" not in deployment(desired_objects(ctx), "llama-decode")["spec"]
+
+
+def test_router_may_only_read_endpointslices(sample_service: dict, sample_pools: dict[str, dict]) -> None:
+    objects = desired_objects(make_ctx(sample_service["spec"], sample_pools))
+    role = next(o for o in objects if o["kind"] == "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = next(o for o in objects if o["kind"] == "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llama-router", "namespace": "team-a"}]
+    router = deployment(objects, "llama-router")["spec"]["template"]["spec"]
+    assert router["serviceAccountName"] == "llama-router"

@@ -57,6 +57,7 @@ KWOKCTL_CONFIG = STATE_DIR / "kwokctl.yaml"
 KWOK_WORKDIR = STATE_DIR / "kwok"
 LOGS_DIR = KWOK_WORKDIR / "clusters" / CLUSTER_NAME / "logs"
 STAGES_FILE = REPO_ROOT / "e2e" / "kwok" / "stages.yaml"
+SERVICE_CIDR = "10.96.0.0/16"
 
 COMPONENT_BINARIES = {
     "kubeApiserverBinary": "kube-apiserver",
@@ -148,7 +149,20 @@ def render_kwokctl_config(bins: Path) -> dict[str, Any]:
         # kwokctl's defaults are download URLs; each component must point at a local file.
         **{key: str(bins / name) for key, name in COMPONENT_BINARIES.items()},
     }
-    return {"kind": "KwokctlConfiguration", "apiVersion": "config.kwok.x-k8s.io/v1alpha1", "options": options}
+    # The apiserver's default service range is a /24 (254 ClusterIPs): too small for scale runs
+    # with hundreds of InferenceServices, each with a router Service.
+    patches = [
+        {
+            "name": "kube-apiserver",
+            "extraArgs": [{"key": "service-cluster-ip-range", "value": SERVICE_CIDR}],
+        }
+    ]
+    return {
+        "kind": "KwokctlConfiguration",
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "options": options,
+        "componentsPatches": patches,
+    }
 
 
 def _read_state() -> ClusterState | None:

@@ -25,12 +25,15 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "Service": ("/api/v1", "services", True),
     "ConfigMap": ("/api/v1", "configmaps", True),
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
     "Pod": ("/api/v1", "pods", True),
     "Node": ("/api/v1", "nodes", False),
     names.KIND_SERVICE: (f"/apis/{names.API_VERSION}", names.PLURAL_SERVICE, True),
     names.KIND_POOL: (f"/apis/{names.API_VERSION}", names.PLURAL_POOL, False),
 }
-OWNED_KINDS = ("ConfigMap", "Service", "Deployment")
+OWNED_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Deployment")
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read
 

@@ -9,7 +9,10 @@ from tandem.builders.common import Images, Manifest, ServiceContext, owned_label
 from tandem.builders.router import (
     build_router_configmap,
     build_router_deployment,
+    build_router_role,
+    build_router_role_binding,
     build_router_service,
+    build_router_service_account,
     router_endpoint,
 )
 from tandem.builders.workers import build_pool_service, build_worker_deployment
@@ -21,6 +24,9 @@ def desired_objects(ctx: ServiceContext, split_threshold: int | None = None) -> 
     for pool in ctx.spec.pools:
         objects.append(build_pool_service(ctx, pool))
         objects.append(build_worker_deployment(ctx, pool))
+    objects.append(build_router_service_account(ctx))
+    objects.append(build_router_role(ctx))
+    objects.append(build_router_role_binding(ctx))
     objects.append(build_router_configmap(ctx, split_threshold))
     objects.append(build_router_service(ctx))
     objects.append(build_router_deployment(ctx))

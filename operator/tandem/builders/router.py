@@ -111,6 +111,8 @@ def build_router_deployment(ctx: ServiceContext) -> Manifest:
                     "labels": {**labels, **selector, names.LABEL_MANAGED_BY: names.MANAGED_BY_VALUE}
                 },
                 "spec": {
+                    # reads its pools' EndpointSlices (build_router_role) to find replicas
+                    "serviceAccountName": router_name(ctx.name),
                     "containers": [container],
                     "volumes": [{"name": "config", "configMap": {"name": router_name(ctx.name)}}],
                     "enableServiceLinks": False,
@@ -119,6 +121,47 @@ def build_router_deployment(ctx: ServiceContext) -> Manifest:
         },
     }
     return with_hash(manifest)
+
+
+def build_router_service_account(ctx: ServiceContext) -> Manifest:
+    return with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": metadata(ctx, router_name(ctx.name), router_labels()),
+        }
+    )
+
+
+def build_router_role(ctx: ServiceContext) -> Manifest:
+    """The router discovers replicas from EndpointSlices in its own namespace, and nothing else."""
+    return with_hash(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": metadata(ctx, router_name(ctx.name), router_labels()),
+            "rules": [
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"],
+                }
+            ],
+        }
+    )
+
+
+def build_router_role_binding(ctx: ServiceContext) -> Manifest:
+    name = router_name(ctx.name)
+    return with_hash(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata(ctx, name, router_labels()),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ctx.namespace}],
+        }
+    )
 
 
 def build_router_service(ctx: ServiceContext) -> Manifest:

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "perf": "tandem.cli.perf_cmd",
     "simulate": "tandem.cli.simulate_cmd",
     "plan": "tandem.cli.plan_cmd",
+    "router": "tandem.cli.router_cmd",
 }
 
 

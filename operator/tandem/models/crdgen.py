@@ -8,7 +8,11 @@ post-processing here inlines ``$ref``, drops ``null`` branches and titles, turns
 apiserver applies nested defaults and ``kubectl get -o yaml`` shows them (the literal default is
 the object's own field defaults, since CEL rules on it are evaluated against that literal).
 
-Run ``python -m tandem.models.crdgen --out crds`` to write, ``--check`` to fail on drift.
+Run ``python -m tandem.models.crdgen --out crds`` to write, ``--check`` to fail on drift. With
+several ``--out`` directories, the first is the source of truth: every directory gets the generated
+CRDs, and the others also get byte-for-byte copies of the hand-written ``*.yaml`` files of the first
+(kopf's peering CRDs); stale ``*.yaml`` files in the copies are removed (``--check`` reports them).
+``make crds`` writes ``crds/`` and the Helm chart's ``charts/tandem/crds/`` this way.
 """
 
 from __future__ import annotations
@@ -256,31 +260,62 @@ def render_all() -> dict[str, str]:
     return out
 
 
+def planned_files(out_dirs: list[Path]) -> dict[Path, dict[str, str]]:
+    """Directory -> file name -> text it must hold: the generated CRDs everywhere, plus, in every
+    directory after the first, the first directory's hand-written ``*.yaml`` files."""
+    rendered = render_all()
+    source = out_dirs[0]
+    hand_written = (
+        {p.name: p.read_text() for p in sorted(source.glob("*.yaml")) if p.name not in rendered}
+        if source.is_dir()
+        else {}
+    )
+    plan: dict[Path, dict[str, str]] = {}
+    for i, d in enumerate(out_dirs):
+        plan[d] = dict(rendered) if i == 0 else {**rendered, **hand_written}
+    return plan
+
+
+def _diff(path: Path, current: str, text: str) -> None:
+    sys.stderr.writelines(
+        difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path), "generated")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", action="append", required=True, help="directory to write (repeatable)")
+    parser.add_argument(
+        "--out",
+        action="append",
+        required=True,
+        help="directory to write (repeatable; the first one's hand-written files are copied to the others)",
+    )
     parser.add_argument("--check", action="store_true", help="fail if the files differ instead of writing")
     args = parser.parse_args(argv)
-    rendered = render_all()
+    out_dirs = [Path(d) for d in args.out]
     drift = False
-    for directory in args.out:
-        d = Path(directory)
-        for fname, text in rendered.items():
+    for i, (d, files) in enumerate(planned_files(out_dirs).items()):
+        for fname, text in files.items():
             path = d / fname
             current = path.read_text() if path.exists() else ""
             if current == text:
                 continue
             if args.check:
                 drift = True
-                sys.stderr.writelines(
-                    difflib.unified_diff(
-                        current.splitlines(True), text.splitlines(True), str(path), "generated"
-                    )
-                )
+                _diff(path, current, text)
             else:
                 d.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
                 print(f"Wrote {path}")
+        if i == 0 or not d.is_dir():
+            continue  # the source directory may hold hand-written files; copies hold nothing else
+        for stale in sorted(p for p in d.glob("*.yaml") if p.name not in files):
+            if args.check:
+                drift = True
+                print(f"{stale}: not generated and not in {out_dirs[0]}", file=sys.stderr)
+            else:
+                stale.unlink()
+                print(f"Removed {stale}")
     if drift:
         print("CRDs are out of date: run `make crds`", file=sys.stderr)
         return 1
