@@ -112,6 +112,10 @@ demo: $(STAMP) ## Local cluster + CRDs + sample pools + operator + a heterogeneo
 bench-controller: $(STAMP) ## Controller latency and throughput vs kubectl apply (bench/out/controller.json)
 	$(PY) -m e2e.bench_controller --out bench/out/controller.json
 
+.PHONY: bench
+bench: $(STAMP) ## Planner vs baselines in the simulator on the shipped and synthetic traces (bench/out/planner)
+	$(PY) -m tandem.bench --trace ../shared/traces/azure-llm-2023-code.csv --synthetic --out bench/out/planner
+
 .PHONY: bench-router
 bench-router: $(STAMP) ## Router overhead vs calling a worker directly (bench/out/router.json)
 	$(PY) -m tandem.router.bench --out bench/out/router.json

@@ -221,7 +221,12 @@ def node(name: str, labels: dict[str, str], gpus: str, unschedulable: bool = Fal
 
 
 def pod(node_name: str, gpus: str) -> dict[str, Any]:
-    return {"spec": {"nodeName": node_name, "containers": [{"resources": {"requests": {"habana.ai/gaudi": gpus}}}]}}
+    return {
+        "spec": {
+            "nodeName": node_name,
+            "containers": [{"resources": {"requests": {"habana.ai/gaudi": gpus}}}],
+        }
+    }
 
 
 def test_pool_status_counts_matching_nodes_and_devices(sample_pools: dict[str, dict]) -> None:
@@ -237,11 +242,19 @@ def test_pool_status_counts_matching_nodes_and_devices(sample_pools: dict[str, d
         node("h0", {"inference.tandem.dev/accelerator-model": "H100-SXM"}, "0"),
     ]
     pods = [pod("g0", "8"), pod("g1", "4"), pod("h0", "8"), pod("g2", "8")]
-    st = compute_pool_status(spec=spec, generation=2, nodes=nodes, pods=pods, previous=AcceleratorPoolStatus(), now="t")
+    st = compute_pool_status(
+        spec=spec, generation=2, nodes=nodes, pods=pods, previous=AcceleratorPoolStatus(), now="t"
+    )
     assert (st.matching_nodes, st.allocatable_devices, st.allocated_devices) == (2, 16, 12)
     assert st.conditions[0].status == "True" and st.conditions[0].reason == "NodesAvailable"
     empty = compute_pool_status(spec=spec, generation=2, nodes=[], pods=[], previous=st, now="t2")
-    assert empty.conditions[0].reason == "NoMatchingNodes" and empty.conditions[0].last_transition_time == "t2"
-    body = {"metadata": {"name": "gaudi3", "generation": 2}, "spec": sample_pools["gaudi3"], "status": st.to_wire()}
+    assert (
+        empty.conditions[0].reason == "NoMatchingNodes" and empty.conditions[0].last_transition_time == "t2"
+    )
+    body = {
+        "metadata": {"name": "gaudi3", "generation": 2},
+        "spec": sample_pools["gaudi3"],
+        "status": st.to_wire(),
+    }
     assert pool_status_update(body, nodes, pods, "t3") is None  # unchanged: nothing to write
     assert pool_status_update(body, nodes, pods[:1], "t3") is not None

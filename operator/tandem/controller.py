@@ -106,7 +106,7 @@ class Controller:
                 await self.reconcile(key)
             except KubeError as exc:
                 if exc.namespace_gone:
-                    log.info("Skipped %s/%s: its namespace is being deleted", *key)
+                    log.info("Skipped %s/%s: it or its namespace is being deleted", *key)
                 else:
                     log.warning("Reconcile of %s/%s failed, the resync will retry: %s", *key, exc)
             except Exception:  # one bad object must never stop the others

@@ -47,10 +47,10 @@ class KubeError(Exception):
 
     @property
     def namespace_gone(self) -> bool:
-        """The namespace is being deleted or gone: nothing to reconcile there any more."""
+        """The namespace or the InferenceService itself is gone or going: nothing to reconcile."""
         details = self.body.get("details") or {}
         message = str(self.body.get("message", ""))
-        return (self.status == 404 and details.get("kind") == "namespaces") or (
+        return (self.status == 404 and details.get("kind") in ("namespaces", names.PLURAL_SERVICE)) or (
             self.status == 403 and "because it is being terminated" in message
         )
 

@@ -1,4 +1,11 @@
-"""Replica decisions (pure). The Prometheus-driven planner builds on ``base_replicas``."""
+"""Replica decisions (pure).
+
+``base_replicas``: replicas before any metrics are read (the controller's floor).
+``decide``: Tandem's metrics-driven planner (:mod:`tandem.planner.core`); its inputs and
+outputs are in :mod:`tandem.planner.types`. Baseline policies for the simulator live in
+:mod:`tandem.planner.baselines` and the simulator adapter in :mod:`tandem.planner.policy`
+(not imported here: they depend on :mod:`tandem.sim`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,33 @@ from collections.abc import Mapping
 from typing import Any
 
 from tandem.models.inference_service import InferenceServiceSpec
+from tandem.planner.core import decide
+from tandem.planner.types import (
+    Decision,
+    Observation,
+    PlannerSpec,
+    PlannerState,
+    PoolObservation,
+    PoolReading,
+    PoolTarget,
+    Tuning,
+    planner_spec,
+)
+
+__all__ = [
+    "Decision",
+    "Observation",
+    "PlannerSpec",
+    "PlannerState",
+    "PoolObservation",
+    "PoolReading",
+    "PoolTarget",
+    "Tuning",
+    "base_replicas",
+    "clamp",
+    "decide",
+    "planner_spec",
+]
 
 
 def clamp(value: int, low: int, high: int) -> int:

@@ -25,13 +25,20 @@ import math
 import time as wallclock
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tandem.perf.catalog import Accelerator
 from tandem.perf.model import PerfProfile, build_profile, kv_transfer_seconds
 from tandem.perf.models import ModelArch
-from tandem.sim.policies import AutoscalePolicy, PoolObservation, PoolState, Role, RouterPolicy
+from tandem.sim.policies import (
+    AutoscalePolicy,
+    PoolObservation,
+    PoolState,
+    Role,
+    RouterPolicy,
+    TunesRouting,
+)
 from tandem.sim.trace import TraceRequest
 
 DEFAULT_BUDGET: dict[str, int] = {"prefill": 8192, "mixed": 2048, "decode": 0}
@@ -130,6 +137,8 @@ class SimResult:
     cost: float
     timelines: dict[str, list[tuple[float, int, int]]]  # pool -> (t, ready, total)
     events: int = 0
+    # (t, split threshold) whenever an autoscaler that TunesRouting moved it (first: the start)
+    split_thresholds: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def completed(self) -> int:
@@ -237,6 +246,12 @@ class _Pool:
         self.w_ttft_n = 0
         self.w_itl_sum = 0.0
         self.w_itl_n = 0
+        # request lengths of requests that finished here (vLLM records its request_prompt_tokens
+        # and request_generation_tokens histograms when a request finishes)
+        self.w_isl_sum = 0
+        self.w_osl_sum = 0
+        self.w_len_n = 0
+        self.w_ttfts: list[float] = []
 
 
 _STARTING, _READY, _DRAINING, _GONE = 0, 1, 2, 3
@@ -404,6 +419,7 @@ class _Engine:
             self.pools.append(pool)
         self.dropped: list[_Req] = []
         self.last_tick = 0.0
+        self.thresholds: list[tuple[float, int]] = [(0.0, self.router.split_threshold_tokens)]
 
     # ---------------------------------------------------------------- event plumbing
     def push(self, t: float, kind: int, obj: Any, version: int = 0) -> None:
@@ -463,7 +479,7 @@ class _Engine:
     def route(self, req: _Req, now: float) -> None:
         mixed = self.accepting("mixed")
         prefill = self.accepting("prefill")
-        split_ok = bool(prefill) and any(p.spec.role == "decode" and p.instances for p in self.pools)
+        split_ok = bool(prefill) and self.has_decode()
         use_split = split_ok
         if split_ok and mixed:
             use_split = req.prompt >= self.router.split_threshold_tokens
@@ -483,7 +499,7 @@ class _Engine:
                     for i in p.instances
                     if i.state == _STARTING
                 ]
-                use_split = bool(prefill) and any(p.spec.role == "decode" and p.instances for p in self.pools)
+                use_split = bool(prefill) and self.has_decode()
                 if not use_split:
                     req.path = "dropped"
                     self.dropped.append(req)
@@ -507,6 +523,12 @@ class _Engine:
                 self.start(best, now)
         elif best.seg_k:
             self.truncate(best, now)
+
+    def has_decode(self) -> bool:
+        return any(
+            p.spec.role == "decode" and any(i.state in (_READY, _STARTING) for i in p.instances)
+            for p in self.pools
+        )
 
     def pick_decode(self) -> _Inst | None:
         best: _Inst | None = None
@@ -646,9 +668,14 @@ class _Engine:
         if pool is not None:
             pool.w_ttft_sum += at - req.arrival
             pool.w_ttft_n += 1
+            pool.w_ttfts.append(at - req.arrival)
 
     def prefilled(self, inst: _Inst, req: _Req, now: float) -> None:
         inst.pool.w_gen += 1
+        if inst.role == "prefill":  # the prefill instance's request ends here (max_tokens=1)
+            inst.pool.w_isl_sum += req.prompt
+            inst.pool.w_osl_sum += 1
+            inst.pool.w_len_n += 1
         if inst.role == "mixed" or req.output <= 1 or not self.config.ttft_on_decode:
             self.first_token(req, now)
         if inst.role == "mixed":
@@ -714,6 +741,10 @@ class _Engine:
 
     def finish(self, inst: _Inst, req: _Req, now: float) -> None:
         req.finish = now
+        pool = inst.pool
+        pool.w_isl_sum += req.prompt
+        pool.w_osl_sum += req.output
+        pool.w_len_n += 1
         inst.kv_used -= req.kv_res
         inst.ctx -= req.prompt + req.output
 
@@ -746,6 +777,7 @@ class _Engine:
         running = sum(len(i.running) + i.n_prefilling for i in ready)
         kv = sum(i.kv_used / i.cap for i in ready) / len(ready)
         w = max(window_s, 1e-9)
+        ttfts = sorted(pool.w_ttfts)
         return PoolObservation(
             waiting=float(waiting),
             running=float(running),
@@ -755,6 +787,10 @@ class _Engine:
             requests_per_s=pool.w_reqs / w,
             mean_ttft_s=pool.w_ttft_sum / pool.w_ttft_n if pool.w_ttft_n else None,
             mean_itl_s=pool.w_itl_sum / pool.w_itl_n if pool.w_itl_n else None,
+            mean_prompt_tokens=pool.w_isl_sum / pool.w_len_n if pool.w_len_n else None,
+            mean_output_tokens=pool.w_osl_sum / pool.w_len_n if pool.w_len_n else None,
+            p90_ttft_s=ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))] if ttfts else None,
+            scrape_age_s=0.0,
         )
 
     def on_tick(self, now: float) -> None:
@@ -779,6 +815,11 @@ class _Engine:
             )
             pool.reset_window()
         decisions = self.autoscaler.decide(now, states)
+        if isinstance(self.autoscaler, TunesRouting):
+            threshold = self.autoscaler.split_threshold()
+            if threshold is not None and threshold != self.router.split_threshold_tokens:
+                self.router = replace(self.router, split_threshold_tokens=int(threshold))
+                self.thresholds.append((now, int(threshold)))
         for pool in self.pools:
             want = decisions.get(pool.spec.name)
             if want is not None:
@@ -879,6 +920,7 @@ def simulate(
         cost=cost,
         timelines=timelines,
         events=engine.events,
+        split_thresholds=engine.thresholds,
     )
 
 

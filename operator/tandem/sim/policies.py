@@ -12,28 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
+
+# The observation shape is the planner's (tandem.planner.types), shared with the operator.
+from tandem.planner.types import PoolObservation
 
 Role = Literal["prefill", "decode", "mixed"]
 
-
-@dataclass(frozen=True)
-class PoolObservation:
-    """What Prometheus says about one pool over the last interval (vLLM metric names).
-
-    Gauges are sums (``waiting``, ``running``) or means over ready replicas
-    (``kv_usage``, 0..1) at observation time; rates and latency means cover the interval.
-    ``None`` means no data (no ready replica, or no samples in the window).
-    """
-
-    waiting: float | None  # sum(vllm:num_requests_waiting)
-    running: float | None  # sum(vllm:num_requests_running)
-    kv_usage: float | None  # avg(vllm:kv_cache_usage_perc)
-    prompt_tokens_per_s: float | None  # sum(rate(vllm:prompt_tokens_total))
-    generation_tokens_per_s: float | None  # sum(rate(vllm:generation_tokens_total))
-    requests_per_s: float | None  # rate of requests routed to the pool
-    mean_ttft_s: float | None  # rate(vllm:time_to_first_token_seconds_sum) / rate(..._count)
-    mean_itl_s: float | None  # rate(vllm:inter_token_latency_seconds_sum) / rate(..._count)
+__all__ = [
+    "AutoscalePolicy",
+    "PoolObservation",
+    "PoolState",
+    "QueuePolicy",
+    "Role",
+    "RouterPolicy",
+    "StaticPolicy",
+    "TunesRouting",
+    "make_policy",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +55,17 @@ class AutoscalePolicy(Protocol):
     name: str
 
     def decide(self, now: float, pools: Mapping[str, PoolState]) -> Mapping[str, int | None]: ...
+
+
+@runtime_checkable
+class TunesRouting(Protocol):
+    """An autoscaling policy that also moves the router's split threshold at run time.
+
+    The simulator reads :meth:`split_threshold` after every :meth:`AutoscalePolicy.decide`
+    and applies it to routing from then on (``None`` = keep).
+    """
+
+    def split_threshold(self) -> int | None: ...
 
 
 @dataclass

@@ -1,0 +1,3 @@
+from tandem.bench.cli import main
+
+raise SystemExit(main())

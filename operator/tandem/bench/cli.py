@@ -1,0 +1,180 @@
+"""``python -m tandem.bench``: run the planner benchmark and write results.json, a markdown
+table and PNG timelines (replicas per pool against load) into ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tandem.bench.run import POLICIES, BenchConfig, PolicyRun, run_trace
+from tandem.bench.traces import SYNTHETIC
+from tandem.sim.trace import TraceRequest, load_trace
+
+# Goals of issue 6 (cost per 1,000 SLO-met requests relative to each baseline).
+GOALS = {"colocated-hpa": 0.5, "dynamo-sla": 0.77, "oracle": 1.15}
+
+
+def trace_name(path: str) -> str:
+    return Path(path).name.rsplit(".", 1)[0]
+
+
+def ratios(policies: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    mine = policies.get("tandem", {}).get("cost_per_1k_good")
+    out: dict[str, float | None] = {}
+    for base in GOALS:
+        theirs = policies.get(base, {}).get("cost_per_1k_good")
+        out[base] = round(mine / theirs, 3) if mine is not None and theirs else None
+    return out
+
+
+def verdict(policies: Mapping[str, Mapping[str, Any]], target: float) -> dict[str, bool | None]:
+    r = ratios(policies)
+    att = policies.get("tandem", {}).get("slo_attainment")
+    out: dict[str, bool | None] = {"attainment": None if att is None else bool(att >= target)}
+    for base, limit in GOALS.items():
+        ratio = r[base]
+        out[f"vs_{base}"] = None if ratio is None else ratio <= limit
+    return out
+
+
+def markdown(results: Mapping[str, Any], target: float) -> str:
+    lines = [
+        "# Planner benchmark",
+        "",
+        f"SLO: TTFT {results['slo']['ttft_s']} s, mean ITL {results['slo']['itl_s']} s, "
+        f"attainment target {target}. Costs in USD (catalog prices).",
+        "",
+    ]
+    for name, entry in results["traces"].items():
+        lines += [f"## {name} ({entry['requests']} requests, {entry['duration_s']:.0f} s)", ""]
+        lines += ["| policy | SLO attainment | $/1k good | $/hour | scale actions | fleet (start) |"]
+        lines += ["|---|---:|---:|---:|---:|---|"]
+        for pol, m in entry["policies"].items():
+            c1k = "-" if m["cost_per_1k_good"] is None else f"{m['cost_per_1k_good']:.3f}"
+            lines.append(
+                f"| {pol} | {m['slo_attainment']:.3f} | {c1k} | {m['cost_per_hour']:.2f} | "
+                f"{m['scale_actions']} | {m['fleet']} |"
+            )
+        r = entry["ratios"]
+        v = entry["goals_met"]
+        lines += [
+            "",
+            "Tandem cost per 1k good vs: "
+            + ", ".join(
+                f"{b} {'-' if r[b] is None else f'{r[b]:.2f}x'} (goal <= {g}x: {_yes(v[f'vs_{b}'])})"
+                for b, g in GOALS.items()
+            )
+            + f"; attainment >= target: {_yes(v['attainment'])}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _yes(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("yes" if flag else "NO")
+
+
+def plot(name: str, trace: Sequence[TraceRequest], runs: Mapping[str, PolicyRun], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    end = max((r.result.simulated_seconds for r in runs.values()), default=1.0)
+    bins = max(1, int(end // 60) + 1)
+    load = [0] * bins
+    for req in trace:
+        load[min(bins - 1, int(req.arrival // 60))] += 1
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.2 * len(runs)), sharex=True, squeeze=False)
+    for ax, (pol, run) in zip(axes[:, 0], runs.items(), strict=False):
+        for pool, points in run.result.timelines.items():
+            if not any(total for _, _, total in points):
+                continue
+            xs = [t / 60 for t, _, _ in points] + [end / 60]
+            ys = [total for _, _, total in points] + [points[-1][2]]
+            ax.step(xs, ys, where="post", label=pool)
+        ax.set_ylabel("replicas")
+        ax.set_title(f"{pol}: attainment {run.result.slo_attainment:.3f}", fontsize=9)
+        ax.legend(fontsize=6, loc="upper left", ncol=3)
+        twin = ax.twinx()
+        twin.plot([i + 0.5 for i in range(bins)], [c / 60 for c in load], color="grey", alpha=0.4, lw=1)
+        twin.set_ylabel("req/s", fontsize=7)
+    axes[-1, 0].set_xlabel("minutes")
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run(
+    traces: Mapping[str, Sequence[TraceRequest]], cfg: BenchConfig, out: Path, pngs: bool = True
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "slo": {"ttft_s": cfg.slo.ttft_s, "itl_s": cfg.slo.itl_s, "attainment": cfg.slo.attainment_target},
+        "model": cfg.model.name,
+        "baseline_accelerator": cfg.baseline_accelerator,
+        "traces": {},
+    }
+    for name, trace in traces.items():
+        started = time.perf_counter()
+        runs = run_trace(trace, cfg)
+        policies = {pol: r.metrics() for pol, r in runs.items()}
+        results["traces"][name] = {
+            "requests": len(trace),
+            "duration_s": trace[-1].arrival if trace else 0.0,
+            "policies": policies,
+            "ratios": ratios(policies),
+            "goals_met": verdict(policies, cfg.slo.attainment_target),
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+        if pngs:
+            plot(name, trace, runs, out / f"{name}.png")
+        print(
+            f"{name}: {json.dumps(policies.get('tandem', {}))} ratios={results['traces'][name]['ratios']}",
+            flush=True,
+        )
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results, cfg.slo.attainment_target))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tandem.bench", description=__doc__)
+    p.add_argument("--trace", action="append", default=[], help="Azure CSV or Mooncake JSONL (repeatable)")
+    p.add_argument(
+        "--synthetic", action="store_true", help="also run the generated traces (shift, diurnal, bursts)"
+    )
+    p.add_argument("--out", default="bench/out/planner")
+    p.add_argument(
+        "--policies", default=",".join(POLICIES), help="comma-separated subset of " + ", ".join(POLICIES)
+    )
+    p.add_argument("--baseline-accelerator", default="h100")
+    p.add_argument("--no-png", action="store_true")
+    args = p.parse_args(argv)
+    traces: dict[str, Sequence[TraceRequest]] = {}
+    try:
+        for path in args.trace:
+            traces[trace_name(path)] = load_trace(path)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.synthetic:
+        traces.update({name: make() for name, make in SYNTHETIC.items()})
+    if not traces:
+        print("error: give --trace PATH and/or --synthetic", file=sys.stderr)
+        return 2
+    policies = tuple(x for x in args.policies.split(",") if x)
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        print(f"error: unknown policies {sorted(unknown)}", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(policies=policies, baseline_accelerator=args.baseline_accelerator)
+    run(traces, cfg, Path(args.out), pngs=not args.no_png)
+    print(f"wrote {args.out}/results.json, results.md" + ("" if args.no_png else " and PNG timelines"))
+    return 0

@@ -1,0 +1,237 @@
+"""Per-replica capacity of a pool at the SLO, from the roofline model (:mod:`tandem.perf`).
+
+Every role is measured in the same unit, *requests per second of a given shape* (mean
+prompt ``isl`` and output ``osl`` tokens) that one replica serves while meeting the SLO, so
+pools of one role on different accelerators compare by price per unit (WVA's cost-aware
+choice, llm-d workload-variant-autoscaler docs/saturation-analyzer.md; perf-anchors §4).
+
+* **prefill**: prompt-token throughput under the TTFT target. A replica batches prompts up
+  to its token budget; its p-quantile TTFT is the service time plus the M/M/1 waiting-time
+  quantile ``S/(1-rho) * ln(rho/q)`` (q = 1 - attainment), and ``rho`` is the largest load
+  that keeps it under the target (the DistServe prefill analysis, arXiv 2401.09670 §3.1,
+  uses the same M/D/1-style queue).
+* **decode**: the largest batch whose step time stays under the ITL target and whose KV
+  reservations (prompt + output per sequence, as vLLM and the simulator reserve) fit the
+  cache; Little's law turns it into requests/s (Dynamo's decode sizing at context
+  ISL + OSL/2, perf-anchors §3.3).
+* **mixed**: both on one replica; a prefill chunk stretches the iterations it shares, so
+  the mean ITL is ``step / (1 - rho_prefill)`` (Sarathi-Serve, arXiv 2403.02310 §3).
+
+``correction`` multiplies the model's times (the online correction, >1 = slower than modelled).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tandem.perf.catalog import Accelerator
+from tandem.perf.model import PerfProfile, build_profile, kv_transfer_seconds
+from tandem.perf.models import ModelArch
+from tandem.planner.types import PoolTarget, Tuning
+
+# Token budget of one iteration when the pool does not set one (the simulator's defaults,
+# tandem.sim.fleet.DEFAULT_BUDGET; vLLM's max_num_batched_tokens is of the same order).
+DEFAULT_BUDGET = {"prefill": 8192, "mixed": 2048, "decode": 0}
+# KV link of the simulator: 50 GB/s per device (one 400 Gb/s NIC per GPU, DGX H100).
+NIC_GBS_PER_DEVICE = 50.0
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Requests/s of one shape that one replica serves within the SLO, and what limits it."""
+
+    rps: float
+    bottleneck: str  # "ttft", "itl", "kv", "seqs", "compute" or "infeasible"
+
+
+@lru_cache(maxsize=256)
+def profile(acc: Accelerator, model: ModelArch, tp: int) -> PerfProfile:
+    return build_profile(acc, model, tp)
+
+
+def _prefill_time(prof: PerfProfile, tokens: int, per_prompt: int) -> float:
+    prompts = max(1, tokens // max(1, per_prompt))
+    return prof.iteration(tokens, prompts * per_prompt * per_prompt / 2.0, 0, 0)
+
+
+def wait_quantile(rho: float, service_s: float, q: float) -> float:
+    """M/M/1 waiting-time quantile: P(W > t) = rho * exp(-(1-rho) t / S)."""
+    if rho <= q:
+        return 0.0
+    return service_s / (1.0 - rho) * math.log(rho / q)
+
+
+def max_load(base_s: float, service_s: float, target_s: float, q: float, cap: float) -> float:
+    """Largest utilisation rho <= cap with ``base_s + wait_quantile(rho) <= target_s``."""
+    if base_s > target_s:
+        return 0.0
+    if base_s + wait_quantile(cap, service_s, q) <= target_s:
+        return cap
+    lo, hi = 0.0, cap
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if base_s + wait_quantile(mid, service_s, q) <= target_s:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def prefill_capacity(
+    pool: PoolTarget, model: ModelArch, isl: float, ttft_s: float, q: float, tune: Tuning, corr: float = 1.0
+) -> Capacity:
+    prof = profile(pool.accelerator, model, pool.tp)
+    length = max(1, round(isl))
+    budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill"]
+    per_batch = max(1, budget // length) * length
+    batch_s = _prefill_time(prof, per_batch, length) * corr
+    single_s = _prefill_time(prof, length, length) * corr
+    link = NIC_GBS_PER_DEVICE * pool.tp
+    # The first token reaches the client from the decode replica (tandem.sim SimConfig.ttft_on_decode).
+    extra = kv_transfer_seconds(model, length, link, compute_seconds=single_s) + prof.decode_step(1, length)
+    per_req_s = batch_s / (per_batch / length)
+    rho = max_load(single_s + extra, per_req_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation)
+    if rho <= 0:
+        return Capacity(0.0, "infeasible")
+    return Capacity(rho / per_req_s, "ttft" if rho < tune.max_utilisation else "compute")
+
+
+def _max_batch(prof: PerfProfile, ctx: float, limit: int, step_target: float, corr: float) -> int:
+    """Largest batch in [0, limit] whose decode step (batch x ctx tokens of context) <= target."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prof.decode_step(mid, int(mid * ctx)) * corr <= step_target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def decode_capacity(
+    pool: PoolTarget, model: ModelArch, isl: float, osl: float, itl_s: float, tune: Tuning, corr: float = 1.0
+) -> Capacity:
+    prof = profile(pool.accelerator, model, pool.tp)
+    osl = max(1.0, osl)
+    per_seq_kv = max(1.0, isl + osl)
+    kv_limit = int(tune.kv_headroom * prof.kv_capacity / per_seq_kv)
+    limit = min(kv_limit, pool.max_seqs)
+    batch = _max_batch(prof, isl + osl / 2, limit, itl_s * tune.itl_headroom, corr)
+    if batch < 1:
+        return Capacity(0.0, "infeasible")
+    step = prof.decode_step(batch, int(batch * (isl + osl / 2))) * corr
+    if batch == kv_limit:
+        why = "kv"
+    elif batch == pool.max_seqs:
+        why = "seqs"
+    else:
+        why = "itl"
+    return Capacity(tune.max_utilisation * batch / (osl * step), why)
+
+
+def _mixed_ok(
+    prof: PerfProfile,
+    rate: float,
+    isl: float,
+    osl: float,
+    pf_per_token: float,
+    itl_target: float,
+    kv_cap: float,
+) -> bool:
+    rho_p = rate * isl * pf_per_token
+    if rho_p >= 1:
+        return False
+    batch = rate * osl * prof.decode_step(1, int(isl))
+    for _ in range(8):  # fixed point: the batch sets the step, the step sets the batch (Little)
+        step = prof.decode_step(max(1, math.ceil(batch)), int(batch * (isl + osl / 2))) / (1 - rho_p)
+        batch = rate * osl * step
+    return step <= itl_target and batch * (isl + osl) <= kv_cap
+
+
+def mixed_capacity(
+    pool: PoolTarget,
+    model: ModelArch,
+    isl: float,
+    osl: float,
+    ttft_s: float,
+    itl_s: float,
+    q: float,
+    tune: Tuning,
+    corr: float = 1.0,
+) -> Capacity:
+    prof = profile(pool.accelerator, model, pool.tp)
+    length = max(1, round(isl))
+    osl = max(1.0, osl)
+    budget = pool.max_batch_tokens or DEFAULT_BUDGET["mixed"]
+    chunk = max(1, budget // length) * length if length <= budget else budget
+    pf_per_token = _prefill_time(prof, chunk, min(length, chunk)) * corr / chunk
+    single_s = length * pf_per_token
+    rho_max = max_load(single_s, single_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation)
+    if rho_max <= 0:
+        return Capacity(0.0, "infeasible")
+    hi = rho_max / (length * pf_per_token)
+    itl_target = itl_s * tune.itl_headroom / corr
+    kv_cap = tune.kv_headroom * prof.kv_capacity
+    if _mixed_ok(prof, hi, isl, osl, pf_per_token, itl_target, kv_cap):
+        return Capacity(hi, "ttft")
+    lo = 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if _mixed_ok(prof, mid, isl, osl, pf_per_token, itl_target, kv_cap):
+            lo = mid
+        else:
+            hi = mid
+    return Capacity(lo, "itl") if lo > 0 else Capacity(0.0, "infeasible")
+
+
+def capacity(
+    pool: PoolTarget,
+    model: ModelArch,
+    isl: float,
+    osl: float,
+    ttft_s: float,
+    itl_s: float,
+    attainment: float,
+    tune: Tuning,
+    corr: float = 1.0,
+) -> Capacity:
+    """Per-replica capacity of ``pool`` for requests of mean shape (isl, osl)."""
+    q = max(1e-3, 1.0 - attainment)
+    if pool.role == "prefill":
+        return prefill_capacity(pool, model, isl, ttft_s, q, tune, corr)
+    if pool.role == "decode":
+        return decode_capacity(pool, model, isl, osl, itl_s, tune, corr)
+    return mixed_capacity(pool, model, isl, osl, ttft_s, itl_s, q, tune, corr)
+
+
+def predicted_ttft(pool: PoolTarget, model: ModelArch, isl: float, rate_per_replica: float) -> float | None:
+    """Model mean TTFT (corr = 1) of a prefill or mixed replica at ``rate_per_replica``
+    (M/M/1 mean wait); ``None`` when the model says the replica is saturated."""
+    prof = profile(pool.accelerator, model, pool.tp)
+    length = max(1, round(isl))
+    budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
+    per_batch = max(1, budget // length) * length
+    per_req_s = _prefill_time(prof, per_batch, length) / (per_batch / length)
+    single_s = _prefill_time(prof, length, length)
+    rho = rate_per_replica * per_req_s
+    if rho >= 0.95:
+        return None
+    return single_s + rho / (1 - rho) * per_req_s + prof.decode_step(1, length)
+
+
+def predicted_itl(pool: PoolTarget, model: ModelArch, isl: float, osl: float, batch: float) -> float:
+    """Model decode step time (corr = 1) of a replica running ``batch`` sequences."""
+    prof = profile(pool.accelerator, model, pool.tp)
+    b = max(1, math.ceil(batch))
+    return prof.decode_step(b, int(b * (isl + max(1.0, osl) / 2)))
+
+
+def prefill_seconds_per_token(pool: PoolTarget, model: ModelArch, isl: float) -> float:
+    """Model prefill time per prompt token of a replica at its batching budget (corr = 1)."""
+    prof = profile(pool.accelerator, model, pool.tp)
+    length = max(1, round(isl))
+    budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
+    chunk = max(1, budget // length) * length if length <= budget else budget
+    return _prefill_time(prof, chunk, min(length, chunk)) / chunk

@@ -1,0 +1,44 @@
+"""The planner benchmark's output shape (tandem.bench), on a tiny trace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tandem.bench import traces
+from tandem.bench.cli import main
+from tandem.bench.run import peak_demand
+from tandem.sim.trace import TraceRequest
+
+
+def test_synthetic_traces_are_deterministic_and_shaped() -> None:
+    assert traces.bursts() == traces.bursts()
+    shift = traces.shift(duration_s=600.0)
+    first = [r.prompt_tokens for r in shift if r.arrival < 300]
+    second = [r.prompt_tokens for r in shift if r.arrival >= 300]
+    assert sum(second) / len(second) > 3 * sum(first) / len(first)
+    rate, isl, osl = peak_demand([TraceRequest(float(i), 100, 10) for i in range(120)], 60.0)
+    assert rate == 1.0 and isl == 100 and osl == 10
+
+
+def test_bench_writes_results_table_and_timelines(tmp_path: Path) -> None:
+    trace = tmp_path / "tiny.jsonl"
+    rows = [{"timestamp": i * 500, "input_length": 1500 + 10 * i, "output_length": 50} for i in range(240)]
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    code = main(["--trace", str(trace), "--out", str(out), "--policies", "tandem,colocated-hpa,static"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    entry = results["traces"]["tiny"]["policies"]
+    assert set(entry) == {"tandem", "colocated-hpa", "static"}
+    for metrics in entry.values():
+        assert 0.0 <= metrics["slo_attainment"] <= 1.0
+        assert metrics["cost_per_hour"] > 0
+        assert isinstance(metrics["scale_actions"], int)
+        assert metrics["cost_per_1k_good"] is None or metrics["cost_per_1k_good"] > 0
+    assert "| tandem |" in (out / "results.md").read_text()
+    assert (out / "tiny.png").stat().st_size > 0
+
+
+def test_bench_rejects_unknown_policies(tmp_path: Path) -> None:
+    assert main(["--synthetic", "--out", str(tmp_path), "--policies", "nope"]) == 2

@@ -1,0 +1,104 @@
+"""PromQL rendering and parsing (tandem.metrics) against recorded Prometheus API responses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tandem.metrics import parse_vector, promql, read_observation, selector
+
+FIXTURES = Path(__file__).parent / "fixtures" / "prometheus"
+
+
+def result(name: str) -> list[dict[str, Any]]:
+    body = json.loads((FIXTURES / name).read_text())
+    assert body["status"] == "success"
+    return list(body["data"]["result"])
+
+
+def test_selector_escapes_label_values() -> None:
+    assert selector("team-a", "llama") == '{namespace="team-a",service="llama"}'
+    assert selector("a", 'b"c', "p") == '{namespace="a",service="b\\"c",pool="p"}'
+
+
+def test_vllm_queries_render_with_fallbacks_and_windows() -> None:
+    q = promql("vllm", "team-a", "llama", 60).queries()
+    sel = '{namespace="team-a",service="llama"}'
+    assert q["waiting"] == f"sum by (pool) (vllm:num_requests_waiting{sel})"
+    assert q["kv_usage"] == (
+        f"(avg by (pool) (vllm:kv_cache_usage_perc{sel})) or (avg by (pool) (vllm:gpu_cache_usage_perc{sel}))"
+    )
+    assert q["prompt_tokens_per_s"] == f"sum by (pool) (rate(vllm:prompt_tokens_total{sel}[60s]))"
+    assert q["mean_ttft_s"] == (
+        f"sum by (pool) (rate(vllm:time_to_first_token_seconds_sum{sel}[60s]))"
+        f" / sum by (pool) (rate(vllm:time_to_first_token_seconds_count{sel}[60s]))"
+    )
+    assert "vllm:time_per_output_token_seconds_sum" in q["mean_itl_s"]  # renamed metric fallback
+    assert q["p90_ttft_s"].startswith(
+        "histogram_quantile(0.9, sum by (pool, le) (rate(vllm:time_to_first_token_seconds_bucket"
+    )
+    assert set(q) == {
+        "waiting", "running", "kv_usage", "prompt_tokens_per_s", "generation_tokens_per_s", "requests_per_s",
+        "mean_ttft_s", "mean_itl_s", "mean_prompt_tokens", "mean_output_tokens", "p90_ttft_s", "p90_itl_s",
+        "scrape_age_s",
+    }  # fmt: skip
+
+
+def test_sglang_uses_its_own_names() -> None:
+    q = promql("sglang", "ns", "svc", 30).queries()
+    assert "sglang:num_queue_reqs" in q["waiting"]
+    assert "sglang:token_usage" in q["kv_usage"]
+    assert "sglang:prompt_tokens_histogram_sum" in q["mean_prompt_tokens"]
+    with pytest.raises(KeyError):
+        promql("tgi", "ns", "svc", 30)
+
+
+def test_parse_vector_maps_pools_and_nan_to_none() -> None:
+    assert parse_vector(result("vllm_waiting.json")) == {"prefill": 3.0, "decode": 0.0}
+    assert parse_vector(result("vllm_mean_ttft.json")) == {"prefill": 0.8125, "decode": None}
+    assert parse_vector(result("empty.json")) == {}
+
+
+class FakeProm:
+    """Answers from fixtures by query field; records the timeouts it was given."""
+
+    def __init__(self, answers: dict[str, str | Exception]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, dict[str, Any] | None, float | None]] = []
+
+    def custom_query(
+        self, query: str, params: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        self.calls.append((query, params, timeout))
+        for key, answer in self.answers.items():
+            if key in query:
+                if isinstance(answer, Exception):
+                    raise answer
+                return result(answer)
+        return result("empty.json")
+
+
+def test_read_observation_fills_fields_and_leaves_no_data_as_none() -> None:
+    prom = FakeProm(
+        {
+            "num_requests_waiting": "vllm_waiting.json",
+            "time_to_first_token_seconds_sum": "vllm_mean_ttft.json",
+        }
+    )
+    obs = read_observation(prom, "team-a", "llama", ["prefill", "decode", "mixed"], 60, timeout_s=2.5)
+    assert obs["prefill"].waiting == 3.0 and obs["prefill"].mean_ttft_s == 0.8125
+    assert obs["decode"].waiting == 0.0 and obs["decode"].mean_ttft_s is None
+    assert obs["mixed"].waiting is None  # absent from the result: no data, not 0
+    assert obs["prefill"].running is None
+    assert all(o.complete for o in obs.values())
+    assert prom.calls and all(t == 2.5 and p == {"timeout": "2.5s"} for _, p, t in prom.calls)
+
+
+def test_a_failed_query_marks_every_pool_incomplete() -> None:
+    prom = FakeProm({"num_requests_waiting": TimeoutError("read timed out")})
+    obs = read_observation(prom, "ns", "svc", ["prefill"], 30)
+    assert obs["prefill"].waiting is None
+    assert obs["prefill"].complete is False

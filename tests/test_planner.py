@@ -1,0 +1,310 @@
+"""Scenario tables for Tandem's pure planner (tandem.planner.core.decide)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import pytest
+
+from tandem.perf.catalog import get_accelerator
+from tandem.perf.models import get_model
+from tandem.planner import (
+    Decision,
+    Observation,
+    PlannerSpec,
+    PlannerState,
+    PoolObservation,
+    PoolReading,
+    PoolTarget,
+    decide,
+)
+
+MODEL = get_model("llama-3.1-70b", "fp8")
+
+
+def target(name: str, role: str, acc: str, lo: int = 0, hi: int = 8) -> PoolTarget:
+    a = get_accelerator(acc)
+    return PoolTarget(name, role, a, 1, lo, hi, a.price_per_hour)  # type: ignore[arg-type]
+
+
+SPEC = PlannerSpec(
+    model=MODEL,
+    pools=(
+        target("prefill-mi300x", "prefill", "mi300x"),
+        target("prefill-h100", "prefill", "h100"),
+        target("decode-mi300x", "decode", "mi300x", lo=1),
+        target("mixed-mi300x", "mixed", "mi300x", lo=1),
+    ),
+    ttft_s=2.0,
+    itl_s=0.1,
+    interval_s=30.0,
+)
+
+
+def metrics(
+    rps: float = 0.0, isl: float = 2000.0, osl: float = 100.0, waiting: float = 0.0, **kw: float | None
+) -> PoolObservation:
+    base = PoolObservation(
+        waiting=waiting,
+        running=kw.pop("running", 0.0),
+        kv_usage=kw.pop("kv_usage", 0.1),
+        prompt_tokens_per_s=rps * isl,
+        generation_tokens_per_s=rps * osl,
+        requests_per_s=rps,
+        mean_ttft_s=None,
+        mean_itl_s=None,
+        mean_prompt_tokens=isl if rps else None,
+        mean_output_tokens=osl if rps else None,
+        scrape_age_s=0.0,
+    )
+    return replace(base, **kw)
+
+
+def reading(replicas: int, m: PoolObservation | None = None, starting: int = 0) -> PoolReading:
+    return PoolReading(replicas, replicas - starting, starting, m if m is not None else metrics())
+
+
+def fleet(
+    split_rps: float = 0.0,
+    mixed_rps: float = 0.0,
+    replicas: tuple[int, int, int, int] = (1, 0, 1, 1),
+    starting: tuple[int, int, int, int] = (0, 0, 0, 0),
+    isl: float = 2000.0,
+    **kw: float | None,
+) -> Observation:
+    """An observation of SPEC's four pools; the split demand enters the first ready prefill pool."""
+    p_mi, p_h, d, m = replicas
+    s_mi, s_h, s_d, s_m = starting
+    return Observation(
+        {
+            "prefill-mi300x": reading(p_mi, metrics(split_rps, isl, 1, **kw), s_mi),
+            "prefill-h100": reading(p_h, metrics(), s_h),
+            "decode-mi300x": reading(d, metrics(0.0, isl, 100, running=split_rps * 3), s_d),
+            "mixed-mi300x": reading(m, metrics(mixed_rps, 200, 100, running=mixed_rps * 3), s_m),
+        }
+    )
+
+
+Step = tuple[float, Observation]
+
+
+def run(steps: list[Step], spec: PlannerSpec = SPEC) -> Decision:
+    state = PlannerState()
+    decision: Decision | None = None
+    for now, obs in steps:
+        decision = decide(spec, obs, state, now)
+        state = decision.state
+    assert decision is not None
+    return decision
+
+
+def up(pool: str) -> Callable[[Decision], bool]:
+    return lambda d: (d.replicas[pool] or 0) > 1
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    steps: list[Step]
+    reason: str | set[str]
+    check: Callable[[Decision], bool]
+    spec: PlannerSpec = SPEC
+
+
+def _all_none(d: Decision) -> bool:
+    return all(v is None for v in d.replicas.values())
+
+
+def _total_devices(d: Decision, obs: Observation) -> int:
+    return sum((v if v is not None else obs.pools[k].replicas) for k, v in d.replicas.items())
+
+
+BUSY = fleet(split_rps=4.0, replicas=(6, 0, 1, 1))
+
+CASES = [
+    Case("steady: idle fleet at its mins", [(30.0, fleet(replicas=(0, 0, 1, 1)))], "Steady", _all_none),
+    Case(
+        "ramp: rising long-prompt demand adds prefill, cheapest pool first",
+        [(30.0 * i, fleet(split_rps=0.5 * i)) for i in range(1, 7)],
+        "ScaledUp",
+        lambda d: (d.replicas["prefill-mi300x"] or 0) > 1 and d.replicas["prefill-h100"] is None,
+    ),
+    Case(
+        "burst: a 20x jump scales up in the same interval (fast up)",
+        [(30.0, fleet(split_rps=0.2)), (60.0, fleet(split_rps=4.0))],
+        "ScaledUp",
+        up("prefill-mi300x"),
+    ),
+    Case(
+        "burst beyond the cheapest pool's max spills to the next cheapest",
+        [(30.0, fleet(split_rps=20.0))],
+        "ScaledUp",
+        lambda d: d.replicas["prefill-mi300x"] == 8 and (d.replicas["prefill-h100"] or 0) > 0,
+    ),
+    Case(
+        "shift: short-prompt demand grows the mixed pool, not prefill",
+        [(30.0, fleet(mixed_rps=60.0))],
+        "ScaledUp",
+        lambda d: (d.replicas["mixed-mi300x"] or 0) > 1 and d.replicas["prefill-mi300x"] is None,
+    ),
+    Case(
+        "drop: no scale-down inside the stabilisation window",
+        [(30.0, BUSY), (60.0, fleet(replicas=(6, 0, 1, 1)))],
+        "StabilisingScaleDown",
+        _all_none,
+    ),
+    Case(
+        "drop: scale-down after the window, to the window's highest recommendation",
+        [(30.0, fleet(replicas=(6, 0, 1, 1))), (700.0, fleet(replicas=(6, 0, 1, 1)))],
+        "ScaledDown",
+        lambda d: d.replicas["prefill-mi300x"] == 0,
+    ),
+    Case(
+        "missing data: a pool without a reading holds everything",
+        [(30.0, Observation({k: v for k, v in BUSY.pools.items() if k != "decode-mi300x"}))],
+        "MetricsMissing",
+        _all_none,
+    ),
+    Case(
+        "missing data: a ready pool without metrics holds everything",
+        [(30.0, fleet(split_rps=4.0, waiting=None))],
+        "MetricsMissing",
+        _all_none,
+    ),
+    Case(
+        "missing data: a failed query (incomplete) holds everything",
+        [(30.0, fleet(split_rps=4.0, complete=False))],  # type: ignore[arg-type]
+        "MetricsMissing",
+        _all_none,
+    ),
+    Case(
+        "NaN: an implausible value holds everything",
+        [(30.0, fleet(split_rps=4.0, mean_ttft_s=math.nan))],
+        "MetricsImplausible",
+        _all_none,
+    ),
+    Case(
+        "negative rate: holds everything (no scale-down on bad data)",
+        [(30.0, BUSY), (700.0, fleet(split_rps=-1.0, replicas=(6, 0, 1, 1)))],
+        "MetricsImplausible",
+        _all_none,
+    ),
+    Case(
+        "scrape gap: stale metrics hold everything",
+        [(30.0, fleet(split_rps=4.0, scrape_age_s=300.0))],
+        "ScrapeGap",
+        _all_none,
+    ),
+    Case(
+        "bounds: a pool below its min is raised even when data is missing",
+        [(30.0, Observation({**fleet(waiting=None).pools, "decode-mi300x": reading(0, metrics())}))],
+        "MetricsMissing",
+        lambda d: d.replicas["decode-mi300x"] == 1 and d.limited_by is None,
+    ),
+    Case(
+        "bounds: demand above every max is capped and says so",
+        [(30.0, fleet(split_rps=100.0))],
+        "ScaledUp",
+        lambda d: (
+            d.replicas["prefill-mi300x"] == 8 and d.replicas["prefill-h100"] == 8 and d.limited_by == "max"
+        ),
+    ),
+    Case(
+        "budget: device cap removes the most expensive replicas first",
+        [(30.0, fleet(split_rps=20.0))],
+        {"BudgetLimited"},
+        lambda d: (
+            d.limited_by == "budget"
+            and _total_devices(d, fleet(split_rps=20.0)) <= 6
+            and (d.replicas["prefill-h100"] or 0) == 0
+        ),
+        replace(SPEC, max_devices=6),
+    ),
+    Case(
+        "budget: cost cap",
+        [(30.0, fleet(split_rps=20.0))],
+        {"BudgetLimited"},
+        lambda d: d.limited_by == "budget",
+        replace(SPEC, max_cost_per_hour=10.0),
+    ),
+    Case(
+        "pending: no further change to a pool whose replicas are still starting",
+        [(30.0, fleet(split_rps=8.0, replicas=(3, 0, 1, 1), starting=(2, 0, 0, 0)))],
+        {"WaitingForReplicas", "ScaledUp"},
+        lambda d: d.replicas["prefill-mi300x"] is None,
+    ),
+    Case(
+        "pending: no scale-down of a role while one of its pools is starting",
+        [
+            (30.0, fleet(replicas=(1, 3, 1, 1), starting=(1, 0, 0, 0))),
+            (700.0, fleet(replicas=(1, 3, 1, 1), starting=(1, 0, 0, 0))),
+        ],
+        "WaitingForReplicas",
+        lambda d: d.replicas["prefill-h100"] is None,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_decide_scenarios(case: Case) -> None:
+    decision = run(case.steps, case.spec)
+    reasons = {case.reason} if isinstance(case.reason, str) else case.reason
+    assert decision.reason in reasons, (decision.reason, decision.message, decision.replicas)
+    assert case.check(decision), (decision.replicas, decision.limited_by, decision.message)
+    assert decision.reason[0].isupper() and " " not in decision.reason
+    assert decision.message
+
+
+def test_steady_state_after_scaling_is_steady() -> None:
+    first = run([(30.0, fleet(split_rps=3.0))])
+    p = first.replicas["prefill-mi300x"]
+    assert p is not None and p > 1
+    obs = fleet(split_rps=3.0, replicas=(p, 0, 1, 1))
+    again = decide(SPEC, obs, first.state, 60.0)
+    assert again.replicas["prefill-mi300x"] is None
+    assert again.reason in {"Steady", "StabilisingScaleDown"}
+
+
+def test_decide_is_pure_and_state_round_trips_through_json() -> None:
+    state = PlannerState()
+    before = state.to_json()
+    d1 = decide(SPEC, fleet(split_rps=3.0), state, 30.0)
+    assert state.to_json() == before  # the input state is not modified
+    restored = PlannerState.from_json(d1.state.to_json())
+    assert restored == d1.state
+    d2a = decide(SPEC, fleet(split_rps=4.0), d1.state, 60.0)
+    d2b = decide(SPEC, fleet(split_rps=4.0), restored, 60.0)
+    assert d2a.replicas == d2b.replicas and d2a.signals == d2b.signals
+    assert PlannerState.from_json("not json") == PlannerState()
+
+
+def test_signals_explain_the_decision() -> None:
+    d = run([(30.0, fleet(split_rps=3.0))])
+    assert d.signals["split.rps"] == "3"
+    assert "prefill-mi300x.capacityRps" in d.signals
+    assert d.signals["prefill-mi300x.bottleneck"] in {"ttft", "compute"}
+    assert all(isinstance(v, str) for v in d.signals.values())
+
+
+def test_online_correction_raises_capacity_needs_when_latency_is_worse_than_modelled() -> None:
+    slow = fleet(split_rps=1.0, replicas=(2, 0, 1, 1), mean_ttft_s=5.0)
+    fast = fleet(split_rps=1.0, replicas=(2, 0, 1, 1))
+    d_slow = run([(30.0 * i, slow) for i in range(1, 6)])
+    d_fast = run([(30.0 * i, fast) for i in range(1, 6)])
+    assert d_slow.state.correction["prefill-mi300x"] > 1.5
+    assert "prefill-mi300x" not in d_fast.state.correction
+    assert float(d_slow.signals["prefill-mi300x.capacityRps"]) < float(
+        d_fast.signals["prefill-mi300x.capacityRps"]
+    )
+
+
+def test_split_threshold_moves_down_when_the_mixed_pool_misses_itl() -> None:
+    obs = fleet(mixed_rps=2.0)
+    bad = Observation(
+        {**obs.pools, "mixed-mi300x": reading(1, metrics(2.0, 200, 100, running=4, mean_itl_s=0.5))}
+    )
+    d = run([(30.0, bad)])
+    assert d.split_threshold is not None and d.split_threshold < SPEC.split_threshold
+    assert d.state.split_threshold == d.split_threshold
