@@ -421,12 +421,13 @@ def pool_profile(
 def sidecar_env(profile: KvProfile, role: RoleName) -> list[dict[str, Any]]:
     end = profile.endpoint(role)
     s = profile.shape
-    kv_heads_per_rank = max(1, s.kv_heads // end.tensor_parallel_size)
     pairs = [
         ("ROLE", role),
         ("VENDOR", end.vendor),
         ("LAYERS", str(s.layers)),
-        ("KV_HEADS", str(kv_heads_per_rank)),
+        # the pod's whole KV (all its tensor-parallel ranks' heads): the same geometry on both sides
+        # whatever the two pools' TP sizes, so the sidecars never re-shard heads
+        ("KV_HEADS", str(s.kv_heads)),
         ("HEAD_DIM", str(s.head_dim)),
         ("DTYPE", end.kv_dtype),
         ("LAYOUT", end.layout),

@@ -144,7 +144,6 @@ def build_pool_service(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
             # load-balances blindly would only invite bypassing it (and costs a service IP).
             "type": "ClusterIP",
             "clusterIP": "None",
-            "publishNotReadyAddresses": False,
             "selector": selector_labels(ctx, pool),
             "ports": [
                 {

@@ -98,6 +98,7 @@ class WorkerSettings:
     block_size: int = DEFAULT_BLOCK_SIZE
     dtype: str | None = None  # default: the preset's
     default_max_tokens: int = DEFAULT_MAX_TOKENS
+    kv_sidecar: str | None = None  # URL of a KV-transfer sidecar: pull real bytes through it (worker_kv)
 
 
 class PerfTimingModel:
@@ -179,6 +180,10 @@ class SimWorker:
                 "num_cpu_blocks": "None",
             },
         )
+        if kv_fetcher is None and settings.kv_sidecar:
+            from tandem.sim.worker_kv import SidecarKvFetcher
+
+            kv_fetcher = SidecarKvFetcher(settings.kv_sidecar)
         self.engine = Engine(config, self.timing, fetcher=kv_fetcher, observer=self.metrics)
 
     # ------------------------------------------------------------------------------ application
@@ -494,6 +499,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     opt("--block-size", "BLOCK_SIZE", int, d.block_size, "tokens per KV block")
     opt("--dtype", "DTYPE", str, d.dtype, "fp16, bf16 or fp8 (default: the preset's)")
     opt("--default-max-tokens", "DEFAULT_MAX_TOKENS", int, d.default_max_tokens, "max_tokens if unset")
+    opt("--kv-sidecar", "KV_SIDECAR", str, d.kv_sidecar, "KV-transfer sidecar URL (pull real KV bytes)")
     opt("--log-level", "LOG_LEVEL", str, "INFO", "logging level")
     return p
 

@@ -1,0 +1,127 @@
+"""KVTransferReady: from the compatibility check and the sidecars' reports to a condition (pure).
+
+The operator gathers, per worker pod, whether its ``kv-sidecar`` container is ready (pod status)
+and which transport it runs (the sidecar's ``tandem_kv_transport`` gauge or its ``/readyz`` body);
+this module decides. Reasons, in order of precedence:
+
+- ``Incompatible``: a prefill/decode pair cannot exchange KV (`tandem.builders.kv.check_compatibility`);
+- ``TcpFallback``: RDMA was expected and a sidecar runs TCP, and its pool does not allow fallback;
+- ``SidecarNotReady``: a sidecar is not ready yet (or none reported);
+- ``Ready`` (True), or ``NotDisaggregated`` (True) for a service without prefill pools.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.builders.kv import CONDITION_TYPE, SIDECAR_CONTAINER, KvProfile, PairProblem
+from tandem.models.common import Condition
+from tandem.models.inference_service import InferenceServiceSpec
+
+TCP_FALLBACK = "TcpFallback"
+SIDECAR_NOT_READY = "SidecarNotReady"
+INCOMPATIBLE = "Incompatible"
+
+_TRANSPORT_SERIES = re.compile(
+    r'^tandem_kv_transport\{[^}]*transport="(?P<t>\w+)"[^}]*\}\s+(?P<v>[-+.\deE]+)', re.M
+)
+
+
+@dataclass(frozen=True)
+class SidecarReport:
+    pool: str
+    pod: str
+    ready: bool
+    transport: str | None = None  # rdma | tcp | shm | None (not known yet)
+
+
+def parse_transport(metrics_text: str) -> str | None:
+    """The transport whose ``tandem_kv_transport`` series is 1 in a sidecar's /metrics text."""
+    for match in _TRANSPORT_SERIES.finditer(metrics_text):
+        if float(match["v"]) == 1.0:
+            return match["t"]
+    return None
+
+
+def report_from_readyz(
+    pool: str, pod: str, status_code: int | None, body: Mapping[str, Any] | None
+) -> SidecarReport:
+    """A report from one ``GET http://<pod IP>:8200/readyz`` (``status_code`` None: unreachable).
+    The body names the transport even when the answer is 503, so TcpFallback is told apart."""
+    transport = (body or {}).get("transport")
+    return SidecarReport(
+        pool=pool,
+        pod=pod,
+        ready=status_code == 200,
+        transport=str(transport) if transport in ("rdma", "tcp", "shm") else None,
+    )
+
+
+def sidecar_ready(pod: Mapping[str, Any]) -> bool:
+    """Whether a pod's ``kv-sidecar`` container is ready (pod ``status.containerStatuses``)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == SIDECAR_CONTAINER:
+            return bool(status.get("ready"))
+    return False
+
+
+def _cond(status: str, reason: str, message: str, generation: int) -> Condition:
+    return Condition.model_validate(
+        {
+            "type": CONDITION_TYPE,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": generation,
+        }
+    )
+
+
+def kv_transfer_condition(
+    spec: InferenceServiceSpec,
+    profiles: Mapping[str, KvProfile],
+    problems: Sequence[PairProblem],
+    reports: Sequence[SidecarReport],
+    generation: int,
+) -> Condition:
+    """The ``KVTransferReady`` condition. ``profiles``: pool name -> `tandem.builders.kv.pool_profile`."""
+    if problems:
+        return _cond("False", INCOMPATIBLE, " ".join(p.message + "." for p in problems), generation)
+    if not spec.pools_by_role("prefill"):
+        return _cond("True", "NotDisaggregated", "no prefill pool: no KV moves between pools", generation)
+    roles = {p.name: p.role for p in spec.pools}
+    fallbacks = []
+    for r in reports:
+        profile = profiles.get(r.pool)
+        if profile is None or r.transport is None:
+            continue
+        role = roles.get(r.pool, "mixed")
+        end = profile.endpoint(role)
+        if profile.expected_transport(role) == "rdma" and r.transport == "tcp" and not end.allow_tcp_fallback:
+            fallbacks.append(r)
+    if fallbacks:
+        pods = ", ".join(f"{r.pod} (pool {r.pool})" for r in fallbacks[:5])
+        return _cond(
+            "False",
+            TCP_FALLBACK,
+            f"RDMA was requested but the KV transfer runs over TCP on {pods}; set fabric.allowTcpFallback "
+            "on the AcceleratorPool to accept it",
+            generation,
+        )
+    kv_pools = {p.name for p in spec.pools if p.role in ("prefill", "decode")}
+    relevant = [r for r in reports if r.pool in kv_pools]
+    not_ready = [r for r in relevant if not r.ready]
+    if not relevant or not_ready:
+        ready = len(relevant) - len(not_ready)
+        return _cond(
+            "False",
+            SIDECAR_NOT_READY,
+            f"{ready} of {len(relevant)} KV-transfer sidecars are ready",
+            generation,
+        )
+    transports = sorted({r.transport for r in relevant if r.transport})
+    over = f" over {', '.join(transports)}" if transports else ""
+    return _cond("True", "Ready", f"{len(relevant)} KV-transfer sidecars are ready{over}", generation)

@@ -1,0 +1,216 @@
+"""KV block layout translation, region bookkeeping, the fabric probe's parsing, and the sidecar's pull
+logic over an in-process copy transport (no NIXL needed; tests/test_kv_nixl.py runs the real one)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from itertools import product
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from tandem.sidecar.core import (
+    BlockAllocator,
+    KvSidecar,
+    OutOfBlocks,
+    RemoteRequest,
+    SidecarConfig,
+    paired_regions,
+    runs,
+)
+from tandem.sidecar.layout import (
+    BlockFormat,
+    KvGeometry,
+    from_tokens,
+    pattern_tokens,
+    to_tokens,
+    translate_blocks,
+)
+from tandem.sidecar.probe import FabricReport, classify_lanes, classify_tl, parse_ucx_line
+from tandem.sidecar.transport import Region
+
+GEOM = KvGeometry(layers=3, kv_heads=4, head_dim=8, dtype_bytes=2)
+FORMATS = [BlockFormat(layout, bs) for layout in ("NHD", "HND") for bs in (4, 16, 32, 12)]
+
+
+def blocks_with(tokens: npt.NDArray[np.uint16], fmt: BlockFormat, geom: KvGeometry) -> npt.NDArray[np.uint8]:
+    out = np.full((fmt.blocks_for(tokens.shape[1]), fmt.block_bytes(geom)), 0xEE, dtype=np.uint8)
+    from_tokens(tokens, fmt, geom, out)
+    return out
+
+
+@pytest.mark.parametrize(("src", "dst"), list(product(FORMATS, FORMATS)), ids=str)
+@pytest.mark.parametrize("num_tokens", [1, 31, 32, 100])
+def test_translation_is_byte_exact(src: BlockFormat, dst: BlockFormat, num_tokens: int) -> None:
+    tokens = pattern_tokens(7, 1, GEOM, num_tokens)
+    src_blocks = blocks_with(tokens, src, GEOM)
+    out = np.zeros((dst.blocks_for(num_tokens), dst.block_bytes(GEOM)), dtype=np.uint8)
+    translate_blocks(src_blocks, src, dst, GEOM, num_tokens, out)
+    assert to_tokens(out, dst, GEOM, num_tokens).tobytes() == tokens.tobytes()
+
+
+def test_layouts_really_differ_and_fp8_words() -> None:
+    tokens = pattern_tokens(1, 0, GEOM, 16)
+    nhd = blocks_with(tokens, BlockFormat("NHD", 16), GEOM)
+    hnd = blocks_with(tokens, BlockFormat("HND", 16), GEOM)
+    assert nhd.tobytes() != hnd.tobytes() and sorted(nhd.tobytes()) == sorted(hnd.tobytes())
+    # token-major: token 1 of head 0 follows token 0's heads in NHD
+    words = nhd.view(np.uint16).reshape(2, 16, 4, 8)
+    assert np.array_equal(words[0, 1, 0], tokens[0, 1, 0])
+    fp8 = KvGeometry(layers=1, kv_heads=2, head_dim=4, dtype_bytes=1)
+    t8 = pattern_tokens(3, 0, fp8, 20)
+    assert t8.dtype == np.uint8
+    b = blocks_with(t8, BlockFormat("HND", 16), fp8)
+    out = np.zeros((3, BlockFormat("NHD", 8).block_bytes(fp8)), dtype=np.uint8)
+    translate_blocks(b, BlockFormat("HND", 16), BlockFormat("NHD", 8), fp8, 20, out)
+    assert to_tokens(out, BlockFormat("NHD", 8), fp8, 20).tobytes() == t8.tobytes()
+
+
+def test_patterns_differ_by_layer_and_request() -> None:
+    a = pattern_tokens(1, 0, GEOM, 8)
+    assert a.tobytes() != pattern_tokens(1, 1, GEOM, 8).tobytes()
+    assert a.tobytes() != pattern_tokens(2, 0, GEOM, 8).tobytes()
+    assert len(np.unique(a)) > a.size // 4
+
+
+def test_runs_and_paired_regions() -> None:
+    assert runs([3, 4, 5, 9, 10, 2]) == [(3, 3), (9, 2), (2, 1)]
+    assert runs([]) == []
+    lo, ro = paired_regions([(100, 10), (200, 6)], [(1000, 4), (2000, 12)])
+    assert lo == [(100, 4), (104, 6), (200, 6)]
+    assert ro == [(1000, 4), (2000, 6), (2006, 6)]
+
+
+def test_allocator_prefers_contiguous_runs() -> None:
+    alloc = BlockAllocator(10)
+    a = alloc.allocate(3)
+    b = alloc.allocate(2)
+    alloc.free(a[1:2])
+    assert alloc.allocate(3) == [5, 6, 7]  # not [1, 8, 9]
+    assert sorted(alloc.allocate(3)) == [1, 8, 9]
+    assert alloc.num_free == 0
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate(1)
+    assert b == [3, 4]
+
+
+# ---- the fabric probe ---------------------------------------------------------------------------
+
+TCP_LINE = (
+    "[1795323046.380862] [vm:1768 :0]      ucp_worker.c:1997 UCX  INFO    B intra-node cfg#1 "
+    "rma_am(tcp/lo)  amo_am(tcp/lo)  am(tcp/lo cma/memory)  ka(tcp/lo)"
+)
+RDMA_LINE = (
+    "[1] [node:1:0] ucp_worker.c:1997 UCX  INFO    decode-0 inter-node cfg#2 "
+    "rma_bw(rc_mlx5/mlx5_0:1 rc_mlx5/mlx5_1:1)  am(rc_mlx5/mlx5_0:1)  ka(ud_mlx5/mlx5_0:1)"
+)
+SELF_LINE = "x ucp_worker.c:1997 UCX  INFO    A self cfg#0 rma_bw(cma/memory)  am(self/memory)"
+
+
+def test_parse_ucx_lane_selection() -> None:
+    tcp = parse_ucx_line(TCP_LINE)
+    assert tcp is not None and tcp.worker == "B" and tcp.peer == "intra-node"
+    assert tcp.lanes["am"] == ("tcp/lo", "cma/memory") and tcp.data_transport == "tcp"
+    rdma = parse_ucx_line(RDMA_LINE)
+    assert rdma is not None and rdma.data_transport == "rdma"
+    assert parse_ucx_line("UCX  INFO  Version 1.23.0") is None
+    self_cfg = parse_ucx_line(SELF_LINE)
+    assert self_cfg is not None
+    assert classify_lanes([tcp, self_cfg]) == "tcp"  # self endpoints do not count
+    assert classify_lanes([tcp, rdma]) == "rdma"
+    assert classify_lanes([]) == "none"
+    tls = ("dc_mlx5/mlx5_0:1", "ud_verbs/x", "efa/rdmap0", "sysv/memory", "tcp/eth0")
+    assert [classify_tl(t) for t in tls] == ["rdma", "rdma", "rdma", "shm", "tcp"]
+
+
+def test_fabric_report_fallback() -> None:
+    report = FabricReport(expected="rdma", allow_tcp_fallback=False)
+    assert "no RDMA device" in (report.fallback_problem() or "")
+    report.rdma_devices = ["mlx5_0"]
+    assert report.effective() == "rdma" and report.fallback_problem() is None
+    report.selected = "tcp"  # UCX chose TCP for the peer after all
+    assert "UCX selected tcp" in (report.fallback_problem() or "")
+    report.allow_tcp_fallback = True
+    assert report.fallback_problem() is None
+    assert FabricReport(expected="tcp", allow_tcp_fallback=False).fallback_problem() is None
+    only_tcp = FabricReport(
+        expected="rdma", allow_tcp_fallback=False, rdma_devices=["mlx5_0"], ucx_tls=["tcp"]
+    )
+    assert only_tcp.effective() == "tcp"
+
+
+# ---- the pull logic, over an in-process copy transport ------------------------------------------
+
+
+class _Done:
+    def done(self) -> bool:
+        return True
+
+
+class CopyTransport:
+    """Same-process `KvTransport`: a READ is a memmove. Peers share one address space."""
+
+    backend = "COPY"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.notes: dict[str, list[bytes]] = {}
+        self.registry: dict[str, CopyTransport] = {}
+
+    def register(self, buffer: npt.NDArray[np.uint8]) -> None:
+        pass
+
+    def metadata(self) -> bytes:
+        return self.name.encode()
+
+    def add_peer(self, metadata: bytes) -> str:
+        return metadata.decode()
+
+    def read(
+        self, peer: str, local: Sequence[Region], remote: Sequence[Region], notify: bytes = b""
+    ) -> _Done:
+        for (la, n), (ra, m) in zip(local, remote, strict=True):
+            assert n == m
+            ctypes.memmove(la, ra, n)
+        return _Done()
+
+    def notify(self, peer: str, message: bytes) -> None:
+        self.registry[peer].notes.setdefault(self.name, []).append(message)
+
+    def take_notifications(self) -> dict[str, list[bytes]]:
+        notes, self.notes = self.notes, {}
+        return notes
+
+
+def test_pull_over_copy_transport_translates_and_frees() -> None:
+    g = KvGeometry(layers=4, kv_heads=2, head_dim=16)
+    tp, td = CopyTransport("p"), CopyTransport("d")
+    td.registry["p"] = tp
+    p = KvSidecar(SidecarConfig("p", g, BlockFormat("NHD", 16), 20, staging_bytes=1 << 20), tp)
+    d = KvSidecar(SidecarConfig("d", g, BlockFormat("HND", 64), 5, staging_bytes=1 << 20), td)
+    record = p.produce("r", 150)
+    p.fill(record)
+    result = d.pull(p.info(), RemoteRequest.from_dict(record.to_dict()))
+    assert result.translated and len(result.block_ids) == 3 and result.bytes == 4 * 10 * 16 * g.token_bytes()
+    for layer in range(4):
+        assert (
+            d.read_tokens(result.block_ids, layer, 150).tobytes()
+            == pattern_tokens(record.seed, layer, g, 150).tobytes()
+        )
+    assert p.handle_notifications() == 1 and p.blocks.num_free == 20 and not p.produced
+    assert d.release("r") and d.blocks.num_free == 5
+
+
+def test_sim_worker_selects_the_sidecar_fetcher_by_flag() -> None:
+    from tandem.sim.worker import SimWorker, parse_settings
+    from tandem.sim.worker_engine import ModelledKvFetcher
+    from tandem.sim.worker_kv import SidecarKvFetcher
+
+    settings, _ = parse_settings(["--role", "decode", "--kv-sidecar", "http://127.0.0.1:8200"])
+    fetcher = SimWorker(settings).engine.fetcher
+    assert isinstance(fetcher, SidecarKvFetcher) and fetcher.sidecar_url == "http://127.0.0.1:8200"
+    assert fetcher.peer_url({"remote_host": "10.0.0.5"}) == "http://10.0.0.5:8200"
+    default, _ = parse_settings(["--role", "decode"])
+    assert isinstance(SimWorker(default).engine.fetcher, ModelledKvFetcher)
