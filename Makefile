@@ -16,7 +16,9 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,kv]'
+	# NIXL (the KV-transfer library) declares torch only for type hints: install it alone.
+	$(PIP) install -q --no-deps 'nixl-cu12==1.5.1'
 	touch $@
 
 .PHONY: venv
@@ -115,6 +117,10 @@ bench-controller: $(STAMP) ## Controller latency and throughput vs kubectl apply
 .PHONY: bench
 bench: $(STAMP) ## Planner vs baselines in the simulator on the shipped and synthetic traces (bench/out/planner)
 	$(PY) -m tandem.bench --trace ../shared/traces/azure-llm-2023-code.csv --synthetic --out bench/out/planner
+
+.PHONY: bench-kv
+bench-kv: $(STAMP) ## KV sidecar: NIXL pull vs memcpy, pipelined exposed latency, translation (bench/out/kv.json)
+	$(PY) -m tandem.sidecar.bench --out bench/out/kv.json
 
 .PHONY: bench-router
 bench-router: $(STAMP) ## Router overhead vs calling a worker directly (bench/out/router.json)

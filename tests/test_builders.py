@@ -12,6 +12,7 @@ import yaml
 from tandem import names
 from tandem.builders import ServiceContext, desired_objects
 from tandem.builders.engine import engine_args
+from tandem.builders.kv import pool_profile
 from tandem.models import InferenceServiceSpec
 from tandem.planner import base_replicas
 from tandem.resolve import resolve
@@ -133,9 +134,10 @@ def test_vllm_kv_transfer_config_per_role_and_vendor(sample_pools: dict[str, dic
         }
     )
     res = resolve(spec, sample_pools)
-    prefill = engine_args(spec, spec.pools[0], res.accelerator_pools["p"])
-    decode = engine_args(spec, spec.pools[1], res.accelerator_pools["d"])
-    mixed = engine_args(spec, spec.pools[2], res.accelerator_pools["x"])
+    accels = res.accelerator_pools
+    prefill = engine_args(spec, spec.pools[0], accels["p"], pool_profile(spec, spec.pools[0], accels))
+    decode = engine_args(spec, spec.pools[1], accels["d"], pool_profile(spec, spec.pools[1], accels))
+    mixed = engine_args(spec, spec.pools[2], accels["x"], pool_profile(spec, spec.pools[2], accels))
     assert prefill[:3] == ["vllm", "serve", "m"]
     assert prefill[prefill.index("--tensor-parallel-size") + 1] == "4"
     assert '"kv_connector":"NixlConnector"' in prefill[prefill.index("--kv-transfer-config") + 1]

@@ -6,6 +6,7 @@ No I/O, no kopf, no kubernetes client: the same inputs always give the same mani
 from __future__ import annotations
 
 from tandem.builders.common import Images, Manifest, ServiceContext, owned_labels, spec_hash
+from tandem.builders.kv import blocked_pools, check_compatibility
 from tandem.builders.router import (
     build_router_configmap,
     build_router_deployment,
@@ -21,7 +22,11 @@ from tandem.builders.workers import build_pool_service, build_worker_deployment
 def desired_objects(ctx: ServiceContext, split_threshold: int | None = None) -> list[Manifest]:
     """Every object the InferenceService should own, in apply order (config before users)."""
     objects: list[Manifest] = []
+    # a prefill or decode pool without a KV-compatible counterpart is not rolled out
+    blocked = blocked_pools(ctx.spec, check_compatibility(ctx.spec, ctx.accelerator_pools))
     for pool in ctx.spec.pools:
+        if pool.name in blocked:
+            continue
         objects.append(build_pool_service(ctx, pool))
         objects.append(build_worker_deployment(ctx, pool))
     objects.append(build_router_service_account(ctx))

@@ -5,30 +5,18 @@ from __future__ import annotations
 import json
 
 from tandem import names
+from tandem.builders.kv import ENV_SIDECAR_URL, KvProfile
 from tandem.models.accelerator_pool import AcceleratorPoolSpec
 from tandem.models.inference_service import InferenceServiceSpec, PoolSpec
-
-# Where the engine stages KV blocks for NIXL. NVIDIA and AMD (ROCm builds of torch name their
-# devices "cuda") transfer from device memory; vLLM's Gaudi plugin stages through host memory.
-KV_BUFFER_DEVICE_BY_VENDOR = {"nvidia": "cuda", "amd": "cuda", "intel": "cpu", "other": "cpu"}
-
-# vLLM's connector names (vllm/distributed/kv_transfer/kv_connector/factory.py).
-VLLM_CONNECTORS = {
-    "nixl": "NixlConnector",
-    "mooncake": "MooncakeConnectorV1",
-    "lmcache": "LMCacheConnectorV1",
-}
-
-
-def kv_buffer_device(accel: AcceleratorPoolSpec) -> str:
-    return accel.engine.kv_buffer_device or KV_BUFFER_DEVICE_BY_VENDOR[accel.vendor]
 
 
 def model_ref(spec: InferenceServiceSpec) -> str:
     return spec.model.source or spec.model.name
 
 
-def vllm_args(spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolSpec) -> list[str]:
+def vllm_args(
+    spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolSpec, profile: KvProfile
+) -> list[str]:
     args = [
         "vllm",
         "serve",
@@ -43,18 +31,14 @@ def vllm_args(spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPool
     if spec.model.max_model_len:
         args += ["--max-model-len", str(spec.model.max_model_len)]
     if pool.role in ("prefill", "decode"):
-        config = {
-            "kv_connector": VLLM_CONNECTORS[spec.kv_transfer.connector],
-            # vLLM's NIXL connector is symmetric: both sides register as kv_both and the
-            # router's kv_transfer_params decide who sends and who pulls.
-            "kv_role": "kv_both",
-            "kv_buffer_device": kv_buffer_device(accel),
-        }
-        args += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
+        config = profile.vllm_kv_transfer_config(pool.role)
+        args += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"), sort_keys=True)]
     return args
 
 
-def sglang_args(spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolSpec) -> list[str]:
+def sglang_args(
+    spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolSpec, profile: KvProfile
+) -> list[str]:
     args = [
         "python3",
         "-m",
@@ -78,7 +62,9 @@ def sglang_args(spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPo
     return args
 
 
-def sim_args(spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolSpec) -> list[str]:
+def sim_args(
+    spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolSpec, profile: KvProfile
+) -> list[str]:
     args = [
         "tandem-sim-worker",
         "--role",
@@ -94,10 +80,16 @@ def sim_args(spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolS
         "--port",
         str(names.PORT_HTTP),
     ]
+    if pool.role in ("prefill", "decode"):
+        # the hand-off moves real bytes through the pod's KV sidecar (Kubernetes expands $(VAR))
+        args += ["--kv-sidecar", f"$({ENV_SIDECAR_URL})"]
     return args
 
 
-def engine_args(spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolSpec) -> list[str]:
-    """The full command line of a worker container, extra user arguments last."""
+def engine_args(
+    spec: InferenceServiceSpec, pool: PoolSpec, accel: AcceleratorPoolSpec, profile: KvProfile
+) -> list[str]:
+    """The full command line of a worker container, extra user arguments last. ``profile``: the
+    pool's KV-transfer profile (``builders.kv.pool_profile``)."""
     builder = {"vllm": vllm_args, "sglang": sglang_args, "sim": sim_args}[spec.engine]
-    return builder(spec, pool, accel) + list(pool.args)
+    return builder(spec, pool, accel, profile) + list(pool.args)

@@ -7,6 +7,7 @@ from typing import Any
 from tandem import names
 from tandem.builders.common import Manifest, ServiceContext, child_name, metadata, with_hash
 from tandem.builders.engine import engine_args
+from tandem.builders.kv import inject_sidecar, pool_profile
 from tandem.models.accelerator_pool import AcceleratorPoolSpec
 from tandem.models.inference_service import PoolSpec
 
@@ -91,10 +92,11 @@ def build_worker_deployment(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
     labels = pool_labels(ctx, pool, accel)
     selector = selector_labels(ctx, pool)
     image = pool.image or accel.engine.image or ctx.images.engine(ctx.spec.engine, accel.vendor)
+    profile = pool_profile(ctx.spec, pool, ctx.accelerator_pools)
     container: dict[str, Any] = {
         "name": "engine",
         "image": image,
-        "command": engine_args(ctx.spec, pool, accel),
+        "command": engine_args(ctx.spec, pool, accel, profile),
         "ports": [{"name": names.PORT_NAME_HTTP, "containerPort": names.PORT_HTTP, "protocol": "TCP"}],
         "env": worker_env(ctx, pool, accel),
         "resources": container_resources(pool, accel),
@@ -119,7 +121,9 @@ def build_worker_deployment(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
     spec: dict[str, Any] = {
         "selector": {"matchLabels": selector},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-        "template": {"metadata": {"labels": {**labels, **selector}}, "spec": pod_spec},
+        "template": inject_sidecar(
+            {"metadata": {"labels": {**labels, **selector}}, "spec": pod_spec}, profile, pool.role, ctx.images
+        ),
     }
     replicas = ctx.replicas.get(pool.name)
     if replicas is not None:
