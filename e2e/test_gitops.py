@@ -30,7 +30,9 @@ def manifest(namespace: str) -> dict[str, Any]:
 
 
 def get(cluster: Any, namespace: str, *what: str) -> dict[str, Any]:
-    return json.loads(cluster.kubectl("get", *what, "-n", namespace, "-o", "json").stdout)  # type: ignore[no-any-return]
+    # managedFields are part of what these tests check; kubectl hides them unless asked
+    out = cluster.kubectl("get", *what, "-n", namespace, "-o", "json", "--show-managed-fields").stdout
+    return json.loads(out)  # type: ignore[no-any-return]
 
 
 def ready(cluster: Any, namespace: str) -> dict[str, Any] | None:
