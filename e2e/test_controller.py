@@ -133,10 +133,13 @@ def test_apply_runs_each_pool_on_its_vendor(cluster: Any, namespace: str, op: Op
     b200 = wait_for(pool_counted, timeout=30, what="AcceleratorPool b200 status counting the prefill pod")
     assert (b200["matchingNodes"], b200["allocatableDevices"]) == (2, 16)
     assert condition({"status": b200}, "Ready")["status"] == "True"  # type: ignore[index]
-    events = get(cluster, namespace, "events")["items"]
-    assert any(
-        e.get("reason") == "Applied" and "Deployment" in (e.get("message") or e.get("note") or "")
-        for e in events
+    wait_for(
+        lambda: any(
+            e.get("reason") == "Applied" and "Deployment" in (e.get("message") or e.get("note") or "")
+            for e in get(cluster, namespace, "events")["items"]
+        ),
+        timeout=30,
+        what="an Applied Event for a Deployment",
     )
 
 

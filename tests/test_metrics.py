@@ -94,7 +94,7 @@ def test_read_observation_fills_fields_and_leaves_no_data_as_none() -> None:
     assert obs["mixed"].waiting is None  # absent from the result: no data, not 0
     assert obs["prefill"].running is None
     assert all(o.complete for o in obs.values())
-    assert prom.calls and all(t == 2.5 and p == {"timeout": "2.5s"} for _, p, t in prom.calls)
+    assert prom.calls and all(t == 2.5 and p == {"timeout": "2500ms"} for _, p, t in prom.calls)
 
 
 def test_a_failed_query_marks_every_pool_incomplete() -> None:

@@ -149,6 +149,12 @@ def render_kwokctl_config(bins: Path) -> dict[str, Any]:
         # kwokctl's defaults are download URLs; each component must point at a local file.
         **{key: str(bins / name) for key, name in COMPONENT_BINARIES.items()},
     }
+    # --- audit log (e2e/harness/faults.py): $TANDEM_CLUSTER_AUDIT_POLICY turns on the apiserver's
+    # audit log (kwok/clusters/tandem/logs/audit.log), e.g. to list the calls the operator makes.
+    audit_policy = os.environ.get("TANDEM_CLUSTER_AUDIT_POLICY")
+    if audit_policy:
+        options["kubeAuditPolicy"] = str(Path(audit_policy).resolve())
+    # --- end audit log
     # The apiserver's default service range is a /24 (254 ClusterIPs): too small for scale runs
     # with hundreds of InferenceServices, each with a router Service.
     patches = [

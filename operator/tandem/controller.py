@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tandem import names
+from tandem.autoscaler import Autoscaler, AutoscalerSettings
 from tandem.builders import Images
 from tandem.kube import Kube, KubeError
 from tandem.reconcile import Outcome, reconcile, utcnow
@@ -32,6 +33,7 @@ class Settings:
     resync_seconds: float = 60.0
     debounce_seconds: float = 0.2
     images: Images = field(default_factory=Images)
+    autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
 
 
 class Controller:
@@ -45,6 +47,10 @@ class Controller:
         self._resync: asyncio.Task[None] | None = None
         self._pools_pending: asyncio.Task[None] | None = None
         self.reconciles = 0
+        # autoscaling.mode: planner (its decisions reach the cluster through self.reconcile)
+        self.autoscaler = Autoscaler(
+            kube, self.services, self.pools, self.request, post_event, self.settings.autoscaler
+        )
 
     # what the watches tell us
     def load_pools(self) -> None:
@@ -64,6 +70,7 @@ class Controller:
         if body is None:
             self.services.pop(key, None)
             self._locks.pop(key, None)
+            self.autoscaler.forget(key)
         else:
             self.services[key] = body
 
@@ -81,7 +88,11 @@ class Controller:
             with RECONCILE_SECONDS.time():
                 try:
                     outcome = await reconcile(
-                        body, kube=self.kube, pools=self.pools, images=self.settings.images
+                        body,
+                        kube=self.kube,
+                        pools=self.pools,
+                        images=self.settings.images,
+                        autoscale=self.autoscaler.current(key),
                     )
                 except Exception:
                     RECONCILES.labels("error").inc()
@@ -138,8 +149,10 @@ class Controller:
     def start_resync(self) -> None:
         if self._resync is None:
             self._resync = asyncio.create_task(self._resync_loop())
+        self.autoscaler.start()
 
     async def stop(self) -> None:
+        await self.autoscaler.stop()
         tasks = [t for t in [self._resync, self._pools_pending, *self._pending.values()] if t is not None]
         for t in tasks:
             t.cancel()
@@ -185,11 +198,15 @@ class Controller:
         if outcome.problems and outcome.ready_after != outcome.ready_before:
             for p in outcome.problems:
                 events.append(("Warning", p.reason, p.message[0].upper() + p.message[1:] + "."))
-        for type_, reason, message in events:
-            try:
-                await asyncio.to_thread(post_event, self.kube, body, type_, reason, message)
-            except KubeError as exc:
-                log.warning("Could not post Event %s: %s", reason, exc)
+        results = await asyncio.gather(
+            *(asyncio.to_thread(post_event, self.kube, body, t, r, m) for t, r, m in events),
+            return_exceptions=True,
+        )
+        for (_, reason, _), result in zip(events, results, strict=True):
+            if isinstance(result, KubeError):
+                log.warning("Could not post Event %s: %s", reason, result)
+            elif isinstance(result, BaseException):
+                raise result
 
 
 def post_event(kube: Kube, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

@@ -9,6 +9,7 @@ anyway, so every event, plus the Controller's own resync loop, simply asks for a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from typing import Any
 
@@ -31,6 +32,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.request_timeout = 60
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)
+    # blocking API calls run in threads; the default pool (cores + 4) would serialise a
+    # reconcile's concurrent LISTs and applies on a small node
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="tandem-kube")
+    )
     controller_settings = memo.get("controller_settings") or Settings()
     controller = Controller(Kube(), controller_settings)
     await asyncio.to_thread(controller.load_pools)

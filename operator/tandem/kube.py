@@ -66,6 +66,8 @@ def load_config() -> kubernetes.client.Configuration:
         kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    # as many connections as the operator's API threads (handlers.startup), so none is discarded
+    configuration.connection_pool_maxsize = 16
     return configuration
 
 
@@ -175,7 +177,8 @@ class Kube:
         return self.request(
             "PATCH",
             path_of(manifest["kind"], meta.get("namespace"), meta["name"]),
-            body=json.dumps(manifest),
+            # UTF-8 as is: YAML (the apply-patch content type) rejects JSON surrogate-pair escapes
+            body=json.dumps(manifest, ensure_ascii=False),
             query=[("fieldManager", names.FIELD_MANAGER), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )

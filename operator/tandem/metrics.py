@@ -210,7 +210,10 @@ def read_observation(
     complete = True
     for field_name, query in promql(engine, namespace, service, window_s).queries().items():
         try:
-            result = client.custom_query(query, params={"timeout": f"{timeout_s:g}s"}, timeout=timeout_s)
+            # Prometheus durations take no fractions ("2.5s" is a 400): milliseconds
+            result = client.custom_query(
+                query, params={"timeout": f"{max(1, round(timeout_s * 1000))}ms"}, timeout=timeout_s
+            )
         except Exception as err:
             log.warning("Prometheus query %s for %s/%s failed: %s", field_name, namespace, service, err)
             complete = False

@@ -40,6 +40,9 @@ NODE_LABEL_MODEL: Final = f"{GROUP}/accelerator-model"
 
 # Annotations.
 ANNOTATION_SPEC_HASH: Final = f"{GROUP}/spec-hash"
+# Planner tuning per InferenceService (seconds; no CRD field yet: see tandem.scaling.tuning_from).
+ANNOTATION_PLANNER_DOWN_WINDOW: Final = f"{GROUP}/planner-scale-down-window-seconds"
+ANNOTATION_PLANNER_LEAD_TIME: Final = f"{GROUP}/planner-lead-time-seconds"
 
 # Ports (container side).
 PORT_HTTP: Final = 8000

@@ -24,6 +24,7 @@ from tandem.models.common import Condition
 from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
 from tandem.planner import base_replicas
 from tandem.resolve import Problem, Resolution, resolve
+from tandem.scaling import Autoscale, planner_status
 from tandem.status import compute_status, set_conditions, status_changed
 
 log = logging.getLogger("tandem.reconcile")
@@ -72,7 +73,11 @@ async def reconcile(
     pools: Mapping[str, Mapping[str, Any]],
     images: Images,
     now: str | None = None,
+    autoscale: Autoscale | None = None,
 ) -> Outcome:
+    """``autoscale``: the planner's latest decision for this service (``autoscaling.mode: planner``),
+    applied through this same path: replicas, the router's split threshold, status fields."""
+    planned = autoscale or Autoscale(replicas={})
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     generation = int(meta.get("generation", 1))
@@ -83,8 +88,12 @@ async def reconcile(
 
     # gather
     observed: list[dict[str, Any]] = []
-    for kind in OWNED_KINDS:
-        observed += await asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name))
+    # one LIST per owned kind, concurrently: they are independent and dominate a no-op reconcile
+    listed = await asyncio.gather(
+        *(asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name)) for kind in OWNED_KINDS)
+    )
+    for items in listed:
+        observed += items
     observed = [o for o in observed if _owned_by(o, uid)]
     live_deployments = {
         o["metadata"]["labels"].get(names.LABEL_POOL, ""): o
@@ -115,20 +124,11 @@ async def reconcile(
             uid=uid,
             spec=spec,
             accelerator_pools=resolution.accelerator_pools,
-            replicas=base_replicas(spec, live_deployments),
+            replicas=base_replicas(spec, live_deployments, planned.replicas),
             images=images,
         )
-        to_apply, to_prune = plan_changes(desired_objects(ctx), observed)
-        for manifest in to_apply:
-            result = await asyncio.to_thread(kube.apply, manifest)
-            outcome.applied.append(describe(manifest))
-            log.info("Applied %s", describe(manifest))
-            pool = manifest["metadata"]["labels"].get(names.LABEL_POOL)
-            if manifest["kind"] == "Deployment":
-                if pool:
-                    live_deployments[pool] = result
-                else:
-                    router_live = result
+        to_apply, to_prune = plan_changes(desired_objects(ctx, planned.split_threshold), observed)
+        router_live = await _apply_waves(kube, to_apply, outcome, live_deployments, router_live)
         for obj in to_prune:
             await asyncio.to_thread(kube.delete, obj["kind"], obj["metadata"]["name"], namespace)
             outcome.pruned.append(describe(obj))
@@ -169,11 +169,40 @@ async def reconcile(
             previous=previous,
             now=now,
         )
+        status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
     outcome.ready_after = _ready_reason(status)
     if status_changed(raw_status, status):
         await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, status.to_wire())
         outcome.status_written = True
     return outcome
+
+
+async def _apply_waves(
+    kube: Kube,
+    to_apply: list[dict[str, Any]],
+    outcome: Outcome,
+    live_deployments: dict[str, dict[str, Any]],
+    router_live: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    """Applies in two concurrent waves: what the workers reference (identity, config, Services)
+    first, then the Deployments, so their pods never wait on a missing object. Records what was
+    applied in ``outcome`` and the fresh Deployments in ``live_deployments``; returns the router's."""
+    waves = [
+        [m for m in to_apply if m["kind"] != "Deployment"],
+        [m for m in to_apply if m["kind"] == "Deployment"],
+    ]
+    for wave in waves:
+        results = await asyncio.gather(*(asyncio.to_thread(kube.apply, m) for m in wave))
+        for manifest, result in zip(wave, results, strict=True):
+            outcome.applied.append(describe(manifest))
+            log.info("Applied %s", describe(manifest))
+            pool = manifest["metadata"]["labels"].get(names.LABEL_POOL)
+            if manifest["kind"] == "Deployment":
+                if pool:
+                    live_deployments[pool] = result
+                else:
+                    router_live = result
+    return router_live
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 from tandem import names
@@ -21,6 +22,15 @@ def register(sub: Any) -> None:
         "--peering", default="tandem", help="kopf peering name, so only one replica acts (default: tandem)"
     )
     p.add_argument("--standalone", action="store_true", help="no peering: for a single replica or local runs")
+    # kopf pauses *every* operator of a peering when two share a priority (kopf/_core/engines/
+    # peering.py: "Pausing all operators, including self"), so replicas started with the same
+    # flags would all stand by. A random default makes exactly one of them act (e2e/test_faults.py).
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="kopf peering priority; the highest live one acts (default: random per process)",
+    )
     p.add_argument("--resync-seconds", type=float, default=60.0, help="level-based resync period")
     p.add_argument("--image-registry", default=names.IMAGE_REGISTRY, help="registry of Tandem's images")
     p.add_argument(
@@ -31,6 +41,25 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--metrics-port", type=int, default=9090, help="port of /metrics (0 to disable)")
     p.add_argument("--metrics-address", default="0.0.0.0", help="address /metrics listens on")
+    p.add_argument(
+        "--prometheus-url",
+        default=None,
+        help="Prometheus for autoscaling.mode: planner (a service's spec.autoscaling.prometheusUrl wins)",
+    )
+    p.add_argument(
+        "--planner-scale-down-window-seconds",
+        type=float,
+        default=None,
+        help="planner's scale-down stabilisation window (default 600; annotation "
+        f"{names.ANNOTATION_PLANNER_DOWN_WINDOW} overrides per service)",
+    )
+    p.add_argument(
+        "--planner-lead-time-seconds",
+        type=float,
+        default=None,
+        help="seconds until a new replica serves, the planner's forecast horizon (default 120; "
+        f"annotation {names.ANNOTATION_PLANNER_LEAD_TIME} overrides per service)",
+    )
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=run)
 
@@ -40,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
 
     import tandem
     import tandem.handlers
+    from tandem.autoscaler import AutoscalerSettings
     from tandem.builders import Images
     from tandem.controller import Settings
+    from tandem.planner import Tuning
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -57,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         controller_settings=Settings(
             resync_seconds=args.resync_seconds,
             images=Images(registry=args.image_registry, tag=args.image_tag or tandem.__version__),
+            autoscaler=AutoscalerSettings(prometheus_url=args.prometheus_url, tuning=_tuning(args, Tuning())),
         )
     )
     asyncio.run(
@@ -65,8 +97,24 @@ def run(args: argparse.Namespace) -> int:
             namespaces=args.namespace,
             standalone=args.standalone,
             peering_name=None if args.standalone else args.peering,
+            priority=args.priority if args.priority is not None else secrets.randbelow(2**31 - 1) + 1,
             liveness_endpoint=args.liveness or None,
             memo=memo,
         )
     )
     return 0
+
+
+def _tuning(args: argparse.Namespace, base: Any) -> Any:
+    """The planner's default tuning with the flags that were given."""
+    import dataclasses
+
+    changes = {
+        field: value
+        for field, value in (
+            ("down_window_s", args.planner_scale_down_window_seconds),
+            ("lead_time_s", args.planner_lead_time_seconds),
+        )
+        if value is not None
+    }
+    return dataclasses.replace(base, **changes)

@@ -18,12 +18,6 @@ IntOrString = Annotated[
     WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}),
 ]
 
-# Any JSON object kept as written (e.g. an env var's valueFrom).
-FreeForm = Annotated[
-    dict[str, Any],
-    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
-]
-
 DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DECIMAL = r"^[0-9]+(\.[0-9]+)?$"
 
@@ -83,10 +77,38 @@ class Toleration(Model):
     toleration_seconds: int | None = None
 
 
+class KeyRef(Model):
+    """A key of a ConfigMap or Secret in the pod's own namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+    optional: bool | None = None
+
+
+class FieldRef(Model):
+    field_path: str = Field(min_length=1)
+    api_version: str | None = None
+
+
+class ResourceFieldRef(Model):
+    resource: str = Field(min_length=1)
+    container_name: str | None = None
+    divisor: IntOrString | None = None
+
+
+class EnvVarSource(Model):
+    """Kubernetes' EnvVarSource, typed so a mistake is refused at admission, not at rollout."""
+
+    config_map_key_ref: KeyRef | None = None
+    secret_key_ref: KeyRef | None = None
+    field_ref: FieldRef | None = None
+    resource_field_ref: ResourceFieldRef | None = None
+
+
 class EnvVar(Model):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=253)
     value: str | None = None
-    value_from: FreeForm | None = None
+    value_from: EnvVarSource | None = None
 
 
 class ResourceRequirements(Model):

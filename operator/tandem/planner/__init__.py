@@ -47,12 +47,15 @@ def clamp(value: int, low: int, high: int) -> int:
 
 
 def base_replicas(
-    spec: InferenceServiceSpec, live: Mapping[str, Mapping[str, Any] | None]
+    spec: InferenceServiceSpec,
+    live: Mapping[str, Mapping[str, Any] | None],
+    planned: Mapping[str, int] | None = None,
 ) -> dict[str, int | None]:
-    """Replicas per pool before any metrics are read. ``live``: pool name -> live Deployment.
+    """Replicas per pool. ``live``: pool name -> live Deployment; ``planned``: pool name ->
+    replicas the planner decided (``tandem.scaling.Autoscale.replicas``).
 
     - ``off``: pinned to ``min``.
-    - ``planner``: keeps what the planner last set, clamped into ``min..max`` (``min`` at first).
+    - ``planner``: the planner's decision, else what runs; clamped into ``min..max`` (``min`` at first).
     - ``external``: ``min`` at creation, then ``None``: the field is left to the HPA/KEDA.
     """
     mode = spec.autoscaling.mode
@@ -61,7 +64,9 @@ def base_replicas(
         low, high = pool.replicas.min, pool.replicas.max
         dep = live.get(pool.name)
         current = dep.get("spec", {}).get("replicas") if dep else None
-        if mode == "off" or current is None:
+        if mode == "planner" and planned and pool.name in planned:
+            result[pool.name] = clamp(int(planned[pool.name]), low, high)
+        elif mode == "off" or current is None:
             result[pool.name] = low
         elif mode == "external":
             result[pool.name] = None

@@ -1,0 +1,245 @@
+"""The planner's closed loop on the real local cluster.
+
+Real apiserver and operator process, a real Prometheus (private to this test: it is stopped in
+the middle), real simulated workers standing in for the KWOK pods and a real router (the fleet
+agent, e2e/harness/fleet_agent.py), and a bounded load generator sending through the router.
+
+Scenario: steady chat load -> stable replicas; a shift to long prompts -> prefill grows relative
+to decode within a few planner intervals and SLO attainment recovers; Prometheus stopped while
+the load goes on -> MetricsAvailable=False, no scale-down; Prometheus back and the load stopped
+-> every pool back to its min after the scale-down window.
+
+Knobs for a short run: intervalSeconds 5 (the CRD minimum), a 20 s scale-down window and a 10 s
+lead time through the planner-tuning annotations (no CRD field yet), workers at time scale 1
+(wall rates are model rates, so the planner's capacity model and the workers agree).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.harness.common import STATE_ROOT, wait_for
+from e2e.harness.fleet_agent import FleetAgent, wait_workers
+from e2e.harness.loadgen import LoadGenerator, LoadReport, Phase
+from e2e.harness.operator import OperatorProcess, install_crds, wait_seconds
+from e2e.harness.planner_watch import PlannerWatch, Snapshot
+from e2e.harness.prometheus import Prometheus
+
+SAMPLES = Path(__file__).parent / "samples"
+SERVICE = "chat"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+INTERVAL = 5
+DOWN_WINDOW = 20
+RATE_WINDOW = 2 * INTERVAL  # tandem.autoscaler.window_seconds
+TTFT, ITL = 1.0, 0.05
+MINS = {"prefill": 1, "decode": 1, "mixed": 1}
+CHAT = Phase("chat", rate=6.0, prompt_tokens=300, max_tokens=32, seconds=30)
+LONG = Phase("long", rate=10.0, prompt_tokens=4000, max_tokens=32, seconds=150)
+
+
+def service(prometheus_url: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "inference.tandem.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": SERVICE,
+            "annotations": {
+                "inference.tandem.dev/planner-scale-down-window-seconds": str(DOWN_WINDOW),
+                "inference.tandem.dev/planner-lead-time-seconds": "10",
+            },
+        },
+        "spec": {
+            "model": {"name": MODEL, "preset": "llama-3.1-8b"},
+            "engine": "sim",
+            "pools": [
+                {
+                    "name": "prefill",
+                    "role": "prefill",
+                    "acceleratorPool": "b200",
+                    "replicas": {"min": 1, "max": 4},
+                },
+                {
+                    "name": "decode",
+                    "role": "decode",
+                    "acceleratorPool": "gaudi3",
+                    "replicas": {"min": 1, "max": 3},
+                },
+                {
+                    "name": "mixed",
+                    "role": "mixed",
+                    "acceleratorPool": "h100",
+                    "replicas": {"min": 1, "max": 2},
+                },
+            ],
+            "slo": {"ttftSeconds": TTFT, "itlSeconds": ITL},
+            "autoscaling": {"mode": "planner", "intervalSeconds": INTERVAL, "prometheusUrl": prometheus_url},
+            "routing": {"disaggregation": "auto", "minPromptTokens": 1024},
+        },
+    }
+
+
+def get(cluster: Any, namespace: str, *what: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", *what, "-n", namespace, "-o", "json").stdout)  # type: ignore[no-any-return]
+
+
+def deployment_replicas(cluster: Any, namespace: str) -> dict[str, int]:
+    items = get(cluster, namespace, "deployments", "-l", f"inference.tandem.dev/service={SERVICE}")["items"]
+    return {
+        d["metadata"]["labels"]["inference.tandem.dev/pool"]: int(d["spec"]["replicas"])
+        for d in items
+        if "inference.tandem.dev/pool" in d["metadata"]["labels"]
+    }
+
+
+def pd(replicas: dict[str, int]) -> float:
+    return replicas["prefill"] / replicas["decode"]
+
+
+@pytest.fixture
+def private_prometheus(tmp_path: Path) -> Iterator[Prometheus]:
+    server = Prometheus(tmp_path / "prometheus")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
+    cluster: Any, namespace: str, diagnostics: Any, private_prometheus: Prometheus, tmp_path: Path
+) -> None:
+    prom = private_prometheus
+    install_crds(cluster)
+    cluster.kubectl("apply", "--server-side", "-f", str(SAMPLES / "acceleratorpools.yaml"))
+    op = OperatorProcess(
+        cluster.kubeconfig,
+        STATE_ROOT / "e2e" / f"operator-{namespace}.log",
+        namespaces=[namespace],
+        resync_seconds=5,
+        standalone=True,  # a namespaced operator with peering waits for a namespaced KopfPeering
+    )
+    agent = FleetAgent(cluster.api(), namespace, SERVICE, prom, tmp_path / "fleet", time_scale=1.0)
+    diagnostics.add_log(op.log_path)
+    diagnostics.add_log(agent.router_log)
+    watch = PlannerWatch(cluster.api(), namespace, SERVICE)
+    load = LoadGenerator("http://127.0.0.1:1", MODEL, ttft_s=TTFT, itl_s=ITL)
+    try:
+        op.start()
+        cluster.kubectl(
+            "apply", "--server-side", "-n", namespace, "-f", "-", input=yaml.safe_dump(service(prom.url))
+        )
+        agent.start()
+        wait_workers(agent, MINS, timeout=90)
+        agent.wait_router()
+        watch.start()
+
+        # steady chat load: the planner reads metrics and keeps every pool where it is
+        load = LoadGenerator(agent.router_url, MODEL, ttft_s=TTFT, itl_s=ITL).start([CHAT, LONG])
+        wait_for(
+            lambda: (s := watch.latest) and s.condition("MetricsAvailable") == ("True", "MetricsRead"),
+            timeout=60,
+            what="MetricsAvailable=True",
+        )
+        chat_settled = time.monotonic()
+        wait_for(lambda: load.phase == "long", timeout=CHAT.seconds + 30, what="the long-prompt phase")
+        shift = time.monotonic()
+        chat = [s for s in watch.since(chat_settled) if s.at < shift]
+        assert chat and all(s.replicas == MINS for s in chat), [s.replicas for s in chat]
+        chat_samples = load.report.window(0, shift, phase="chat")
+        assert chat_samples and sum(s.ok for s in chat_samples) >= 0.98 * len(chat_samples)
+
+        # long prompts: prefill grows relative to decode within three intervals (after the rate window)
+        def scaled_up() -> Snapshot | None:
+            s = watch.latest
+            return s if s and s.replicas.get("prefill", 1) > 1 and pd(s.replicas) > pd(MINS) else None
+
+        up = wait_for(
+            scaled_up, timeout=RATE_WINDOW + 3 * INTERVAL + 10, what="prefill to grow relative to decode"
+        )
+        assert up.target_ratio is not None and up.ratio == up.target_ratio
+        reasons = watch.decision_reasons(shift)
+        assert {"ScaledUp", "Rebalanced"} & set(reasons), reasons
+        wait_workers(agent, {k: v for k, v in up.replicas.items()}, timeout=60)
+        # attainment recovers: requests sent once the new replicas serve do at least as well as
+        # those sent at the shift (the floor is the SLO's 0.9 when the shift itself was fine)
+        early = LoadReport.attainment(load.report.window(shift, up.at, phase="long")) or 0.0
+        recovered = time.monotonic() + 2 * INTERVAL
+        wait_seconds(4 * INTERVAL)
+        late = load.report.window(recovered, phase="long")
+        attained = LoadReport.attainment(late)
+        latencies = sorted(round(s.latency, 2) for s in late)
+        assert attained is not None and attained >= min(0.9, early), (early, attained, latencies)
+
+        # Prometheus gone while the load goes on: no decision, no scale-down, MetricsAvailable=False
+        prom.stop()
+        wait_for(
+            lambda: (
+                (s := watch.latest) and s.condition("MetricsAvailable") == ("False", "PrometheusUnavailable")
+            ),
+            timeout=4 * INTERVAL,
+            what="MetricsAvailable=False/PrometheusUnavailable",
+        )
+        outage = time.monotonic()
+        # replicas as the last decision before the outage left them (one may land while it starts)
+        wait_seconds(2)
+        before = deployment_replicas(cluster, namespace)
+        assert before["prefill"] > MINS["prefill"]
+        wait_seconds(DOWN_WINDOW + 3 * INTERVAL)  # longer than the scale-down window
+        assert deployment_replicas(cluster, namespace) == before
+        assert all(s.replicas == before for s in watch.since(outage + 2))
+        assert ((watch.latest and watch.latest.decision) or {}).get("reason") == "PrometheusUnavailable"
+
+        # Prometheus back, load stopped: every pool returns to its min after the scale-down window
+        prom.start()
+        wait_for(
+            lambda: (s := watch.latest) and s.condition("MetricsAvailable")[0] == "True",
+            timeout=6 * INTERVAL,
+            what="MetricsAvailable=True again",
+        )
+        load.stop()
+        stopped = time.monotonic()
+        wait_for(
+            lambda: deployment_replicas(cluster, namespace) == MINS,
+            timeout=RATE_WINDOW + DOWN_WINDOW + 8 * INTERVAL,
+            what="every pool back at its min",
+        )
+        reasons = watch.decision_reasons(stopped)
+        assert "ScaledDown" in reasons or "Rebalanced" in reasons, reasons
+        wait_workers(agent, MINS, timeout=30)
+
+        # what else the loop published: the router's split threshold, Events, the operator's metrics
+        cm = get(cluster, namespace, "configmap", f"{SERVICE}-router")
+        threshold = json.loads(cm["data"]["router.json"])["splitThresholdTokens"]
+        router_doc = json.loads(agent.router_config_path.read_text())
+        assert router_doc["splitThresholdTokens"] == threshold
+        assert all(p["endpoints"] for p in router_doc["pools"])
+        events = get(cluster, namespace, "events")["items"]
+        event_reasons = {e.get("reason") for e in events}
+        assert "ScaledUp" in event_reasons or "Rebalanced" in event_reasons, event_reasons
+        assert "PrometheusUnavailable" in event_reasons, event_reasons
+        metrics = op.metrics()
+        decided = {k for k, v in metrics.items() if k.startswith("tandem_planner_decisions_total{") and v > 0}
+        assert any("reason=PrometheusUnavailable" in k for k in decided), decided
+        assert any("reason=ScaledUp" in k or "reason=Rebalanced" in k for k in decided), decided
+        assert (
+            metrics[
+                f"tandem_planner_desired_replicas{{namespace={namespace},pool=prefill,service={SERVICE}}}"
+            ]
+            == 1
+        )
+        print(
+            f"planner e2e: reasons {watch.decision_reasons()}, thresholds {agent.stats.split_thresholds}, "
+            f"{len(load.report.samples)} requests, dropped {load.report.dropped}"
+        )
+    finally:
+        load.stop(timeout=30)
+        watch.stop()
+        agent.stop()
+        op.stop()

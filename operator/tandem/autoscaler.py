@@ -1,0 +1,314 @@
+"""The autoscaling loop for ``autoscaling.mode: planner`` (I/O orchestration only).
+
+One loop ticks every second over the services the Controller knows; each planner-mode service
+whose interval has passed gets one step, run as its own task (a slow Prometheus for one
+service delays no other):
+
+1. gather: the pools' Deployments (replica counts) and a Prometheus read
+   (:func:`tandem.metrics.read_observation`, in a thread, every query with a timeout);
+2. decide: :func:`tandem.planner.decide` (pure), with the state kept here in memory;
+3. store the result as a :class:`tandem.scaling.Autoscale` and, if it differs from the last,
+   ask the Controller for a reconcile, which applies replicas and the split threshold and
+   writes the status. The planner never writes a Deployment itself.
+
+Missing data never scales anything down: the planner holds on incomplete readings, and when
+Prometheus cannot be read at all the step does not call the planner (``MetricsAvailable=False``,
+reason ``PrometheusUnavailable``). The state lives in the operator's memory: after a restart
+the planner starts afresh from the replicas that run (its scale-down window starts over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from tandem import names
+from tandem.builders import owned_labels
+from tandem.kube import Kube, KubeError
+from tandem.metrics import PromClient, connect, read_observation
+from tandem.models.accelerator_pool import AcceleratorPoolSpec
+from tandem.models.inference_service import InferenceServiceSpec
+from tandem.planner import Decision, PlannerState, Tuning, decide, planner_spec
+from tandem.scaling import (
+    PROMETHEUS_NOT_CONFIGURED,
+    PROMETHEUS_UNAVAILABLE,
+    Autoscale,
+    after_decision,
+    after_hold,
+    pool_readings,
+    tuning_from,
+)
+from tandem.telemetry import (
+    PLANNER_DECISIONS,
+    PLANNER_DESIRED_REPLICAS,
+    PLANNER_READ_SECONDS,
+    PLANNER_SPLIT_THRESHOLD,
+)
+
+log = logging.getLogger("tandem.autoscaler")
+
+Key = tuple[str, str]  # namespace, name
+PostEvent = Callable[[Kube, Mapping[str, Any], str, str, str], None]
+
+
+@dataclass(frozen=True)
+class AutoscalerSettings:
+    prometheus_url: str | None = None  # used when spec.autoscaling.prometheusUrl is not set
+    query_timeout_seconds: float = 5.0  # per PromQL query (client and server side)
+    tick_seconds: float = 1.0
+    tuning: Tuning = field(default_factory=Tuning)  # defaults; annotations override per service
+
+
+def window_seconds(interval_s: float) -> float:
+    """The rate window of a read: two intervals, so every read overlaps the previous one."""
+    return 2.0 * interval_s
+
+
+def utcnow() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _Service:
+    state: PlannerState = field(default_factory=PlannerState)
+    autoscale: Autoscale | None = None
+    due: float = 0.0
+    task: asyncio.Task[None] | None = None
+    read: asyncio.Future[Any] | None = None  # a Prometheus read in its thread
+    gauged: set[str] = field(default_factory=set)  # pools with a desired-replicas gauge
+
+
+class Autoscaler:
+    """Per-service planner state and the loop that feeds it. ``services`` and ``pools`` are the
+    Controller's live views (read only); ``request`` asks it for a reconcile."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        services: Mapping[Key, Mapping[str, Any]],
+        pools: Mapping[str, Mapping[str, Any]],
+        request: Callable[[Key], None],
+        post_event: PostEvent,
+        settings: AutoscalerSettings | None = None,
+    ) -> None:
+        self.kube = kube
+        self.services = services
+        self.pools = pools
+        self.request = request
+        self.post_event = post_event
+        self.settings = settings or AutoscalerSettings()
+        self._state: dict[Key, _Service] = {}
+        self._clients: dict[str, PromClient] = {}
+        self._loop: asyncio.Task[None] | None = None
+
+    # the Controller's view
+    def current(self, key: Key) -> Autoscale | None:
+        st = self._state.get(key)
+        return st.autoscale if st else None
+
+    def forget(self, key: Key) -> None:
+        st = self._state.pop(key, None)
+        if st is not None and st.task is not None:
+            st.task.cancel()
+        for pool in st.gauged if st is not None else ():
+            with contextlib.suppress(KeyError):
+                PLANNER_DESIRED_REPLICAS.remove(*key, pool)
+        with contextlib.suppress(KeyError):
+            PLANNER_SPLIT_THRESHOLD.remove(*key)
+
+    # the loop
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._loop, *(s.task for s in self._state.values())] if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._loop = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # never stops the loop
+                log.exception("Autoscaler tick failed")
+            await asyncio.sleep(self.settings.tick_seconds)
+
+    def tick(self, mono: float) -> None:
+        """Starts a step for every planner-mode service whose interval has passed."""
+        planned = {k for k, body in self.services.items() if _mode(body) == "planner"}
+        for key in [k for k in self._state if k not in planned]:
+            self.forget(key)
+        for key in planned:
+            st = self._state.setdefault(key, _Service())
+            if st.task is not None and not st.task.done():
+                continue
+            if mono < st.due:
+                continue
+            body = self.services[key]
+            st.due = mono + _interval(body)
+            st.task = asyncio.create_task(self._step_logged(key, body))
+
+    async def _step_logged(self, key: Key, body: Mapping[str, Any]) -> None:
+        try:
+            await self.step(key, body)
+        except KubeError as exc:
+            log.warning("Autoscaling step of %s/%s failed: %s", *key, exc)
+        except Exception:
+            log.exception("Autoscaling step of %s/%s failed", *key)
+
+    # one step
+    async def step(self, key: Key, body: Mapping[str, Any], now: float | None = None) -> Autoscale | None:
+        """Gathers, decides and stores one decision for ``key``; returns the new Autoscale
+        (``None`` when there is nothing to decide yet: invalid spec, unresolved pools, no Deployments)."""
+        namespace, name = key
+        meta = body.get("metadata") or {}
+        generation = int(meta.get("generation", 1))
+        try:
+            spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
+            accel = {
+                p.accelerator_pool: AcceleratorPoolSpec.model_validate(self.pools[p.accelerator_pool])
+                for p in spec.pools
+            }
+            pspec = planner_spec(spec, accel, tuning_from(meta.get("annotations"), self.settings.tuning))
+        except (ValidationError, KeyError, ValueError):
+            return None  # the reconcile reports what is wrong with the spec
+        st = self._state.setdefault(key, _Service())
+        items = await asyncio.to_thread(self.kube.list_objects, "Deployment", namespace, owned_labels(name))
+        deployments = {
+            d["metadata"]["labels"][names.LABEL_POOL]: d
+            for d in items
+            if d["metadata"].get("labels", {}).get(names.LABEL_POOL)
+        }
+        observation = pool_readings(spec, deployments, {})
+        if observation is None:
+            return None  # not created yet
+        current = {pool: r.replicas for pool, r in observation.pools.items()}
+        stamp = utcnow()
+
+        url = spec.autoscaling.prometheus_url or self.settings.prometheus_url
+        if url is None:
+            return await self._hold(key, body, generation, PROMETHEUS_NOT_CONFIGURED, _NO_URL, stamp)
+        metrics = await self._read(st, url, key, spec, pspec.interval_s)
+        if metrics is None or any(not m.complete for m in metrics.values()):
+            message = f"Could not read the pools' metrics from {url}; holding every pool."
+            return await self._hold(key, body, generation, PROMETHEUS_UNAVAILABLE, message, stamp)
+        observation = pool_readings(spec, deployments, metrics)
+        assert observation is not None
+        decision = decide(pspec, observation, st.state, time.time() if now is None else now)
+        st.state = decision.state
+        autoscale = after_decision(spec, generation, decision, current, st.autoscale, stamp)
+        self._record(key, decision, autoscale, current)
+        if decision.changes(current) or decision.split_threshold is not None:
+            await self._post(body, decision)
+        return self._store(key, body, autoscale)
+
+    async def _hold(
+        self, key: Key, body: Mapping[str, Any], generation: int, reason: str, message: str, stamp: str
+    ) -> Autoscale:
+        """No decision possible: nothing changes but MetricsAvailable (a Warning Event when it flips)."""
+        st = self._state.setdefault(key, _Service())
+        PLANNER_DECISIONS.labels(reason).inc()
+        previous = st.autoscale.last_decision if st.autoscale else None
+        if previous is None or previous.reason != reason:
+            log.warning("Planner of %s/%s is holding: %s", *key, message)
+            try:
+                await asyncio.to_thread(self.post_event, self.kube, body, "Warning", reason, message)
+            except KubeError as exc:
+                log.warning("Could not post Event %s: %s", reason, exc)
+        return self._store(key, body, after_hold(generation, reason, message, st.autoscale, stamp))
+
+    async def _read(
+        self, st: _Service, url: str, key: Key, spec: InferenceServiceSpec, interval_s: float
+    ) -> dict[str, Any] | None:
+        """The pools' observations, or None when Prometheus could not be read in time. A read
+        still running from an earlier step (a hung server) is not duplicated."""
+        if st.read is not None and not st.read.done():
+            return None
+        timeout = min(self.settings.query_timeout_seconds, max(1.0, interval_s / 2))
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = connect(url, timeout)
+        namespace, name = key
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        st.read = loop.run_in_executor(
+            None,
+            lambda: read_observation(
+                client,
+                namespace,
+                name,
+                [p.name for p in spec.pools],
+                window_seconds(interval_s),
+                timeout_s=timeout,
+                engine=spec.engine,
+            ),
+        )
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(st.read), timeout=interval_s)
+        except Exception as exc:  # TimeoutError included
+            log.warning("Could not read metrics of %s/%s from %s: %s", namespace, name, url, exc)
+            return None
+        PLANNER_READ_SECONDS.observe(time.monotonic() - started)
+        return result
+
+    def _store(self, key: Key, body: Mapping[str, Any], autoscale: Autoscale) -> Autoscale:
+        st = self._state.get(key)
+        if st is None or self.services.get(key) is None:
+            return autoscale  # forgotten meanwhile
+        changed = autoscale != st.autoscale
+        st.autoscale = autoscale
+        if changed:
+            self.request(key)
+        return autoscale
+
+    def _record(self, key: Key, decision: Decision, autoscale: Autoscale, current: Mapping[str, int]) -> None:
+        PLANNER_DECISIONS.labels(decision.reason).inc()
+        st = self._state.get(key)
+        for pool, replicas in current.items():
+            PLANNER_DESIRED_REPLICAS.labels(*key, pool).set(autoscale.replicas.get(pool, replicas))
+            if st is not None:
+                st.gauged.add(pool)
+        if autoscale.split_threshold is not None:
+            PLANNER_SPLIT_THRESHOLD.labels(*key).set(autoscale.split_threshold)
+        if decision.changes(current) or decision.split_threshold is not None:
+            log.info("Planner decided for %s/%s: %s %s", *key, decision.reason, decision.message)
+
+    async def _post(self, body: Mapping[str, Any], decision: Decision) -> None:
+        message = decision.message
+        if decision.split_threshold is not None:
+            message = f"{message} Split threshold: {decision.split_threshold} prompt tokens."
+        try:
+            await asyncio.to_thread(self.post_event, self.kube, body, "Normal", decision.reason, message)
+        except KubeError as exc:
+            log.warning("Could not post Event %s: %s", decision.reason, exc)
+
+
+_NO_URL = "No Prometheus URL: set spec.autoscaling.prometheusUrl or the operator's --prometheus-url."
+
+
+def _mode(body: Mapping[str, Any]) -> str:
+    meta = body.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return "deleting"
+    return str(((body.get("spec") or {}).get("autoscaling") or {}).get("mode", "off"))
+
+
+def _interval(body: Mapping[str, Any]) -> float:
+    raw = ((body.get("spec") or {}).get("autoscaling") or {}).get("intervalSeconds", 30)
+    try:
+        return max(5.0, float(raw))
+    except (TypeError, ValueError):
+        return 30.0

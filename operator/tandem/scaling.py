@@ -1,0 +1,228 @@
+"""The planner's results as an input of the reconcile (pure).
+
+The autoscaling loop (:mod:`tandem.autoscaler`) reads metrics and calls
+:func:`tandem.planner.decide`; what it concluded travels to the one reconcile path as an
+:class:`Autoscale`: replicas per pool, the router's split threshold, ``status.lastDecision``,
+``status.targetRatio`` and the planner's conditions (``MetricsAvailable``, ``ScalingLimited``).
+The planner never writes a Deployment itself. Everything here is pure: no I/O, time as data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tandem import names
+from tandem.models.common import Condition, ConditionStatus
+from tandem.models.inference_service import Decision as DecisionStatus
+from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
+from tandem.planner.types import Decision, Observation, PoolObservation, PoolReading, Tuning
+from tandem.status import ratio, set_conditions
+
+METRICS_AVAILABLE = "MetricsAvailable"
+SCALING_LIMITED = "ScalingLimited"
+
+# Decision reasons of the planner that mean "the data could not be trusted" (tandem.planner.core.check).
+DATA_REASONS = frozenset({"MetricsMissing", "MetricsImplausible", "ScrapeGap"})
+# Holds decided before the planner runs (no observation at all).
+PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
+PROMETHEUS_NOT_CONFIGURED = "PrometheusNotConfigured"
+
+_LIMITED = {
+    "min": ("MinReplicas", "Some pool is held at its replicas.min."),
+    "max": ("MaxReplicas", "Demand needs more replicas than some pool's replicas.max allows."),
+    "budget": ("BudgetLimited", "The budget (maxDevices or maxCostPerHour) allows no more replicas."),
+}
+
+# Annotation -> Tuning field (seconds). The CRD has no field for these knobs yet; they exist so a
+# local cluster (pods start in seconds) and the e2e tests can use short windows.
+_TUNING_ANNOTATIONS = {
+    names.ANNOTATION_PLANNER_DOWN_WINDOW: "down_window_s",
+    names.ANNOTATION_PLANNER_LEAD_TIME: "lead_time_s",
+}
+
+
+@dataclass(frozen=True)
+class Autoscale:
+    """What the planner wants for one InferenceService, as the reconcile's input.
+
+    ``replicas``: pool -> replicas the planner set (pools not listed: keep what runs).
+    ``split_threshold``: prompt tokens at which the router splits (``None``: the spec's).
+    ``conditions``: the planner's conditions, without transition times (the reconcile merges them).
+    """
+
+    replicas: Mapping[str, int]
+    split_threshold: int | None = None
+    last_decision: DecisionStatus | None = None
+    target_ratio: str | None = None
+    conditions: tuple[Condition, ...] = ()
+
+
+def tuning_from(annotations: Mapping[str, str] | None, base: Tuning) -> Tuning:
+    """``base`` with the planner-tuning annotations applied; unreadable or negative values are ignored."""
+    changes: dict[str, float] = {}
+    for key, field_name in _TUNING_ANNOTATIONS.items():
+        raw = (annotations or {}).get(key)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            continue
+        if math.isfinite(value) and value >= 0:
+            changes[field_name] = value
+    if not changes:
+        return base
+    return replace(
+        base,
+        down_window_s=changes.get("down_window_s", base.down_window_s),
+        lead_time_s=changes.get("lead_time_s", base.lead_time_s),
+    )
+
+
+def pool_readings(
+    spec: InferenceServiceSpec,
+    deployments: Mapping[str, Mapping[str, Any]],
+    metrics: Mapping[str, PoolObservation],
+) -> Observation | None:
+    """The planner's observation: replica counts from the live Deployments, metrics from Prometheus.
+
+    ``None`` while some pool has no Deployment yet (nothing to scale). A pool without metrics
+    gets an empty (incomplete) observation, so the planner holds instead of reading zero load.
+    """
+    out: dict[str, PoolReading] = {}
+    for pool in spec.pools:
+        dep = deployments.get(pool.name)
+        if dep is None:
+            return None
+        replicas = int((dep.get("spec") or {}).get("replicas", 0) or 0)
+        ready = int((dep.get("status") or {}).get("readyReplicas", 0) or 0)
+        out[pool.name] = PoolReading(
+            replicas=replicas,
+            ready=min(ready, replicas) if replicas else ready,
+            starting=max(0, replicas - ready),
+            metrics=metrics.get(pool.name) or PoolObservation.empty(complete=False),
+        )
+    return Observation(pools=out)
+
+
+def target_ratio(spec: InferenceServiceSpec, replicas: Mapping[str, int], current: Mapping[str, int]) -> str:
+    """prefill:decode of the planner's replicas (pools it left alone count as they run)."""
+    per_role = {"prefill": 0, "decode": 0}
+    for pool in spec.pools:
+        if pool.role in per_role:
+            per_role[pool.role] += replicas.get(pool.name, current.get(pool.name, 0))
+    return ratio(per_role["prefill"], per_role["decode"])
+
+
+def _cond(type_: str, status: ConditionStatus, reason: str, message: str, generation: int) -> Condition:
+    return Condition(
+        type=type_, status=status, reason=reason, message=message, observed_generation=generation
+    )
+
+
+def metrics_condition(reason: str, message: str, generation: int) -> Condition:
+    """``MetricsAvailable`` after a decision (or a hold) with this reason."""
+    if reason in (PROMETHEUS_UNAVAILABLE, PROMETHEUS_NOT_CONFIGURED) or reason in DATA_REASONS:
+        return _cond(METRICS_AVAILABLE, "False", reason, message, generation)
+    return _cond(
+        METRICS_AVAILABLE, "True", "MetricsRead", "The planner read every pool's metrics.", generation
+    )
+
+
+def limited_condition(limited_by: str | None, generation: int) -> Condition:
+    if limited_by is None:
+        return _cond(SCALING_LIMITED, "False", "WithinLimits", "", generation)
+    reason, message = _LIMITED[limited_by]
+    return _cond(SCALING_LIMITED, "True", reason, message, generation)
+
+
+def _last_decision(
+    previous: DecisionStatus | None, reason: str, message: str, signals: Mapping[str, str], now: str
+) -> DecisionStatus:
+    """A new ``lastDecision`` when the reason or message changed, else the previous one.
+
+    Repeating an unchanged decision (``Steady`` every interval) would rewrite the status each
+    interval only to move a timestamp; the signals are those of the decision that changed it.
+    """
+    if previous is not None and previous.reason == reason and previous.message == message:
+        return previous
+    return DecisionStatus(time=now, reason=reason, message=message, signals=dict(signals))
+
+
+def after_decision(
+    spec: InferenceServiceSpec,
+    generation: int,
+    decision: Decision,
+    current: Mapping[str, int],
+    previous: Autoscale | None,
+    now: str,
+) -> Autoscale:
+    """The Autoscale after ``decision``; ``current``: pool -> replicas running now."""
+    replicas = dict(previous.replicas) if previous else {}
+    replicas.update({k: v for k, v in decision.replicas.items() if v is not None})
+    replicas = {p.name: replicas[p.name] for p in spec.pools if p.name in replicas}
+    threshold = decision.state.split_threshold
+    if threshold is None and previous is not None:
+        threshold = previous.split_threshold
+    return Autoscale(
+        replicas=replicas,
+        split_threshold=threshold,
+        last_decision=_last_decision(
+            previous.last_decision if previous else None,
+            decision.reason,
+            decision.message,
+            decision.signals,
+            now,
+        ),
+        target_ratio=target_ratio(spec, replicas, current),
+        conditions=(
+            metrics_condition(decision.reason, decision.message, generation),
+            limited_condition(decision.limited_by, generation),
+        ),
+    )
+
+
+def after_hold(generation: int, reason: str, message: str, previous: Autoscale | None, now: str) -> Autoscale:
+    """The Autoscale when no decision could be made (no Prometheus): nothing changes but the
+    ``MetricsAvailable`` condition and ``lastDecision``; ``ScalingLimited`` stays as it was."""
+    base = previous or Autoscale(replicas={})
+    return replace(
+        base,
+        last_decision=_last_decision(base.last_decision, reason, message, {}, now),
+        conditions=(
+            metrics_condition(reason, message, generation),
+            *(c for c in base.conditions if c.type != METRICS_AVAILABLE),
+        ),
+    )
+
+
+def apply_to_status(status: InferenceServiceStatus, autoscale: Autoscale, now: str) -> InferenceServiceStatus:
+    """``status`` with the planner's fields and conditions (other conditions kept)."""
+    return status.model_copy(
+        update={
+            "conditions": set_conditions(status.conditions, autoscale.conditions, now),
+            "last_decision": autoscale.last_decision,
+            "target_ratio": autoscale.target_ratio,
+        }
+    )
+
+
+def without_planner(status: InferenceServiceStatus) -> InferenceServiceStatus:
+    """``status`` without the planner's fields, for services whose mode is not ``planner``."""
+    conds = [c for c in status.conditions if c.type not in (METRICS_AVAILABLE, SCALING_LIMITED)]
+    if len(conds) == len(status.conditions) and status.last_decision is None and status.target_ratio is None:
+        return status
+    return status.model_copy(update={"conditions": conds, "last_decision": None, "target_ratio": None})
+
+
+def planner_status(
+    status: InferenceServiceStatus, mode: str, autoscale: Autoscale | None, now: str
+) -> InferenceServiceStatus:
+    """The planner's part of the status: set in ``planner`` mode (once it decided), removed in
+    the other modes (a service that leaves planner mode keeps no stale planner conditions)."""
+    if mode != "planner":
+        return without_planner(status)
+    return status if autoscale is None else apply_to_status(status, autoscale, now)

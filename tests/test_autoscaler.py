@@ -1,0 +1,105 @@
+"""One autoscaling step (tandem.autoscaler) with in-memory stand-ins for the API and Prometheus:
+a failed read holds without calling the planner; a good read stores a decision and asks for a
+reconcile."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tandem.autoscaler import Autoscaler, AutoscalerSettings
+from tandem.scaling import METRICS_AVAILABLE
+
+URL = "http://prometheus.test:9090"
+KEY = ("team-a", "chat")
+
+
+def body() -> dict[str, Any]:
+    return {
+        "metadata": {"name": "chat", "namespace": "team-a", "generation": 3, "uid": "u"},
+        "spec": {
+            "model": {"name": "m", "preset": "llama-3.1-8b"},
+            "engine": "sim",
+            "pools": [
+                {
+                    "name": "prefill",
+                    "role": "prefill",
+                    "acceleratorPool": "b200",
+                    "replicas": {"min": 1, "max": 4},
+                },
+                {
+                    "name": "decode",
+                    "role": "decode",
+                    "acceleratorPool": "gaudi3",
+                    "replicas": {"min": 1, "max": 4},
+                },
+            ],
+            "autoscaling": {"mode": "planner", "intervalSeconds": 5, "prometheusUrl": URL},
+        },
+    }
+
+
+class Deployments:
+    def list_objects(self, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        assert kind == "Deployment" and namespace == "team-a"
+        return [
+            {
+                "metadata": {"name": f"chat-{p}", "labels": {"inference.tandem.dev/pool": p}},
+                "spec": {"replicas": 1},
+                "status": {"readyReplicas": 1},
+            }
+            for p in ("prefill", "decode")
+        ]
+
+
+class Prom:
+    """Answers every query with one sample per pool (or raises, when down)."""
+
+    def __init__(self, down: bool = False) -> None:
+        self.down = down
+
+    def custom_query(self, query: str, params: Any = None, timeout: Any = None) -> list[dict[str, Any]]:
+        if self.down:
+            raise ConnectionError("connection refused")
+        value = "4" if "rate(vllm:request_success_total" in query else "0"
+        if "_sum" in query:
+            value = "0.05"
+        return [{"metric": {"pool": p}, "value": [0, value]} for p in ("prefill", "decode")]
+
+
+def scaler(sample_pools: dict[str, dict], prom: Prom) -> tuple[Autoscaler, list[Any], list[Any]]:
+    requested: list[Any] = []
+    events: list[Any] = []
+    a = Autoscaler(
+        Deployments(),  # type: ignore[arg-type]
+        {KEY: body()},
+        sample_pools,
+        requested.append,
+        lambda kube, b, type_, reason, message: events.append((type_, reason)),
+        AutoscalerSettings(),
+    )
+    a._clients[URL] = prom  # the stand-in for the HTTP client
+    return a, requested, events
+
+
+def test_prometheus_down_holds_without_a_decision(sample_pools: dict[str, dict]) -> None:
+    a, requested, events = scaler(sample_pools, Prom(down=True))
+    auto = asyncio.run(a.step(KEY, body(), now=100.0))
+    assert auto is not None and auto.replicas == {}
+    cond = next(c for c in auto.conditions if c.type == METRICS_AVAILABLE)
+    assert (cond.status, cond.reason) == ("False", "PrometheusUnavailable")
+    assert requested == [KEY] and events == [("Warning", "PrometheusUnavailable")]
+    assert a.current(KEY) == auto
+
+
+def test_a_good_read_stores_a_decision_and_requests_a_reconcile(sample_pools: dict[str, dict]) -> None:
+    a, requested, _ = scaler(sample_pools, Prom())
+    auto = asyncio.run(a.step(KEY, body(), now=100.0))
+    assert auto is not None and auto.last_decision is not None
+    cond = next(c for c in auto.conditions if c.type == METRICS_AVAILABLE)
+    assert (cond.status, cond.observed_generation) == ("True", 3)
+    assert requested == [KEY]
+    again = asyncio.run(a.step(KEY, body(), now=105.0))
+    assert again is not None
+    a.forget(KEY)
+    assert a.current(KEY) is None
