@@ -198,6 +198,9 @@ class Controller:
         if outcome.problems and outcome.ready_after != outcome.ready_before:
             for p in outcome.problems:
                 events.append(("Warning", p.reason, p.message[0].upper() + p.message[1:] + "."))
+        if outcome.kv_problems and outcome.kv_after != outcome.kv_before:
+            for p in outcome.kv_problems:  # one per incompatible prefill/decode pair
+                events.append(("Warning", p.reason, p.message[0].upper() + p.message[1:] + "."))
         results = await asyncio.gather(
             *(asyncio.to_thread(post_event, self.kube, body, t, r, m) for t, r, m in events),
             return_exceptions=True,

@@ -20,6 +20,7 @@ from typing import Any
 from tandem.builders.kv import CONDITION_TYPE, SIDECAR_CONTAINER, KvProfile, PairProblem
 from tandem.models.common import Condition
 from tandem.models.inference_service import InferenceServiceSpec
+from tandem.names import LABEL_POOL as POOL_LABEL
 
 TCP_FALLBACK = "TcpFallback"
 SIDECAR_NOT_READY = "SidecarNotReady"
@@ -125,3 +126,30 @@ def kv_transfer_condition(
     transports = sorted({r.transport for r in relevant if r.transport})
     over = f" over {', '.join(transports)}" if transports else ""
     return _cond("True", "Ready", f"{len(relevant)} KV-transfer sidecars are ready{over}", generation)
+
+
+def kv_condition_from_pods(
+    spec: InferenceServiceSpec,
+    accelerator_pools: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    generation: int,
+) -> tuple[Condition, list[PairProblem]]:
+    """``KVTransferReady`` from the resolved pools and the service's live pods (their sidecars'
+    readiness in pod status), with the incompatible pairs behind it. ``accelerator_pools``:
+    pool name -> AcceleratorPoolSpec, as resolved."""
+    from tandem.builders.kv import check_compatibility, pool_profile
+
+    problems = check_compatibility(spec, accelerator_pools)
+    profiles = {
+        p.name: pool_profile(spec, p, accelerator_pools) for p in spec.pools if p.name in accelerator_pools
+    }
+    reports = [
+        SidecarReport(
+            pool=str(pod["metadata"]["labels"].get(POOL_LABEL, "")),
+            pod=str(pod["metadata"]["name"]),
+            ready=sidecar_ready(pod),
+        )
+        for pod in pods
+        if not pod["metadata"].get("deletionTimestamp") and pod["metadata"].get("labels", {}).get(POOL_LABEL)
+    ]
+    return kv_transfer_condition(spec, profiles, problems, reports, generation), problems

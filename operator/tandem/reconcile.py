@@ -17,9 +17,11 @@ from pydantic import ValidationError
 
 from tandem import names
 from tandem.builders import Images, ServiceContext, desired_objects, owned_labels, router_endpoint
+from tandem.builders.kv import PairProblem
 from tandem.builders.router import router_name
 from tandem.children import plan_changes
 from tandem.kube import OWNED_KINDS, Kube
+from tandem.kv_status import kv_condition_from_pods
 from tandem.models.common import Condition
 from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
 from tandem.planner import base_replicas
@@ -48,6 +50,10 @@ class Outcome:
     # the Ready condition's reason before and after, to post an Event only when it changes
     ready_before: str | None = None
     ready_after: str | None = None
+    # KVTransferReady's reason before and after, and the incompatible prefill/decode pairs
+    kv_before: str | None = None
+    kv_after: str | None = None
+    kv_problems: list[PairProblem] = field(default_factory=list)
 
 
 def _ready_reason(status: Mapping[str, Any] | InferenceServiceStatus | None) -> str | None:
@@ -90,9 +96,11 @@ async def reconcile(
     observed: list[dict[str, Any]] = []
     # one LIST per owned kind, concurrently: they are independent and dominate a no-op reconcile
     listed = await asyncio.gather(
-        *(asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name)) for kind in OWNED_KINDS)
+        *(asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name)) for kind in OWNED_KINDS),
+        asyncio.to_thread(kube.list_objects, "Pod", namespace, {names.LABEL_SERVICE: name}),
     )
-    for items in listed:
+    pods = listed[-1]  # their KV sidecars' readiness
+    for items in listed[:-1]:
         observed += items
     observed = [o for o in observed if _owned_by(o, uid)]
     live_deployments = {
@@ -170,6 +178,13 @@ async def reconcile(
             now=now,
         )
         status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
+        if resolution.ok:
+            kv, outcome.kv_problems = kv_condition_from_pods(
+                spec, resolution.accelerator_pools, pods, generation
+            )
+            outcome.kv_before = next((c.reason for c in previous.conditions if c.type == kv.type), None)
+            outcome.kv_after = kv.reason
+            status = status.model_copy(update={"conditions": set_conditions(status.conditions, [kv], now)})
     outcome.ready_after = _ready_reason(status)
     if status_changed(raw_status, status):
         await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, status.to_wire())
