@@ -32,6 +32,10 @@ from e2e.harness.operator import OperatorProcess, install_crds, wait_seconds
 from e2e.harness.planner_watch import PlannerWatch, Snapshot
 from e2e.harness.prometheus import Prometheus
 
+# Not in `make test` yet: on a loaded 2-core machine the shift phase misses its deadline
+# (see the planner issue's note); run it with `make e2e-planner`.
+pytestmark = pytest.mark.closed_loop
+
 SAMPLES = Path(__file__).parent / "samples"
 SERVICE = "chat"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
