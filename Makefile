@@ -126,6 +126,10 @@ bench: $(STAMP) ## Planner vs baselines in the simulator on the shipped and synt
 bench-kv: $(STAMP) ## KV sidecar: NIXL pull vs memcpy, pipelined exposed latency, translation (bench/out/kv.json)
 	$(PY) -m tandem.sidecar.bench --out bench/out/kv.json
 
+.PHONY: bench-scale
+bench-scale: $(STAMP) ## 500 InferenceServices x 3 pools on a 200-node fleet, steady state (bench/out/scale.json)
+	$(PY) -m e2e.bench_scale --out bench/out/scale.json $(if $(STEADY),--steady-seconds $(STEADY))
+
 .PHONY: bench-router
 bench-router: $(STAMP) ## Router overhead vs calling a worker directly (bench/out/router.json)
 	$(PY) -m tandem.router.bench --out bench/out/router.json

@@ -27,6 +27,13 @@ Failures (nothing has been sent to the client yet unless said otherwise):
 
 A replica that failed is skipped for `FAILURE_COOLDOWN_SECONDS` unless nothing else is left.
 Error bodies follow OpenAI: ``{"error": {"message", "type", "param", "code"}}``.
+
+The client edge (tests/test_router_security.py): a body over `MAX_REQUEST_BYTES` gets 413; a body
+that is not a JSON object, or whose ``prompt``/``messages``/``model``/``stream``/token limits have
+the wrong type, gets 400 before any replica is called. Only `FORWARDED_HEADERS` go upstream, minus
+any the client names in ``Connection`` (hop-by-hop by RFC 9110 section 7.6.1); ``Authorization`` is
+forwarded on purpose (the workers' ``--api-key``), ``Proxy-Authorization`` and ``Cookie`` never.
+Of an upstream answer only ``Content-Type`` is relayed.
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ PREFILL_KV_PARAMS = {
     "remote_port": None,
 }
 _MAX_ERROR_BODY = 4096
+# 16 MiB: a 1M-token prompt is about 4 MB of text; anything larger is not a completion request.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _FAILED = object()  # sentinel: every prefill attempt failed
 
 monotonic = time.monotonic
@@ -122,7 +131,12 @@ class _Exchange:
         self.stream = bool(body.get("stream"))
         self.start = perf_counter()
         headers = request.headers
-        self.headers = {name: headers[name] for name in FORWARDED_HEADERS if name in headers}
+        hop_by_hop = {
+            token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")
+        }
+        self.headers = {
+            name: headers[name] for name in FORWARDED_HEADERS if name in headers and name not in hop_by_hop
+        }
         self.headers["content-type"] = "application/json"
 
     def output_tokens(self) -> int:
@@ -255,7 +269,7 @@ class Router:
     # ------------------------------------------------------------------------------ lifecycle
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post("/v1/completions", self.handle_completions)
         app.router.add_post("/v1/chat/completions", self.handle_chat)
         app.router.add_get("/v1/models", self.handle_models)
@@ -355,13 +369,19 @@ class Router:
         return await self._handle(request, "/v1/chat/completions", chat=True)
 
     async def _handle(self, request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                413, f"The body exceeds {MAX_REQUEST_BYTES} bytes.", "invalid_request_error"
+            )
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return error_response(400, "The body is not valid JSON.", "invalid_request_error")
-        if not isinstance(body, dict):
-            return error_response(400, "The body must be a JSON object.", "invalid_request_error")
+        problem = request_problem(body, chat=chat)
+        if problem is not None:
+            return error_response(400, problem, "invalid_request_error")
         counter = self.counter
         tokens = counter.chat(body) if chat else counter.completion(body)
         metrics = self.metrics
@@ -601,6 +621,45 @@ async def _end_stream(out: web.StreamResponse, message: str) -> None:
     with contextlib.suppress(ConnectionError):
         await out.write(sse_error(message))
         await out.write_eof()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_prompt(prompt: Any) -> bool:
+    """OpenAI's completion prompt: a string, a list of strings, of token ids, or of token-id lists."""
+    if isinstance(prompt, str):
+        return True
+    if not isinstance(prompt, list) or not prompt:
+        return False
+    if all(isinstance(p, str) for p in prompt) or all(_is_int(p) for p in prompt):
+        return True
+    return all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt)
+
+
+def request_problem(body: Any, *, chat: bool) -> str | None:
+    """Why ``body`` is not a request the router can route (a sentence for the client), or None.
+
+    Only what routing reads is checked (shape and types); values are the worker's to judge."""
+    if not isinstance(body, dict):
+        return "The body must be a JSON object."
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty list of message objects."
+        if not all(isinstance(m, dict) for m in messages):
+            return "Each entry of 'messages' must be an object."
+    elif not _is_prompt(body.get("prompt")):
+        return "'prompt' must be a string, a list of strings, or a list of token ids."
+    if "model" in body and not isinstance(body["model"], str):
+        return "'model' must be a string."
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return "'stream' must be true or false."
+    for key in ("max_tokens", "max_completion_tokens"):
+        if body.get(key) is not None and not _is_int(body[key]):
+            return f"'{key}' must be an integer."
+    return None
 
 
 def _passthrough(status: int, content: bytes, content_type: str) -> web.Response:

@@ -1,0 +1,281 @@
+"""Fault injection: the operator never makes things worse when something around it fails.
+
+* kill -9 in the middle of reconciling 50 InferenceServices, restart: it converges to exactly the
+  desired children (no duplicates, no orphans, no rewritten pod templates);
+* kube-apiserver and etcd stopped and restarted under the running operator (on a private side
+  cluster, e2e/harness/faults.py): it reconnects, notices changes made after the restart, converges;
+* two replicas on one peering: only one acts; when it dies, the other takes over.
+
+(Prometheus faults are covered by e2e/test_planner_loop.py.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.harness.common import STATE_ROOT, wait_for
+from e2e.harness.faults import SideCluster, side_cluster
+from e2e.harness.operator import OperatorProcess, install_crds
+from tandem.builders import ServiceContext, desired_objects
+from tandem.models import InferenceServiceSpec
+from tandem.planner import base_replicas
+from tandem.resolve import resolve
+
+SAMPLES = Path(__file__).parent / "samples"
+SERVICE_LABEL = "inference.tandem.dev/service"
+MANAGED = "app.kubernetes.io/managed-by=tandem"
+CHILD_KINDS = "deployments,services,configmaps,serviceaccounts,roles,rolebindings"
+
+
+def service_doc(name: str, pools: int = 2) -> dict[str, Any]:
+    """A small service: decode + mixed (and prefill with ``pools=3``), one device per pool."""
+    spec_pools = [
+        {"name": "decode", "role": "decode", "acceleratorPool": "gaudi3"},
+        {"name": "mixed", "role": "mixed", "acceleratorPool": "h100"},
+    ]
+    if pools == 3:
+        spec_pools.insert(0, {"name": "prefill", "role": "prefill", "acceleratorPool": "b200"})
+    return {
+        "apiVersion": "inference.tandem.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "preset": "llama-3.1-8b"},
+            "engine": "sim",
+            "pools": spec_pools,
+        },
+    }
+
+
+def get(cluster: Any, namespace: str | None, *what: str) -> list[dict[str, Any]]:
+    ns = ["-n", namespace] if namespace else []
+    out = cluster.kubectl("get", *what, *ns, "-o", "json", timeout=120).stdout
+    doc = json.loads(out)
+    return doc.get("items", [doc])  # type: ignore[no-any-return]
+
+
+def apply_docs(cluster: Any, namespace: str, docs: list[dict[str, Any]]) -> None:
+    cluster.kubectl(
+        "apply", "--server-side", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), timeout=300
+    )
+
+
+def pool_specs(cluster: Any) -> dict[str, Any]:
+    return {p["metadata"]["name"]: p["spec"] for p in get(cluster, None, "acceleratorpools")}
+
+
+def desired_children(namespace: str, docs: list[dict[str, Any]], pools: dict[str, Any]) -> set[str]:
+    """kind/name of every child Tandem's own builders want for ``docs``."""
+    want: set[str] = set()
+    for doc in docs:
+        spec = InferenceServiceSpec.model_validate(doc["spec"])
+        ctx = ServiceContext(
+            name=doc["metadata"]["name"],
+            namespace=namespace,
+            uid="x",
+            spec=spec,
+            accelerator_pools=resolve(spec, pools).accelerator_pools,
+            replicas=base_replicas(spec, {}),
+        )
+        want |= {f"{o['kind']}/{o['metadata']['name']}" for o in desired_objects(ctx)}
+    return want
+
+
+def live_children(cluster: Any, namespace: str) -> list[dict[str, Any]]:
+    return [
+        o
+        for o in get(cluster, namespace, CHILD_KINDS, "-l", MANAGED)
+        if not o["metadata"].get("deletionTimestamp")
+    ]
+
+
+def converged(cluster: Any, namespace: str, names: set[str]) -> bool:
+    """Every service's current generation reconciled (Ready is True or False with a reason)."""
+    services = {s["metadata"]["name"]: s for s in get(cluster, namespace, "inferenceservices")}
+    if set(services) != names:
+        return False
+    for svc in services.values():
+        status = svc.get("status") or {}
+        ready = [c for c in status.get("conditions", []) if c["type"] == "Ready"]
+        if status.get("observedGeneration") != svc["metadata"]["generation"] or not ready:
+            return False
+    return True
+
+
+def assert_exact_children(cluster: Any, namespace: str, docs: list[dict[str, Any]]) -> None:
+    want = desired_children(namespace, docs, pool_specs(cluster))
+    live = live_children(cluster, namespace)
+    keys = [f"{o['kind']}/{o['metadata']['name']}" for o in live]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == want, (
+        f"orphans: {sorted(set(keys) - want)[:10]}, missing: {sorted(want - set(keys))[:10]}"
+    )
+    names = {d["metadata"]["name"] for d in docs}
+    uids = {s["metadata"]["uid"] for s in get(cluster, namespace, "inferenceservices")}
+    for obj in live:  # every child is owned by a live service, exactly once
+        owners = [r for r in obj["metadata"].get("ownerReferences", []) if r.get("controller")]
+        assert len(owners) == 1 and owners[0]["uid"] in uids, obj["metadata"]["name"]
+        assert obj["metadata"]["labels"][SERVICE_LABEL] in names
+    # no duplicated rollouts: one ReplicaSet per Deployment (a pod template rewritten by the
+    # restarted operator would have made a second one)
+    per_deployment: dict[str, int] = {}
+    for rs in get(cluster, namespace, "replicasets"):
+        for ref in rs["metadata"].get("ownerReferences", []):
+            per_deployment[ref["name"]] = per_deployment.get(ref["name"], 0) + 1
+    assert per_deployment and set(per_deployment.values()) == {1}, per_deployment
+
+
+@pytest.fixture(scope="module")
+def crds(cluster: Any) -> None:
+    install_crds(cluster)
+    cluster.kubectl("apply", "--server-side", "-f", str(SAMPLES / "acceleratorpools.yaml"))
+
+
+def test_kill_9_mid_reconcile_then_restart_converges_exactly(
+    cluster: Any, namespace: str, crds: None, diagnostics: Any
+) -> None:
+    docs = [service_doc(f"svc-{i:02d}") for i in range(50)]
+    op = OperatorProcess(
+        cluster.kubeconfig,
+        STATE_ROOT / "e2e" / f"operator-{namespace}.log",
+        namespaces=[namespace],
+        resync_seconds=5.0,
+        standalone=True,
+    )
+    diagnostics.add_log(op.log_path)
+    names = {d["metadata"]["name"] for d in docs}
+    try:
+        op.start()
+        apply_docs(cluster, namespace, docs)
+        # kill once the operator is well into the batch, but before it is done
+        wait_for(lambda: op.kube_writes() >= 40, timeout=120, interval=0.05, what="40 operator writes")
+        op.kill()
+        done_before = sum(1 for _ in live_children(cluster, namespace))
+        assert not converged(cluster, namespace, names), "the kill came too late to test anything"
+        # a hand deletion while the operator is down must be repaired too
+        cluster.kubectl("delete", "tisvc", "svc-49", "-n", namespace, "--wait=false")
+        docs = docs[:-1]
+        names.discard("svc-49")
+        op.start()
+        wait_for(lambda: converged(cluster, namespace, names), timeout=300, what="49 services reconciled")
+        wait_for(
+            lambda: (
+                not any(
+                    o["metadata"]["labels"].get(SERVICE_LABEL) == "svc-49"
+                    for o in live_children(cluster, namespace)
+                )
+            ),
+            timeout=120,
+            what="svc-49's children garbage-collected",
+        )
+        assert_exact_children(cluster, namespace, docs)
+        assert "Traceback" not in op.log_text()
+        print(f"killed after {done_before} children existed; converged to {len(docs)} services")
+    finally:
+        op.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the standby replica still writes: Controller's resync loop and pool-status writes "
+    "(operator/tandem/controller.py, started in on.startup) are plain asyncio tasks kopf's peering "
+    "pause does not stop, and a paused replica was seen applying children; see the issue-9 report",
+)
+def test_two_replicas_only_one_acts_and_the_other_takes_over(
+    cluster: Any, namespace: str, crds: None, diagnostics: Any
+) -> None:
+    """Two replicas started exactly as the chart starts them (same flags, same peering)."""
+    cluster.kubectl(
+        "apply",
+        "--server-side",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input="apiVersion: kopf.dev/v1\nkind: KopfPeering\nmetadata:\n  name: tandem\n",
+    )
+    ops = [
+        OperatorProcess(
+            cluster.kubeconfig,
+            STATE_ROOT / "e2e" / f"operator-{namespace}-{i}.log",
+            namespaces=[namespace],
+            resync_seconds=2.0,
+        )
+        for i in range(2)
+    ]
+    for op in ops:
+        diagnostics.add_log(op.log_path)
+    try:
+        for op in ops:
+            op.start()
+        apply_docs(cluster, namespace, [service_doc("one")])
+        wait_for(lambda: converged(cluster, namespace, {"one"}), timeout=120, what="one reconciled")
+        reconciles = [op.reconciles() for op in ops]
+        assert sorted(r > 0 for r in reconciles) == [False, True], reconciles  # exactly one acts
+        active, standby = (ops[0], ops[1]) if reconciles[0] else (ops[1], ops[0])
+        assert standby.kube_writes() == 0
+        active.kill()
+        apply_docs(cluster, namespace, [service_doc("two")])
+        wait_for(lambda: converged(cluster, namespace, {"one", "two"}), timeout=180, what="failover")
+        assert standby.reconciles() > 0 and standby.kube_writes() > 0
+        assert_exact_children(cluster, namespace, [service_doc("one"), service_doc("two")])
+    finally:
+        for op in ops:
+            op.stop()
+
+
+@pytest.fixture(scope="module")
+def side(request: pytest.FixtureRequest) -> Iterator[SideCluster]:
+    yield side_cluster(request.config)
+
+
+def test_apiserver_and_etcd_restart_under_the_operator(side: SideCluster, diagnostics: Any) -> None:
+    cluster = side.cluster
+    assert cluster is not None
+    install_crds(cluster)
+    cluster.kubectl("apply", "--server-side", "-f", str(SAMPLES / "acceleratorpools.yaml"))
+    ns = "faults-restart"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    wait_for(lambda: "default" in cluster.kubectl("get", "sa", "-n", ns, "-o", "name").stdout, timeout=30)
+    op = OperatorProcess(
+        cluster.kubeconfig,
+        STATE_ROOT / "e2e" / "operator-side-restart.log",
+        namespaces=[ns],
+        resync_seconds=3.0,
+        standalone=True,
+    )
+    diagnostics.add_log(op.log_path)
+    first = service_doc("before", pools=3)
+    try:
+        op.start()
+        apply_docs(cluster, ns, [first])
+        wait_for(lambda: converged(cluster, ns, {"before"}), timeout=120, what="before reconciled")
+        side.restart_control_plane()
+        assert op.proc is not None and op.proc.poll() is None, "the operator exited with the apiserver"
+        # changes made after the restart reach the operator through its re-established watches
+        smaller = service_doc("before", pools=2)
+        apply_docs(cluster, ns, [smaller, service_doc("after")])
+        wait_for(
+            lambda: (
+                converged(cluster, ns, {"before", "after"})
+                and not get(
+                    cluster,
+                    ns,
+                    "deployments",
+                    "-l",
+                    f"{SERVICE_LABEL}=before,inference.tandem.dev/pool=prefill",
+                )
+            ),
+            timeout=180,
+            what="changes after the restart reconciled",
+        )
+        assert_exact_children(cluster, ns, [smaller, service_doc("after")])
+        assert op.healthy()
+    finally:
+        op.stop()
