@@ -9,6 +9,7 @@ Every call is counted by verb, which is how tests prove that a no-op reconcile w
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -177,8 +178,7 @@ class Kube:
         return self.request(
             "PATCH",
             path_of(manifest["kind"], meta.get("namespace"), meta["name"]),
-            # UTF-8 as is: YAML (the apply-patch content type) rejects JSON surrogate-pair escapes
-            body=json.dumps(manifest, ensure_ascii=False),
+            body=apply_body(manifest),
             query=[("fieldManager", names.FIELD_MANAGER), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
@@ -203,6 +203,18 @@ class Kube:
             body={"status": dict(status)},
             content_type="application/merge-patch+json",
         )
+
+
+# DEL and the C1 controls: json.dumps(ensure_ascii=False) leaves them raw, and raw they are invalid YAML
+_YAML_UNSAFE = re.compile("[\x7f-\x9f]")
+
+
+def apply_body(manifest: Mapping[str, Any]) -> str:
+    """A server-side apply body. The apply-patch content type is YAML, so: non-ASCII text as UTF-8
+    (YAML rejects JSON's surrogate-pair escapes for characters beyond the BMP), and the control
+    characters JSON leaves raw escaped (YAML rejects them raw)."""
+    text = json.dumps(manifest, ensure_ascii=False)
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _json(data: Any) -> dict[str, Any]:
