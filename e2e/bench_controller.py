@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from e2e.bench_scale import service_doc  # index 0: B200 prefill, Gaudi 3 decode, H100 mixed
 from e2e.harness import cluster as cluster_mod
 from e2e.harness import fleet as fleet_mod
 from e2e.harness.common import REPO_ROOT, STATE_ROOT, wait_for
@@ -37,24 +38,6 @@ from tandem.resolve import resolve
 
 SAMPLES = REPO_ROOT / "e2e" / "samples"
 SCALE_FLEET = REPO_ROOT / "e2e" / "fleets" / "scale-200.yaml"
-
-
-def service_doc(name: str) -> dict[str, Any]:
-    """A 3-pool service small enough that 100 of them fit on the scale fleet (one device each)."""
-    return {
-        "apiVersion": "inference.tandem.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "preset": "llama-3.1-8b"},
-            "engine": "sim",
-            "pools": [
-                {"name": "prefill", "role": "prefill", "acceleratorPool": "b200"},
-                {"name": "decode", "role": "decode", "acceleratorPool": "gaudi3"},
-                {"name": "mixed", "role": "mixed", "acceleratorPool": "h100"},
-            ],
-        },
-    }
 
 
 def items(cluster: Any, namespace: str, kind: str) -> list[dict[str, Any]]:

@@ -128,14 +128,6 @@ class Kube:
         return payload
 
     # reads
-    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        try:
-            return self.request("GET", path_of(kind, namespace, name))
-        except KubeError as exc:
-            if exc.status == 404:
-                return None
-            raise
-
     def list_objects(
         self, kind: str, namespace: str | None = None, labels: Mapping[str, str] | None = None
     ) -> list[dict[str, Any]]:

@@ -46,7 +46,6 @@ ANNOTATION_PLANNER_LEAD_TIME: Final = f"{GROUP}/planner-lead-time-seconds"
 
 # Ports (container side).
 PORT_HTTP: Final = 8000
-PORT_ROUTER: Final = 8080
 PORT_NAME_HTTP: Final = "http"
 
 # Default resource names per vendor (device plugins' extended resources).
