@@ -102,3 +102,57 @@ def test_a_failed_query_marks_every_pool_incomplete() -> None:
     obs = read_observation(prom, "ns", "svc", ["prefill"], 30)
     assert obs["prefill"].waiting is None
     assert obs["prefill"].complete is False
+
+
+def test_an_unreachable_server_stops_the_reading_after_one_query() -> None:
+    import requests
+
+    prom = FakeProm({"num_requests_waiting": requests.ConnectionError("connection refused")})
+    obs = read_observation(prom, "ns", "svc", ["prefill", "decode"], 30)
+    assert all(not o.complete for o in obs.values())
+    # the waiting query is the first one sent; nothing after it
+    assert len(prom.calls) == 1 and "num_requests_waiting" in prom.calls[0][0]
+
+
+def test_an_error_answer_does_not_stop_the_other_queries() -> None:
+    prom = FakeProm({"num_requests_waiting": ValueError("HTTP 400: bad query")})
+    obs = read_observation(prom, "ns", "svc", ["prefill"], 30)
+    assert obs["prefill"].complete is False
+    assert len(prom.calls) > 1
+
+
+def test_the_client_sends_each_query_once_to_a_server_that_drops_connections() -> None:
+    """prometheus-api-client retries five times with back-off by default; ours must not."""
+    import socket
+    import threading
+
+    from tandem.metrics import connect
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = 0
+    stop = threading.Event()
+
+    def serve() -> None:
+        nonlocal accepted
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            accepted += 1
+            conn.close()  # no answer: the client sees the connection dropped
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = connect(f"http://127.0.0.1:{server.getsockname()[1]}", timeout_s=2.0)
+        obs = read_observation(client, "ns", "svc", ["prefill"], 30, timeout_s=2.0)
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert obs["prefill"].complete is False
+    assert accepted == 1

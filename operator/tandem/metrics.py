@@ -203,12 +203,18 @@ def read_observation(
     """One observation per pool over the last ``window_s`` seconds.
 
     Every query carries a ``timeout_s`` client and server timeout. A failed query leaves
-    its field ``None`` and marks every observation incomplete; it never raises.
+    its field ``None`` and marks every observation incomplete; it never raises. Once one
+    query could not reach the server (refused, timed out), the rest are not sent: the
+    reading is incomplete anyway, and a dozen queries each waiting out a timeout against a
+    server that is gone would hold the caller for minutes.
     """
     names = list(pools)
     values: dict[str, dict[str, float | None]] = {p: {} for p in names}
     complete = True
+    unreachable = False
     for field_name, query in promql(engine, namespace, service, window_s).queries().items():
+        if not complete and unreachable:
+            break
         try:
             # Prometheus durations take no fractions ("2.5s" is a 400): milliseconds
             result = client.custom_query(
@@ -217,6 +223,7 @@ def read_observation(
         except Exception as err:
             log.warning("Prometheus query %s for %s/%s failed: %s", field_name, namespace, service, err)
             complete = False
+            unreachable = _is_unreachable(err)
             continue
         parsed = parse_vector(result if isinstance(result, list) else [])
         for pool in names:
@@ -243,10 +250,25 @@ def read_observation(
     return out
 
 
+def _is_unreachable(err: Exception) -> bool:
+    """The server could not be reached or did not answer in time (not: it answered an error)."""
+    import requests
+
+    return isinstance(err, requests.ConnectionError | requests.Timeout)
+
+
 def connect(url: str, timeout_s: float = 5.0) -> PromClient:
     """A PrometheusConnect with a default request timeout (TLS verification off, as the
-    in-cluster Prometheus commonly uses a self-signed certificate)."""
-    from prometheus_api_client import PrometheusConnect
+    in-cluster Prometheus commonly uses a self-signed certificate) and no retries.
 
-    client: PromClient = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_s)
+    prometheus-api-client retries by default with exponential back-off (measured here: about
+    6 s per query against a stopped server, a minute per reading); the planner's next
+    interval is the retry, so a failed query should fail at once.
+    """
+    from prometheus_api_client import PrometheusConnect
+    from urllib3.util.retry import Retry
+
+    client: PromClient = PrometheusConnect(
+        url=url, disable_ssl=True, timeout=timeout_s, retry=Retry(total=0, raise_on_status=False)
+    )
     return client
