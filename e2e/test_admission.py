@@ -149,6 +149,28 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.costPerDeviceHour in body should match",
     ),
     (
+        "toleration key not a label key",
+        edited(VALID_POOL, "spec.tolerations", [{"key": "gpu vendor!", "operator": "Exists"}]),
+        "a toleration key must be a label key",
+    ),
+    (
+        "toleration without a key and operator Equal",
+        edited(VALID_POOL, "spec.tolerations", [{"operator": "Equal", "value": "x"}]),
+        "a toleration without a key must use operator Exists",
+    ),
+    (
+        "toleration Exists with a value",
+        edited(VALID_POOL, "spec.tolerations", [{"key": "a.b/c", "operator": "Exists", "value": "x"}]),
+        "a toleration with operator Exists must not have a value",
+    ),
+    (
+        "tolerationSeconds without NoExecute",
+        edited(
+            VALID_POOL, "spec.tolerations", [{"key": "a", "effect": "NoSchedule", "tolerationSeconds": 5}]
+        ),
+        "tolerationSeconds is only allowed with effect NoExecute",
+    ),
+    (
         "vendor other without a resource name",
         edited(
             edited(VALID_POOL, "spec.vendor", "other"),

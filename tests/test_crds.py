@@ -93,3 +93,43 @@ def test_api_accelerator_names_match_the_catalog() -> None:
 
     resolved = {get_accelerator(name).name for name in KNOWN_MODELS}
     assert resolved == {a.name for a in ACCELERATORS.values()}
+
+
+TOLERATIONS = [
+    # (toleration, valid): the apiserver's Pod validation as the reference
+    ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, True),
+    ({"operator": "Exists"}, True),  # tolerates every taint
+    ({"key": "dedicated", "value": "inference"}, True),  # operator defaults to Equal
+    (
+        {
+            "key": "a.b-c/d_e.f",
+            "operator": "Equal",
+            "value": "x-1",
+            "effect": "NoExecute",
+            "tolerationSeconds": 60,
+        },
+        True,
+    ),
+    ({"key": "gpu vendor!", "operator": "Exists"}, False),
+    ({"key": "x/y/z", "operator": "Exists"}, False),
+    ({"key": "-leading", "operator": "Exists"}, False),
+    ({"key": "example.com/" + "n" * 64, "operator": "Exists"}, False),  # name part over 63
+    ({"operator": "Equal", "value": "x"}, False),
+    ({"value": "x"}, False),  # no key and (default) Equal
+    ({"key": "a", "operator": "Exists", "value": "x"}, False),
+    ({"key": "a", "value": "has space"}, False),
+    ({"key": "a", "effect": "NoSchedule", "tolerationSeconds": 5}, False),
+]
+
+
+@pytest.mark.parametrize(("toleration", "valid"), TOLERATIONS)
+def test_tolerations_are_validated_like_a_pods(toleration: dict[str, Any], valid: bool) -> None:
+    from pydantic import ValidationError
+
+    from tandem.models.common import Toleration
+
+    if valid:
+        assert Toleration.model_validate(toleration).to_wire() == toleration
+    else:
+        with pytest.raises(ValidationError):
+            Toleration.model_validate(toleration)

@@ -7,9 +7,10 @@ the structural schema the apiserver enforces.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 # A Kubernetes quantity or port: the user may write 4 or "4" or "500m".
@@ -69,12 +70,80 @@ def conditions_field() -> Any:
     return Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_SCHEMA)
 
 
+# A label key (Kubernetes "qualified name"): an optional DNS-subdomain prefix and '/', then a
+# name of at most 63 characters (k8s.io/apimachinery/pkg/util/validation IsQualifiedName).
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+
+
 class Toleration(Model):
-    key: str | None = None
+    """A pod toleration, validated as the apiserver validates a Pod's (so a pool that passes
+    admission never yields Deployments the apiserver rejects). ``operator`` defaults to Equal."""
+
+    key: str | None = Field(default=None, max_length=317)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: str | None = Field(default=None, max_length=63)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _like_a_pod(self) -> Toleration:
+        for problem in toleration_problems(
+            self.key, self.operator, self.value, self.effect, self.toleration_seconds
+        ):
+            raise ValueError(problem)
+        return self
+
+
+def toleration_problems(
+    key: str | None, operator: str | None, value: str | None, effect: str | None, seconds: int | None
+) -> list[str]:
+    """The sentences of TOLERATION_RULES, checked in Python (the operator's own parse)."""
+    out = []
+    if key and re.match(QUALIFIED_NAME, key) is None:
+        out.append(TOLERATION_MESSAGES["key"])
+    if not key and operator != "Exists":
+        out.append(TOLERATION_MESSAGES["keyless"])
+    if operator == "Exists" and value:
+        out.append(TOLERATION_MESSAGES["exists"])
+    if value and re.match(LABEL_VALUE, value) is None:
+        out.append(TOLERATION_MESSAGES["value"])
+    if seconds is not None and effect != "NoExecute":
+        out.append(TOLERATION_MESSAGES["seconds"])
+    return out
+
+
+TOLERATION_MESSAGES = {
+    "key": "a toleration key must be a label key such as nvidia.com/gpu (an optional DNS prefix and '/', "
+    "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)",
+    "keyless": "a toleration without a key must use operator Exists (it then tolerates every taint)",
+    "exists": "a toleration with operator Exists must not have a value",
+    "value": "a toleration value must be a label value (at most 63 letters, digits, '-', '_' or '.', "
+    "starting and ending with a letter or digit)",
+    "seconds": "tolerationSeconds is only allowed with effect NoExecute",
+}
+TOLERATION_RULES = [
+    rule(
+        f"!has(self.key) || size(self.key) == 0 || self.key.matches(r'{QUALIFIED_NAME}')",
+        TOLERATION_MESSAGES["key"],
+    ),
+    rule(
+        "(has(self.key) && size(self.key) > 0) || (has(self.operator) && self.operator == 'Exists')",
+        TOLERATION_MESSAGES["keyless"],
+    ),
+    rule(
+        "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || size(self.value) == 0",
+        TOLERATION_MESSAGES["exists"],
+    ),
+    rule(f"!has(self.value) || self.value.matches(r'{LABEL_VALUE}')", TOLERATION_MESSAGES["value"]),
+    rule(
+        "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        TOLERATION_MESSAGES["seconds"],
+    ),
+]
 
 
 class KeyRef(Model):

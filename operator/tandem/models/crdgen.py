@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from tandem import names
 from tandem.models import accelerator_pool as ap
 from tandem.models import inference_service as isvc
+from tandem.models.common import TOLERATION_RULES
 
 Schema = dict[str, Any]
 
@@ -228,6 +229,7 @@ def accelerator_pool_crd() -> dict[str, Any]:
     spec = schema_of(ap.AcceleratorPoolSpec)
     spec["description"] = "A vendor-labelled pool of accelerator nodes that InferenceServices may use."
     _add_rules(spec, [], ap.SPEC_RULES)
+    _add_rules(spec, ["tolerations", "[]"], TOLERATION_RULES)
     status = schema_of(ap.AcceleratorPoolStatus)
     columns = [
         {"name": "Vendor", "type": "string", "jsonPath": ".spec.vendor"},
