@@ -284,3 +284,144 @@ def test_unknown_accelerator_pool_is_reported_not_crashed_on(
         wait_ready(cluster, namespace, "llama")
     finally:
         cluster.kubectl("delete", "accpool", pool_name, "--wait=false")
+
+
+def _warning_event(cluster: Any, namespace: str, reason: str) -> bool:
+    return any(
+        e.get("reason") == reason and e.get("type") == "Warning"
+        for e in get(cluster, namespace, "events")["items"]
+    )
+
+
+def test_a_child_the_apiserver_rejects_is_reported_and_retried(
+    cluster: Any, namespace: str, op: OperatorProcess
+) -> None:
+    """An admission policy (here a ValidatingAdmissionPolicy, standing in for Kyverno or
+    Gatekeeper) refuses the decode Deployment: Ready=False/ChildRejected with the policy's
+    message and a Warning Event, the other children still applied; once the policy goes, the
+    resync converges without anyone touching the service."""
+    policy = f"no-decode-{namespace[-5:]}"
+    docs = [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": policy},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["apps"],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE", "UPDATE"],
+                            "resources": ["deployments"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {
+                        "expression": "!has(object.metadata.labels) || "
+                        "!('inference.tandem.dev/role' in object.metadata.labels) || "
+                        "object.metadata.labels['inference.tandem.dev/role'] != 'decode'",
+                        "message": "decode workers are not allowed in this namespace",
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": policy},
+            "spec": {
+                "policyName": policy,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        },
+    ]
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs))
+    try:
+        # the apiserver enforces a new policy once its informer has seen it
+        probe = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": "probe",
+                "namespace": namespace,
+                "labels": {"inference.tandem.dev/role": "decode"},
+            },
+            "spec": {
+                "selector": {"matchLabels": {"app": "probe"}},
+                "template": {
+                    "metadata": {"labels": {"app": "probe"}},
+                    "spec": {"containers": [{"name": "c", "image": "x"}]},
+                },
+            },
+        }
+        wait_for(
+            lambda: (
+                cluster.kubectl(
+                    "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(probe), check=False
+                ).returncode
+                != 0
+            ),
+            timeout=30,
+            what="the policy to be enforced",
+        )
+        apply(cluster, sample(), namespace)
+
+        def rejected() -> dict[str, Any] | None:
+            c = condition(get(cluster, namespace, "tisvc", "llama"), "Ready")
+            return c if c and c["reason"] == "ChildRejected" else None
+
+        c = wait_for(rejected, timeout=60, what="Ready=False ChildRejected")
+        assert c["status"] == "False"
+        assert "Deployment" in c["message"] and "llama-decode" in c["message"], c["message"]
+        assert "decode workers are not allowed in this namespace" in c["message"], c["message"]
+        degraded = condition(get(cluster, namespace, "tisvc", "llama"), "Degraded")
+        assert degraded and degraded["status"] == "True" and degraded["reason"] == "ChildRejected"
+        assert set(deployments(cluster, namespace)) >= {"llama-prefill", "llama-mixed"}
+        assert "llama-decode" not in deployments(cluster, namespace)
+        wait_for(
+            lambda: _warning_event(cluster, namespace, "ChildRejected"), timeout=30, what="a Warning Event"
+        )
+        assert "Traceback" not in op.log_text()
+    finally:
+        cluster.kubectl(
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            policy,
+            "--ignore-not-found",
+            "--wait=false",
+            check=False,
+        )
+    wait_ready(cluster, namespace, "llama")
+
+
+def test_a_crash_looping_pool_is_degraded(cluster: Any, namespace: str, op: OperatorProcess) -> None:
+    """The decode pool's engine never starts (KWOK's pod-crash-loop stage: CrashLoopBackOff):
+    Degraded=True/PoolCrashLooping naming the pool and Ready=False; fixing the image recovers.
+    (That the planner adds no replicas to a pool whose replicas are not ready is a scenario of
+    tests/test_planner.py.)"""
+    doc = sample()
+    doc["spec"]["pools"][1]["image"] = "registry.invalid/tandem/crash-loop:e2e"
+    apply(cluster, doc, namespace)
+
+    def crash_looping() -> dict[str, Any] | None:
+        c = condition(get(cluster, namespace, "tisvc", "llama"), "Degraded")
+        return c if c and c["status"] == "True" and c["reason"] == "PoolCrashLooping" else None
+
+    c = wait_for(crash_looping, timeout=60, what="Degraded=True PoolCrashLooping")
+    assert c["message"].startswith("Pool decode: 2 pod(s) with container engine in CrashLoopBackOff"), c
+    svc = get(cluster, namespace, "tisvc", "llama")
+    ready = condition(svc, "Ready")
+    assert ready and ready["status"] == "False" and "decode" in ready["message"]
+    assert deployments(cluster, namespace)["llama-decode"]["spec"]["replicas"] == 2
+    # fixed image: the rollout replaces the crash-looping pods and the service recovers
+    doc["spec"]["pools"][1].pop("image")
+    apply(cluster, doc, namespace)
+    svc = wait_ready(cluster, namespace, "llama")
+    degraded = condition(svc, "Degraded")
+    assert degraded and degraded["status"] == "False"

@@ -258,3 +258,103 @@ def test_pool_status_counts_matching_nodes_and_devices(sample_pools: dict[str, d
     }
     assert pool_status_update(body, nodes, pods, "t3") is None  # unchanged: nothing to write
     assert pool_status_update(body, nodes, pods[:1], "t3") is not None
+
+
+def crashing_pod(pool: str, waiting: str, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"labels": {"inference.tandem.dev/pool": pool}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-22T00:00:00Z"
+    return {
+        "metadata": meta,
+        "status": {
+            "containerStatuses": [
+                {"name": "kv-sidecar", "state": {"running": {}}},
+                {"name": "engine", "state": {"waiting": {"reason": waiting}}, "restartCount": 7},
+            ]
+        },
+    }
+
+
+def test_a_crash_looping_pool_makes_the_service_degraded(sample_pools: dict[str, dict]) -> None:
+    s = spec()
+    pods = [
+        crashing_pod("d", "CrashLoopBackOff"),
+        crashing_pod("d", "CrashLoopBackOff"),
+        crashing_pod("p", "CrashLoopBackOff", deleting=True),  # an old rollout's pod: ignored
+        crashing_pod("p", "ContainerCreating"),  # still starting: not failing
+    ]
+    st = compute_status(
+        spec=s,
+        generation=1,
+        resolution=resolve(s, sample_pools),
+        deployments={"p": dep(1, 1), "d": dep(2, 0)},
+        router=dep(1, 1),
+        endpoint="http://x",
+        previous=InferenceServiceStatus(),
+        now="t0",
+        pods=pods,
+    )
+    c = conds(st)
+    assert c["Degraded"].status == "True" and c["Degraded"].reason == "PoolCrashLooping"
+    assert c["Degraded"].message.startswith("Pool d: 2 pod(s) with container engine in CrashLoopBackOff")
+    assert c["Ready"].status == "False" and c["Ready"].reason == "ReplicasNotReady"
+
+
+def test_image_pull_failures_are_reported_per_pool() -> None:
+    from tandem.status import failing_pools
+
+    found = failing_pools([crashing_pod("b", "ImagePullBackOff"), crashing_pod("a", "CrashLoopBackOff")])
+    assert list(found) == ["a", "b"]
+    assert found["b"][0] == "PoolImagePullFailing" and found["a"][0] == "PoolCrashLooping"
+    assert failing_pools([crashing_pod("a", "ContainerCreating")]) == {}
+
+
+class RejectingKube:
+    """apply() refuses one Deployment the way the apiserver or an admission policy does."""
+
+    def __init__(self, refuse: str, status: int) -> None:
+        self.refuse, self.status, self.applied = refuse, status, []  # type: ignore[var-annotated]
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        from tandem.kube import KubeError
+
+        if manifest["metadata"]["name"] == self.refuse:
+            raise KubeError(self.status, "Invalid", {"message": "denied by policy no-decode: decode is off"})
+        self.applied.append(manifest["metadata"]["name"])
+        return manifest
+
+
+def _manifests() -> list[dict[str, Any]]:
+    def m(kind: str, name: str, pool: str | None) -> dict[str, Any]:
+        labels = {"inference.tandem.dev/pool": pool} if pool else {}
+        return {"kind": kind, "metadata": {"name": name, "namespace": "ns", "labels": labels}}
+
+    return [m("ConfigMap", "svc-router", None), m("Deployment", "svc-p", "p"), m("Deployment", "svc-d", "d")]
+
+
+def test_a_rejected_child_becomes_a_problem_and_the_others_are_applied() -> None:
+    import asyncio
+
+    from tandem.reconcile import Outcome, _apply_waves
+
+    kube = RejectingKube("svc-d", 422)
+    outcome, live = Outcome(), {}  # type: ignore[var-annotated]
+    asyncio.run(_apply_waves(kube, _manifests(), outcome, live, None))  # type: ignore[arg-type]
+    assert kube.applied == ["svc-router", "svc-p"] and list(live) == ["p"]
+    assert [p.reason for p in outcome.rejected] == ["ChildRejected"]
+    assert outcome.rejected[0].message == (
+        "the apiserver rejected Deployment ns/svc-d: denied by policy no-decode: decode is off"
+    )
+
+
+def test_other_apply_errors_still_raise_after_the_rest_is_applied() -> None:
+    import asyncio
+
+    from tandem.kube import KubeError
+    from tandem.reconcile import Outcome, _apply_waves
+
+    kube = RejectingKube("svc-p", 503)
+    outcome = Outcome()
+    with pytest.raises(KubeError):
+        asyncio.run(_apply_waves(kube, _manifests(), outcome, {}, None))  # type: ignore[arg-type]
+    assert kube.applied == ["svc-router", "svc-d"] and outcome.rejected == []

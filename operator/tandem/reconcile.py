@@ -20,7 +20,7 @@ from tandem.builders import Images, ServiceContext, desired_objects, owned_label
 from tandem.builders.kv import PairProblem
 from tandem.builders.router import router_name
 from tandem.children import plan_changes
-from tandem.kube import OWNED_KINDS, Kube
+from tandem.kube import OWNED_KINDS, Kube, KubeError
 from tandem.kv_status import kv_condition_from_pods
 from tandem.models.common import Condition
 from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
@@ -54,6 +54,8 @@ class Outcome:
     kv_before: str | None = None
     kv_after: str | None = None
     kv_problems: list[PairProblem] = field(default_factory=list)
+    # children the apiserver refused (400/422): Ready=False/ChildRejected until the spec changes
+    rejected: list[Problem] = field(default_factory=list)
 
 
 def _ready_reason(status: Mapping[str, Any] | InferenceServiceStatus | None) -> str | None:
@@ -118,7 +120,7 @@ async def reconcile(
         resolution = Resolution(problems=[_invalid_spec(exc)])
     else:
         resolution = resolve(spec, pools)
-    outcome.problems = list(resolution.problems)
+    outcome.problems = list(resolution.problems)  # + the children the apiserver rejects, below
 
     # build + apply (only when every reference resolved: a half-understood spec changes nothing)
     router_live = next(
@@ -137,6 +139,7 @@ async def reconcile(
         )
         to_apply, to_prune = plan_changes(desired_objects(ctx, planned.split_threshold), observed)
         router_live = await _apply_waves(kube, to_apply, outcome, live_deployments, router_live)
+        outcome.problems += outcome.rejected
         for obj in to_prune:
             await asyncio.to_thread(kube.delete, obj["kind"], obj["metadata"]["name"], namespace)
             outcome.pruned.append(describe(obj))
@@ -176,6 +179,8 @@ async def reconcile(
             endpoint=router_endpoint(name, namespace),
             previous=previous,
             now=now,
+            extra_problems=outcome.rejected,
+            pods=pods,
         )
         status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
         if resolution.ok:
@@ -206,9 +211,21 @@ async def _apply_waves(
         [m for m in to_apply if m["kind"] != "Deployment"],
         [m for m in to_apply if m["kind"] == "Deployment"],
     ]
+    failure: BaseException | None = None
     for wave in waves:
-        results = await asyncio.gather(*(asyncio.to_thread(kube.apply, m) for m in wave))
+        results = await asyncio.gather(
+            *(asyncio.to_thread(kube.apply, m) for m in wave), return_exceptions=True
+        )
         for manifest, result in zip(wave, results, strict=True):
+            if isinstance(result, KubeError) and result.status in (400, 422):
+                # the spec yields an object the apiserver refuses (its own validation, a webhook):
+                # retrying cannot help, the user has to change the spec; say so in the status
+                outcome.rejected.append(_rejection(manifest, result))
+                log.warning("The apiserver rejected %s: %s", describe(manifest), result)
+                continue
+            if isinstance(result, BaseException):
+                failure = failure or result
+                continue
             outcome.applied.append(describe(manifest))
             log.info("Applied %s", describe(manifest))
             pool = manifest["metadata"]["labels"].get(names.LABEL_POOL)
@@ -217,7 +234,16 @@ async def _apply_waves(
                     live_deployments[pool] = result
                 else:
                     router_live = result
+        if failure is not None:
+            raise failure
     return router_live
+
+
+def _rejection(manifest: Mapping[str, Any], err: KubeError) -> Problem:
+    message = str(err.body.get("message") or err.reason).strip()
+    if len(message) > 600:
+        message = message[:600] + "..."
+    return Problem("ChildRejected", f"the apiserver rejected {describe(manifest)}: {message}")
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:

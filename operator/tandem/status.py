@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from math import gcd
 from typing import Any
 
+from tandem import names
 from tandem.models.accelerator_pool import AcceleratorPoolSpec, AcceleratorPoolStatus
 from tandem.models.common import Condition, ConditionStatus
 from tandem.models.inference_service import (
@@ -85,8 +86,10 @@ def compute_status(
     previous: InferenceServiceStatus,
     now: str,
     extra_problems: Sequence[Problem] = (),
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> InferenceServiceStatus:
-    """The status to write. ``deployments``: pool name -> live Deployment."""
+    """The status to write. ``deployments``: pool name -> live Deployment; ``pods``: the
+    service's pods (a pool whose pods crash-loop or cannot pull their image is Degraded)."""
     pools: list[PoolStatus] = []
     per_role: dict[str, list[int]] = {"prefill": [0, 0], "decode": [0, 0], "mixed": [0, 0]}
     not_ready: list[str] = []
@@ -126,7 +129,13 @@ def compute_status(
             "Progressing", "False", first.reason, "Waiting for the spec's problems to be fixed.", generation
         )
     else:
-        degraded = _cond("Degraded", "False", "AsExpected", "", generation)
+        failing = failing_pools(pods)
+        if failing:
+            first_reason = next(iter(failing.values()))[0]
+            message = " ".join(m for _, m in failing.values())
+            degraded = _cond("Degraded", "True", first_reason, message, generation)
+        else:
+            degraded = _cond("Degraded", "False", "AsExpected", "", generation)
         if not_ready:
             ready_c = _cond(
                 "Ready",
@@ -157,6 +166,48 @@ def compute_status(
             "endpoint": endpoint,
         }
     )
+
+
+# Waiting reasons of a container that will not get better by waiting (kubelet's names).
+_FAILING = {
+    "CrashLoopBackOff": "PoolCrashLooping",
+    "ImagePullBackOff": "PoolImagePullFailing",
+    "ErrImagePull": "PoolImagePullFailing",
+    "InvalidImageName": "PoolImagePullFailing",
+    "CreateContainerConfigError": "PoolContainerConfigInvalid",
+    "CreateContainerError": "PoolContainerConfigInvalid",
+}
+
+
+def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Pool -> (reason, message) for pools with a container stuck in a failing waiting state.
+
+    Pods being deleted are ignored (an old ReplicaSet's crash-looping pods do not count once a
+    rollout replaced them). Pools are reported in name order, so the message is stable.
+    """
+    found: dict[str, tuple[str, str, str, int]] = {}  # pool -> (reason, container, waiting, pods)
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        pool = (meta.get("labels") or {}).get(names.LABEL_POOL)
+        if not pool or meta.get("deletionTimestamp"):
+            continue
+        status = pod.get("status") or {}
+        for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+            waiting = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+            if waiting in _FAILING:
+                reason, container, why, count = found.get(
+                    pool, (_FAILING[waiting], cs.get("name", "?"), waiting, 0)
+                )
+                found[pool] = (reason, container, why, count + 1)
+                break
+    return {
+        pool: (
+            reason,
+            f"Pool {pool}: {count} pod(s) with container {container} in {why}; the planner adds no "
+            "replicas to it until they become ready.",
+        )
+        for pool, (reason, container, why, count) in sorted(found.items())
+    }
 
 
 def status_changed(old: Mapping[str, Any] | None, new: InferenceServiceStatus) -> bool:
