@@ -98,8 +98,10 @@ class Autoscaler:
         request: Callable[[Key], None],
         post_event: PostEvent,
         settings: AutoscalerSettings | None = None,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.kube = kube
+        self.active = active  # a standby replica (peering) reads and decides nothing
         self.services = services
         self.pools = pools
         self.request = request
@@ -148,6 +150,8 @@ class Autoscaler:
 
     def tick(self, mono: float) -> None:
         """Starts a step for every planner-mode service whose interval has passed."""
+        if not self.active():
+            return
         planned = {k for k, body in self.services.items() if _mode(body) == "planner"}
         for key in [k for k in self._state if k not in planned]:
             self.forget(key)

@@ -19,6 +19,7 @@ from tandem import names
 from tandem.autoscaler import Autoscaler, AutoscalerSettings
 from tandem.builders import Images
 from tandem.kube import Kube, KubeError
+from tandem.peering import PeeringGate, PeeringSettings
 from tandem.reconcile import Outcome, reconcile, utcnow
 from tandem.status import pool_status_update
 from tandem.telemetry import CHILD_WRITES, RECONCILE_SECONDS, RECONCILES
@@ -34,6 +35,8 @@ class Settings:
     debounce_seconds: float = 0.2
     images: Images = field(default_factory=Images)
     autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
+    # None: standalone (this replica always acts); else act only where kopf's peering rule says so
+    peering: PeeringSettings | None = None
 
 
 class Controller:
@@ -47,10 +50,34 @@ class Controller:
         self._resync: asyncio.Task[None] | None = None
         self._pools_pending: asyncio.Task[None] | None = None
         self.reconciles = 0
+        # kopf pauses a standby replica's watches, not these tasks: they ask the gate
+        self.gate = (
+            PeeringGate(kube, self.settings.peering, self._peering_changed) if self.settings.peering else None
+        )
         # autoscaling.mode: planner (its decisions reach the cluster through self.reconcile)
         self.autoscaler = Autoscaler(
-            kube, self.services, self.pools, self.request, post_event, self.settings.autoscaler
+            kube,
+            self.services,
+            self.pools,
+            self.request,
+            post_event,
+            self.settings.autoscaler,
+            active=self.active,
         )
+
+    def active(self) -> bool:
+        """Whether this replica may act (always, when standalone)."""
+        return self.gate is None or self.gate.active
+
+    def _peering_changed(self, active: bool) -> None:
+        if active:  # taking over: everything may have changed while another replica acted
+            for key in list(self.services):
+                self.request(key)
+            self.request_pool_statuses()
+        else:  # pending requests are dropped; an in-flight reconcile finishes
+            for task in list(self._pending.values()):
+                task.cancel()
+            self._pending.clear()
 
     # what the watches tell us
     def load_pools(self) -> None:
@@ -107,7 +134,7 @@ class Controller:
 
     def request(self, key: Key) -> None:
         """Asks for a reconcile soon; requests arriving meanwhile are folded into one."""
-        if key in self._pending or key not in self.services:
+        if key in self._pending or key not in self.services or not self.active():
             return
 
         async def run() -> None:
@@ -129,7 +156,7 @@ class Controller:
 
     def request_pool_statuses(self) -> None:
         """Asks for the AcceleratorPools' status soon (workers changed); folded like ``request``."""
-        if self._pools_pending is not None:
+        if self._pools_pending is not None or not self.active():
             return
 
         async def run() -> None:
@@ -147,11 +174,15 @@ class Controller:
         self._pools_pending = asyncio.create_task(run())
 
     def start_resync(self) -> None:
+        if self.gate is not None:
+            self.gate.start()
         if self._resync is None:
             self._resync = asyncio.create_task(self._resync_loop())
         self.autoscaler.start()
 
     async def stop(self) -> None:
+        if self.gate is not None:
+            await self.gate.stop()
         await self.autoscaler.stop()
         tasks = [t for t in [self._resync, self._pools_pending, *self._pending.values()] if t is not None]
         for t in tasks:
@@ -163,16 +194,19 @@ class Controller:
     async def _resync_loop(self) -> None:
         while True:
             try:
-                await self.update_pool_statuses()
+                if self.active():
+                    await self.update_pool_statuses()
             except Exception:  # reported, retried next period; never stops the loop
                 log.exception("Could not update the AcceleratorPools' status")
             await asyncio.sleep(self.settings.resync_seconds)
             for key in list(self.services):
-                self.request(key)
+                self.request(key)  # a standby replica's requests are ignored
 
     async def update_pool_statuses(self) -> int:
         """Recomputes every AcceleratorPool's status from one list of nodes and one of pods;
         writes only those that changed. Returns how many were written."""
+        if not self.active():
+            return 0
         pools = await asyncio.to_thread(self.kube.list_objects, names.KIND_POOL)
         if not pools:
             return 0

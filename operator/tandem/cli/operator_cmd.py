@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
+import socket
 from typing import Any
 
 from tandem import names
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from tandem.autoscaler import AutoscalerSettings
     from tandem.builders import Images
     from tandem.controller import Settings
+    from tandem.peering import PeeringSettings
     from tandem.planner import Tuning
 
     logging.basicConfig(
@@ -84,8 +87,20 @@ def run(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.metrics_address)
+    priority = args.priority if args.priority is not None else secrets.randbelow(2**31 - 1) + 1
+    # kopf's own identity format is internal; any unique string works, and the controller's
+    # peering gate must know it to tell its own heartbeat from its peers'
+    identity = f"{os.environ.get('POD_ID') or socket.gethostname()}/{secrets.token_hex(6)}"
+    peering = (
+        None
+        if args.standalone
+        else PeeringSettings(
+            name=args.peering, identity=identity, priority=priority, namespaces=tuple(args.namespace or ())
+        )
+    )
     memo = kopf.Memo(
         controller_settings=Settings(
+            peering=peering,
             resync_seconds=args.resync_seconds,
             images=Images(registry=args.image_registry, tag=args.image_tag or tandem.__version__),
             autoscaler=AutoscalerSettings(prometheus_url=args.prometheus_url, tuning=_tuning(args, Tuning())),
@@ -97,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             namespaces=args.namespace,
             standalone=args.standalone,
             peering_name=None if args.standalone else args.peering,
-            priority=args.priority if args.priority is not None else secrets.randbelow(2**31 - 1) + 1,
+            priority=priority,
+            identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
             liveness_endpoint=args.liveness or None,
             memo=memo,
         )
