@@ -74,10 +74,8 @@ class Controller:
             for key in list(self.services):
                 self.request(key)
             self.request_pool_statuses()
-        else:  # pending requests are dropped; an in-flight reconcile finishes
-            for task in list(self._pending.values()):
-                task.cancel()
-            self._pending.clear()
+        # else: requests still waiting out their debounce see the gate closed and do nothing;
+        # a reconcile already running finishes (cancelling it could leave half its applies)
 
     # what the watches tell us
     def load_pools(self) -> None:
@@ -141,7 +139,8 @@ class Controller:
             try:
                 await asyncio.sleep(self.settings.debounce_seconds)
                 self._pending.pop(key, None)
-                await self.reconcile(key)
+                if self.active():  # the gate may have closed meanwhile (peering)
+                    await self.reconcile(key)
             except KubeError as exc:
                 if exc.namespace_gone:
                     log.info("Skipped %s/%s: it or its namespace is being deleted", *key)
