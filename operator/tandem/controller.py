@@ -49,6 +49,7 @@ class Controller:
         self._pending: dict[Key, asyncio.Task[None]] = {}
         self._resync: asyncio.Task[None] | None = None
         self._pools_pending: asyncio.Task[None] | None = None
+        self._pools_lock = asyncio.Lock()  # one cluster-wide pool-status update at a time
         self.reconciles = 0
         # kopf pauses a standby replica's watches, not these tasks: they ask the gate
         self.gate = (
@@ -154,21 +155,28 @@ class Controller:
         self._pending[key] = asyncio.create_task(run())
 
     def request_pool_statuses(self) -> None:
-        """Asks for the AcceleratorPools' status soon (workers changed); folded like ``request``."""
+        """Asks for the AcceleratorPools' status soon (workers changed); folded like ``request``.
+
+        At most one update runs at a time and at most one more waits: each holds a cluster-wide
+        list of nodes and pods, and at fleet scale an update takes longer than the debounce, so
+        unserialised updates piled up (hundreds of Deployment events while 500 services became
+        Ready grew the operator to gigabytes)."""
         if self._pools_pending is not None or not self.active():
             return
 
         async def run() -> None:
             try:
                 await asyncio.sleep(max(1.0, self.settings.debounce_seconds))
-                self._pools_pending = None
-                await self.update_pool_statuses()
+                async with self._pools_lock:
+                    self._pools_pending = None  # requests from now on are served by the next run
+                    await self.update_pool_statuses()
             except KubeError as exc:
                 log.warning("Could not update the AcceleratorPools' status: %s", exc)
             except Exception:
                 log.exception("Could not update the AcceleratorPools' status")
             finally:
-                self._pools_pending = None
+                if self._pools_pending is asyncio.current_task():
+                    self._pools_pending = None
 
         self._pools_pending = asyncio.create_task(run())
 
@@ -194,7 +202,8 @@ class Controller:
         while True:
             try:
                 if self.active():
-                    await self.update_pool_statuses()
+                    async with self._pools_lock:
+                        await self.update_pool_statuses()
             except Exception:  # reported, retried next period; never stops the loop
                 log.exception("Could not update the AcceleratorPools' status")
             await asyncio.sleep(self.settings.resync_seconds)

@@ -1,0 +1,60 @@
+"""The controller's scheduling of work (no cluster): pool-status updates are serialised."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from tandem.controller import Controller, Settings
+
+
+class SlowKube:
+    """Lists take a while (as at fleet scale); records how many run at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.lists = 0
+        self._lock = threading.Lock()
+
+    def list_objects(self, kind: str, *_: Any, **__: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.lists += kind == "AcceleratorPool"
+        time.sleep(0.6)  # an update (3 lists) outlasts the 1 s debounce
+        with self._lock:
+            self.running -= 1
+        if kind == "AcceleratorPool":
+            return [
+                {
+                    "metadata": {"name": "h100", "generation": 1},
+                    "spec": {"vendor": "nvidia", "model": "H100-SXM"},
+                }
+            ]
+        return []
+
+    def list_running_pods(self) -> list[dict[str, Any]]:
+        return self.list_objects("Pod")
+
+    def patch_status(self, *_: Any) -> dict[str, Any]:
+        return {}
+
+
+def test_pool_status_updates_never_overlap_and_requests_fold() -> None:
+    kube = SlowKube()
+
+    async def scenario() -> None:
+        controller = Controller(kube, Settings(debounce_seconds=0.0))  # type: ignore[arg-type]
+        for _ in range(100):  # a storm of Deployment events, over 3 s
+            controller.request_pool_statuses()
+            await asyncio.sleep(0.03)
+        while controller._pools_pending is not None:
+            await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert kube.most == 1  # one list at a time
+    # 100 requests over 3 s, each update taking 1.8 s: folded into a few updates
+    assert 1 <= kube.lists <= 4
