@@ -28,8 +28,16 @@ from tandem.sidecar.layout import (
     to_tokens,
     translate_blocks,
 )
-from tandem.sidecar.probe import FabricReport, classify_lanes, classify_tl, parse_ucx_line
-from tandem.sidecar.transport import Region
+from tandem.sidecar.probe import (
+    FabricReport,
+    ProtoInfoParser,
+    ReadProtocol,
+    classify_lanes,
+    classify_tl,
+    parse_ucx_line,
+    with_read_protocol,
+)
+from tandem.sidecar.transport import NixlTransport, Region
 
 GEOM = KvGeometry(layers=3, kv_heads=4, head_dim=8, dtype_bytes=2)
 FORMATS = [BlockFormat(layout, bs) for layout in ("NHD", "HND") for bs in (4, 16, 32, 12)]
@@ -123,6 +131,87 @@ def test_parse_ucx_lane_selection() -> None:
     assert classify_lanes([]) == "none"
     tls = ("dc_mlx5/mlx5_0:1", "ud_verbs/x", "efa/rdmap0", "sysv/memory", "tcp/eth0")
     assert [classify_tl(t) for t in tls] == ["rdma", "rdma", "rdma", "shm", "tcp"]
+
+
+def _proto_table(worker: str, cfg: int, rows: Sequence[tuple[str, str, str]]) -> list[str]:
+    """A ``UCX_PROTO_INFO=y`` READ table as UCX 1.23 prints it (recorded on this host)."""
+    head = "[1795332877.988023] [vm:3105 :0]   "
+    rule = head + "+--------+-------------+-------------------------------------------+"
+    lines = [
+        rule,
+        head + f"| {worker} intra-node cfg#{cfg}                                               |",
+        head + "| remote memory read by ucp_get*(multi) into host memory from host |",
+        rule,
+        head + "| Range  | Description |                  Config                   |",
+        rule,
+    ]
+    lines += [head + f"| {r} | {d} | {c} |" for r, d, c in rows]
+    return [*lines, rule]
+
+
+def _feed(lines: Sequence[str]) -> list[ReadProtocol]:
+    parser = ProtoInfoParser()
+    got = [parser.feed(line) for line in [*lines, "next line"]]
+    return [g for g in got if g is not None]
+
+
+def test_read_protocol_tables_decide_the_data_transport() -> None:
+    """The lane line says rma_am(tcp/lo), but a READ is a single-copy CMA read: UCX's protocol
+    table says so, and the probe believes the table; TCP anywhere in the READ path still says tcp."""
+    cma = _feed(_proto_table("B", 1, [("0..inf", "zero-copy  ", "cma/memory")]))
+    assert [(p.worker, p.peer, p.cfg, p.tls) for p in cma] == [("B", "intra-node", 1, ("cma/memory",))]
+    tcp_line = parse_ucx_line(TCP_LINE)
+    assert tcp_line is not None and tcp_line.data_transport == "tcp"  # the line alone: conservative
+    configs = with_read_protocol([tcp_line], cma[0])
+    assert configs[0].read_tls == ("cma/memory",) and configs[0].data_transport == "shm"
+    # the serving side's endpoint (no READ, no table) printed its line last: the READ side decides
+    served = parse_ucx_line(TCP_LINE.replace(" B ", " A "))
+    assert served is not None
+    assert classify_lanes([*configs, served]) == "shm"
+    assert classify_lanes([tcp_line, served]) == "tcp"
+    emulated = _feed(_proto_table("B", 1, [("0..inf", "software emulation", "tcp/lo")]))
+    assert with_read_protocol([tcp_line], emulated[0])[0].data_transport == "tcp"
+    mixed = _feed(
+        _proto_table(
+            "B",
+            2,
+            [
+                ("0..8K", "zero-copy", "cma/memory"),
+                ("8K..inf", "multi-frag", "50% on tcp/eth0 and 50% on cma/memory"),
+            ],
+        )
+    )
+    (got,) = with_read_protocol([tcp_line], mixed[0])[1:]
+    assert got.read_tls == ("cma/memory", "tcp/eth0") and got.data_transport == "tcp"
+    rdma = _feed(_proto_table("D", 3, [("0..inf", "zero-copy", "rc_mlx5/mlx5_0:1")]))
+    assert with_read_protocol([], rdma[0])[0].data_transport == "rdma"
+    # other tables (a write) and stray lines yield nothing
+    write = [
+        line.replace("remote memory read by ucp_get*(multi) into", "remote memory write by ucp_put* from")
+        for line in _proto_table("B", 1, [("0..inf", "zero-copy", "cma/memory")])
+    ]
+    assert _feed(write) == []
+
+
+def test_transfer_split_for_nixl_threads() -> None:
+    """With transfer threads, a large READ is cut into page-aligned pieces NIXL shares out; small
+    reads (progress words) and reads that already have enough regions are left alone."""
+    t = object.__new__(NixlTransport)
+    t.threads, t.split_min_bytes = 2, 1 << 20
+    want = 2 * NixlTransport.SPLIT_BATCH
+    lo, ro = t._split([(1 << 30, 8 << 20)], [(2 << 30, 8 << 20)])
+    assert len(lo) == want and all(n == (1 << 20) for _, n in lo)
+    assert lo[0] == (1 << 30, 1 << 20) and ro[-1] == ((2 << 30) + (7 << 20), 1 << 20)
+    odd = [(0, 3 << 20), (10 << 20, (5 << 20) + 123)]
+    lo, ro = t._split(odd, [(a + (1 << 40), n) for a, n in odd])
+    assert sum(n for _, n in lo) == sum(n for _, n in odd) and [n for _, n in lo] == [n for _, n in ro]
+    assert all(r[0] - l_[0] == 1 << 40 for l_, r in zip(lo, ro, strict=True))
+    assert all(n % 4096 == 0 for _, n in lo[:-1])
+    assert t._split([(0, 8)], [(64, 8)]) == ([(0, 8)], [(64, 8)])
+    many = [(i << 20, 1 << 20) for i in range(want)]
+    assert t._split(many, many) == (many, many)
+    t.threads = 0
+    assert t._split([(0, 8 << 20)], [(0, 8 << 20)]) == ([(0, 8 << 20)], [(0, 8 << 20)])
 
 
 def test_fabric_report_fallback() -> None:

@@ -124,6 +124,33 @@ def test_odd_prompt_length_and_fragmented_blocks(prefill: KvSidecar) -> None:
     check_exact(decode, result.block_ids, record.seed, tokens)
 
 
+@pytest.mark.parametrize("decode_fmt", [BlockFormat("NHD", 16), BlockFormat("HND", 128)], ids=str)
+def test_pull_with_transfer_threads(decode_fmt: BlockFormat) -> None:
+    """The same-host setting: NIXL's thread pool (two UCX workers on their own threads) shares each
+    layer's READ, cut into pieces; the KV still lands byte-exact, translated or not."""
+    names = [f"threads-{next(_counter)}" for _ in range(2)]
+    prefill = KvSidecar(
+        SidecarConfig(names[0], LLAMA_8B, BlockFormat("NHD", 16), PROMPT // 16 + 8, staging_bytes=16 * MiB),
+        NixlTransport(names[0], threads=2),
+    )
+    transport = NixlTransport(names[1], threads=2)
+    decode = KvSidecar(
+        SidecarConfig(
+            names[1], LLAMA_8B, decode_fmt, decode_fmt.blocks_for(PROMPT) + 2, staging_bytes=16 * MiB
+        ),
+        transport,
+    )
+    assert len(transport._split([(0, 8 * MiB)], [(0, 8 * MiB)])[0]) == 2 * NixlTransport.SPLIT_BATCH
+    for rid in ("t1", "t2"):  # twice: the second pull reuses the thread pool's connections
+        record = prefill.produce(rid, PROMPT)
+        prefill.fill(record)
+        result = decode.pull(prefill.info(), RemoteRequest.from_dict(record.to_dict()))
+        assert result.bytes == 256 * MiB and result.translated == (decode_fmt != prefill.config.fmt)
+        check_exact(decode, result.block_ids, record.seed, PROMPT)
+        decode.release(rid)
+        prefill.release(rid)
+
+
 # ---- over HTTP, the way pods use it -----------------------------------------------------------
 
 

@@ -13,7 +13,13 @@ from typing import Any
 
 from tandem.sidecar.core import KvSidecar, MiB, SidecarConfig
 from tandem.sidecar.layout import BlockFormat, KvGeometry
-from tandem.sidecar.probe import FabricReport, UcxLogTap, allowed_transports, rdma_devices
+from tandem.sidecar.probe import (
+    FabricReport,
+    UcxLogTap,
+    allowed_transports,
+    enable_ucx_selection_log,
+    rdma_devices,
+)
 from tandem.sidecar.server import ServerSettings, SidecarServer
 
 ENV = "TANDEM_KV_"
@@ -49,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--pool-mib", "POOL_MIB", "1024", "host KV pool size in MiB", type=int)
     opt("--staging-mib", "STAGING_MIB", "64", "each of the two translation staging buffers, MiB", type=int)
     opt("--backend", "BACKEND", "UCX", "NIXL backend (UCX | LIBFABRIC)")
+    opt(
+        "--transfer-threads",
+        "TRANSFER_THREADS",
+        "0",
+        "NIXL transfer threads; 2+ when peers share a host (UCX copies with CMA, one CPU copy per "
+        "thread); 0 keeps NIXL's single progress thread (RDMA: the NIC copies)",
+        type=int,
+    )
     opt("--expect-transport", "EXPECT_TRANSPORT", "tcp", "rdma | tcp: what the operator expects to run")
     opt(
         "--allow-tcp-fallback",
@@ -77,7 +91,7 @@ def make_sidecar(args: argparse.Namespace, name: str) -> tuple[KvSidecar, Fabric
     fmt = BlockFormat(args.layout, args.block_size)
     num_blocks = max(1, args.pool_mib * MiB // (geom.layers * fmt.block_bytes(geom)))
     config = SidecarConfig(name, geom, fmt, num_blocks, staging_bytes=args.staging_mib * MiB)
-    sidecar = KvSidecar(config, NixlTransport(name, args.backend))
+    sidecar = KvSidecar(config, NixlTransport(name, args.backend, threads=args.transfer_threads))
     fabric = FabricReport(
         expected="rdma" if args.expect_transport == "rdma" else "tcp",
         allow_tcp_fallback=str(args.allow_tcp_fallback).lower() == "true",
@@ -105,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     tap = None
     if str(args.ucx_log_tap).lower() == "true":
-        os.environ.setdefault("UCX_LOG_LEVEL", "info")  # before NIXL loads UCX
+        enable_ucx_selection_log()  # before NIXL loads UCX: lane lines and READ protocol tables
         tap = UcxLogTap()
     # the NIXL agent name must be unique among peers: the pod name, else host and port
     name = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{args.port}"

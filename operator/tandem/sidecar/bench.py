@@ -14,6 +14,13 @@ prompt (256 MiB), measuring:
   with a prefill 1.25x the measured pull is in ``exposed_link_matched``);
 - **translation cost**: NHD/16-token blocks -> HND/128-token blocks (NVIDIA -> Gaudi), per source block.
 
+Both agents share a host, so UCX reads with CMA (``process_vm_readv``, one CPU copy; TCP carries
+only UCX's control messages): the bench runs the sidecar's same-host setting, ``--threads 2`` NIXL
+transfer threads (``TANDEM_KV_TRANSFER_THREADS``), and records what UCX really used for the READs
+(``data_transport``, ``read_tls``: the fabric probe's reading of ``UCX_PROTO_INFO``). The memcpy
+baseline is one thread's ``np.copyto``; ``memcpy_parallel_*`` (the same bytes copied by as many
+threads as the pull uses) is there to compare with, not the goal's denominator.
+
 Numbers on a shared, loaded CPU vary from run to run; they are reported, never asserted.
 """
 
@@ -36,6 +43,7 @@ import numpy as np
 
 from tandem.sidecar.core import KvSidecar, MiB, RemoteRequest, SidecarConfig
 from tandem.sidecar.layout import BlockFormat, KvGeometry, translate_blocks
+from tandem.sidecar.probe import UcxLogTap, classify_lanes, enable_ucx_selection_log
 from tandem.sidecar.transport import NixlTransport
 
 LLAMA_8B = KvGeometry(layers=32, kv_heads=8, head_dim=128, dtype_bytes=2)
@@ -44,8 +52,26 @@ NVIDIA = BlockFormat("NHD", 16)
 GAUDI = BlockFormat("HND", 128)
 
 
-def _sidecar(name: str, fmt: BlockFormat, blocks: int) -> KvSidecar:
-    return KvSidecar(SidecarConfig(name, LLAMA_8B, fmt, blocks, staging_bytes=16 * MiB), NixlTransport(name))
+def _sidecar(name: str, fmt: BlockFormat, blocks: int, threads: int) -> KvSidecar:
+    return KvSidecar(
+        SidecarConfig(name, LLAMA_8B, fmt, blocks, staging_bytes=16 * MiB),
+        NixlTransport(name, threads=threads),
+    )
+
+
+def _parallel_copy(dst: np.ndarray[Any, Any], src: np.ndarray[Any, Any], threads: int) -> float:
+    """Seconds to copy ``src`` into ``dst`` split over ``threads`` threads (numpy drops the GIL)."""
+    step = -(-len(src) // threads)
+    parts = [
+        threading.Thread(target=np.copyto, args=(dst[i : i + step], src[i : i + step]))
+        for i in range(0, len(src), step)
+    ]
+    t = time.perf_counter()
+    for part in parts:
+        part.start()
+    for part in parts:
+        part.join()
+    return time.perf_counter() - t
 
 
 def simulated_prefill_seconds(accelerator: str = "h100", model: str = "llama-3.1-8b") -> float:
@@ -55,7 +81,7 @@ def simulated_prefill_seconds(accelerator: str = "h100", model: str = "llama-3.1
     return perf.prefill_seconds(catalog.get_accelerator(accelerator), models.get_model(model), 1, PROMPT)
 
 
-def bench_throughput(p: KvSidecar, d: KvSidecar, runs: int) -> dict[str, Any]:
+def bench_throughput(p: KvSidecar, d: KvSidecar, runs: int, threads: int) -> dict[str, Any]:
     """Pull vs memcpy of the same bytes, interleaved so both see the same machine load."""
     record = p.produce("tput", PROMPT)
     p.fill(record)
@@ -66,7 +92,7 @@ def bench_throughput(p: KvSidecar, d: KvSidecar, runs: int) -> dict[str, Any]:
     np.copyto(dst, src)  # first touch
     d.pull(p.info(), remote)  # warm-up: connection, first touch of the pool
     d.release("tput")
-    pulls, copies, intervals = [], [], []
+    pulls, copies, parallel, intervals = [], [], [], []
     for _ in range(runs):
         result = d.pull(p.info(), remote)
         d.release("tput")
@@ -75,6 +101,8 @@ def bench_throughput(p: KvSidecar, d: KvSidecar, runs: int) -> dict[str, Any]:
         t = time.perf_counter()
         np.copyto(dst, src)
         copies.append(time.perf_counter() - t)
+        if threads > 1:
+            parallel.append(_parallel_copy(dst, src, threads))
     p.release("tput")
     pull_s, copy_s = statistics.median(pulls), statistics.median(copies)
     return {
@@ -85,6 +113,11 @@ def bench_throughput(p: KvSidecar, d: KvSidecar, runs: int) -> dict[str, Any]:
         "memcpy_gb_per_s_median": nbytes / copy_s / 1e9,
         "ratio_of_medians": copy_s / pull_s,
         "ratio_of_best": min(copies) / min(pulls),
+        "memcpy_threads": 1,
+        "transfer_threads": threads,
+        # context only: the same bytes copied by as many threads as the pull uses
+        "memcpy_parallel_seconds": parallel,
+        "ratio_of_best_vs_memcpy_parallel": min(parallel) / min(pulls) if parallel else None,
         # one layer's pull: the whole pull over the layers (several layers are in flight at once,
         # so the gaps between landings understate it)
         "one_layer_seconds": pull_s / LLAMA_8B.layers,
@@ -175,11 +208,11 @@ def bench_translate(runs: int) -> dict[str, Any]:
     }
 
 
-def run(runs: int) -> dict[str, Any]:
-    p = _sidecar("bench-prefill", NVIDIA, 2 * NVIDIA.blocks_for(PROMPT) + 8)
-    d = _sidecar("bench-decode", NVIDIA, 2 * NVIDIA.blocks_for(PROMPT) + 8)
+def run(runs: int, threads: int = 2, tap: UcxLogTap | None = None) -> dict[str, Any]:
+    p = _sidecar("bench-prefill", NVIDIA, 2 * NVIDIA.blocks_for(PROMPT) + 8, threads)
+    d = _sidecar("bench-decode", NVIDIA, 2 * NVIDIA.blocks_for(PROMPT) + 8, threads)
     started = time.monotonic()
-    tput = bench_throughput(p, d, runs)
+    tput = bench_throughput(p, d, runs, threads)
     exposed = bench_exposed(p, d, simulated_prefill_seconds(), tput["one_layer_seconds"], runs)
     # the same with a prefill 1.25x longer than the measured pull: what pipelining hides once the
     # link keeps up with the compute (a faster fabric, or a slower accelerator)
@@ -187,11 +220,17 @@ def run(runs: int) -> dict[str, Any]:
         p, d, 1.25 * tput["one_layer_seconds"] * LLAMA_8B.layers, tput["one_layer_seconds"], runs
     )
     translate = bench_translate(max(runs, 5))
+    configs = tap.snapshot() if tap is not None else []
+    reads = [c for c in configs if c.worker == d.config.name and c.read_tls]
     return {
         "model": "llama-3.1-8b",
         "prompt_tokens": PROMPT,
         "kv_bytes": LLAMA_8B.request_bytes(PROMPT),
-        "transport": f"NIXL {p.transport.backend}, host memory, loopback",
+        "transport": f"NIXL {p.transport.backend}, host memory, loopback, {threads} transfer threads",
+        # what UCX used for the decode side's READs (UCX_PROTO_INFO), "none" when it did not say
+        "data_transport": classify_lanes([c for c in configs if c.worker == d.config.name]),
+        "read_tls": sorted({tl for c in reads for tl in c.read_tls}),
+        "lanes": [f"{c.worker} {c.peer} cfg#{c.cfg} {c.lanes}" for c in configs if c.peer != "self"][-4:],
         "ucx_tls": os.environ.get("UCX_TLS", ""),
         # best of N for both sides: on a shared CPU the median mostly measures the neighbours
         "throughput_ratio_vs_memcpy": tput["ratio_of_best"],
@@ -212,12 +251,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tandem.sidecar.bench")
     parser.add_argument("--out", type=Path, default=Path("bench/out/kv.json"))
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("TANDEM_KV_TRANSFER_THREADS") or 2),
+        help="NIXL transfer threads of both sidecars (the sidecar's same-host setting; 0: NIXL's default)",
+    )
     args = parser.parse_args(argv)
-    report = run(args.runs)
+    enable_ucx_selection_log()  # before NIXL loads UCX: what it uses for the READs
+    tap = UcxLogTap(echo=False)
+    try:
+        report = run(args.runs, args.threads, tap)
+    finally:
+        tap.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     keys = ("throughput_ratio_vs_memcpy", "exposed_over_one_layer", "translate_us_per_block")
-    print(json.dumps({k: round(report[k], 3) for k in keys}))
+    print(json.dumps({**{k: round(report[k], 3) for k in keys}, "data_transport": report["data_transport"]}))
     return 0
 
 

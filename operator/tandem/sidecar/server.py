@@ -220,7 +220,12 @@ class SidecarServer:
                     "rdmaDevices": f.rdma_devices,
                     "ucxTls": f.ucx_tls,
                     "lanes": [
-                        {"peer": c.peer, "lanes": {k: list(v) for k, v in c.lanes.items()}} for c in f.lanes
+                        {
+                            "peer": c.peer,
+                            "lanes": {k: list(v) for k, v in c.lanes.items()},
+                            "read": list(c.read_tls),  # what UCX uses for a READ (UCX_PROTO_INFO)
+                        }
+                        for c in f.lanes
                     ],
                     "backend": self.sidecar.transport.backend,
                 },
