@@ -88,6 +88,18 @@ def kube_requests(op: Any) -> int:
     return int(sum(v for k, v in op.metrics().items() if k.startswith("tandem_kube_requests_total{")))
 
 
+def writes_by_kind(op: Any) -> dict[str, float]:
+    """tandem_kube_requests_total of the write verbs, by "VERB kind" (which writes a steady state made)."""
+    from e2e.harness.operator import WRITE_VERBS
+
+    out: dict[str, float] = {}
+    for k, v in op.metrics().items():
+        if k.startswith("tandem_kube_requests_total{") and any(f"verb={w}" in k for w in WRITE_VERBS):
+            labels = dict(part.split("=", 1) for part in k[k.index("{") + 1 : -1].split(","))
+            out[f"{labels.get('verb')} {labels.get('kind')}"] = v
+    return out
+
+
 def count_ready(cluster: Any, namespace: str) -> int:
     out = cluster.kubectl("get", "tisvc", "-n", namespace, "-o", "json", timeout=120).stdout
     n = 0
@@ -218,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # settle: one full resync after Ready, so status writes of the last services are done
         time.sleep(args.resync_seconds + 5)
         w0, r0, c0 = op.kube_writes(), op.reconciles(), cpu_seconds(pid)
+        by_kind0 = writes_by_kind(op)
         result["rss_mb_start"] = round(rss_mb(pid), 1)
         rss = [result["rss_mb_start"]]
         t0 = time.monotonic()
@@ -230,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         result["steady_seconds"] = round(elapsed, 1)
         result["steady_reconciles"] = r1 - r0
         result["steady_writes"] = w1 - w0
+        by_kind1 = writes_by_kind(op)
+        result["steady_writes_by_kind"] = {
+            k: v - by_kind0.get(k, 0) for k, v in sorted(by_kind1.items()) if v - by_kind0.get(k, 0)
+        }
         result["writes_per_resync"] = round((w1 - w0) / max(resyncs, 1e-9), 3)
         result["rss_mb_end"] = rss[-1]
         result["rss_mb_max"] = max(rss)

@@ -80,8 +80,19 @@ def _owner_key(labels: kopf.Labels, namespace: str | None) -> tuple[str, str] | 
 @kopf.on.event("", "v1", "services", labels=_OWNED)
 @kopf.on.event("", "v1", "configmaps", labels=_OWNED)
 async def child_event(
-    labels: kopf.Labels, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+    event: kopf.RawEvent,
+    labels: kopf.Labels,
+    namespace: str | None,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
+    if event.get("type") is None:
+        # kopf re-lists every watched kind at each watch cycle (settings.watching.server_timeout)
+        # and replays each object as an event without a type: no child changed, and at fleet
+        # scale those replays doubled the steady-state reconciles. What a broken watch missed,
+        # the resync catches; the InferenceServices' own re-list still asks for every service.
+        return
     kind = body.get("kind")
     key = _owner_key(labels, namespace)
     if key is not None:
