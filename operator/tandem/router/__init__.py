@@ -6,7 +6,8 @@ replica.
 * `tandem.router.decide` - the pure per-request decision and replica choice
 * `tandem.router.tokens` - prompt-token counting (tokenizer when available, else bytes / 4)
 * `tandem.router.replicas`, `tandem.router.discovery` - replicas from the config or EndpointSlices
-* `tandem.router.server` - the aiohttp server and its aiohttp upstream client
+* `tandem.router.server` - the aiohttp server (the proxy)
+* `tandem.router.upstream` - its lean keep-alive HTTP/1.1 client to the replicas
 * `tandem.router.metrics` - Prometheus metrics
 * `tandem.router.main` - the ``tandem-router`` entry point; `tandem.router.bench` - the overhead bench
 """

@@ -53,11 +53,6 @@ class ReplicaState:
     inflight_tokens: int = 0  # their prompt (+ output) tokens
     last_pick: int = 0  # sequence number of the last time it was picked; 0 = never
     failed_until: float = 0.0  # monotonic seconds; skipped until then
-    base_url: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.base_url:
-            self.base_url = f"http://{self.address}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from tandem.router.config import ConfigError, RouterConfig, load_config
@@ -65,6 +64,7 @@ from tandem.router.discovery import KubeDiscovery, OnChange
 from tandem.router.metrics import CONTENT_TYPE, RouterMetrics
 from tandem.router.replicas import ReplicaTable
 from tandem.router.tokens import TokenCounter, load_counter
+from tandem.router.upstream import Response, UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,8 @@ class Router:
         self.counter = counter or TokenCounter()
         self._counter_for: str | None = None if counter is None else config.tokenizer
         self.kube = kube
-        self.client: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
         self.policy = Policy()
-        self.timeout = aiohttp.ClientTimeout()
         self._seq = 0
         self._last_text: bytes | None = None
         self._reload_task: asyncio.Task[None] | None = None
@@ -185,10 +184,10 @@ class Router:
             prefill_inflight_limit=config.limits.prefill_inflight_per_replica,
             mixed_inflight_limit=config.limits.mixed_inflight_per_replica,
         )
-        connect = config.timeouts.connect_seconds
-        # Connect (including waiting for a pooled connection) is bounded here; the whole call by
-        # asyncio.timeout around it (prefillSeconds or decodeSeconds).
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect)
+        # Connect is bounded by the client; the whole call by asyncio.timeout around it
+        # (prefillSeconds or decodeSeconds).
+        if self.client is not None:
+            self.client.connect_seconds = config.timeouts.connect_seconds
         self.replicas.configure(config.pools)
         wanted: dict[tuple[str, str, str, int], OnChange] = {}
         for pool in config.pools:
@@ -282,12 +281,7 @@ class Router:
         return app
 
     async def _on_startup(self, _app: web.Application) -> None:
-        self.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-            timeout=self.timeout,
-            auto_decompress=False,  # relay bytes as they come
-            skip_auto_headers=("User-Agent",),
-        )
+        self.client = UpstreamClient(self.config.timeouts.connect_seconds)
         if self._counter_for != self.config.tokenizer:
             self.counter = await asyncio.to_thread(load_counter, self.config.tokenizer)
             self._counter_for = self.config.tokenizer
@@ -313,7 +307,7 @@ class Router:
         if self.kube is not None:
             self.kube.stop()
         if self.client is not None:
-            await self.client.close()
+            self.client.close()
 
     # ------------------------------------------------------------------------------ small handlers
 
@@ -349,13 +343,15 @@ class Router:
                 break
             tried.append(replica)
             try:
-                async with (
-                    asyncio.timeout(MODELS_TIMEOUT_SECONDS),
-                    self.client.get(replica.base_url + "/v1/models", timeout=self.timeout) as resp,
-                ):
-                    if resp.status == 200:
-                        return web.Response(body=await resp.read(), content_type="application/json")
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                async with asyncio.timeout(MODELS_TIMEOUT_SECONDS):
+                    resp = await self.client.request(replica.address, "GET", "/v1/models", {})
+                    try:
+                        body = await resp.read()
+                    finally:
+                        resp.close()
+                if resp.status == 200:
+                    return web.Response(body=body, content_type="application/json")
+            except (UpstreamError, TimeoutError) as exc:
                 logger.debug("Replica %s did not list models: %s", replica.address, exc)
         card = {"id": self.config.model, "object": "model", "created": 0, "owned_by": "tandem"}
         return web.json_response({"object": "list", "data": [card]})
@@ -447,8 +443,7 @@ class Router:
             return result  # the prefill replica rejected the request (4xx): the client's answer
         if result is _FAILED:
             return await self._fallback(ex, taken, tuple(tried))
-        decode_body = ex.body if result is None else {**ex.body, "kv_transfer_params": result}
-        content = json.dumps(decode_body).encode()
+        content = decode_content(ex, result)
         decode_tried: list[ReplicaState] = []
         decode: ReplicaState | None = decision.target
         for attempt in range(2):
@@ -505,22 +500,21 @@ class Router:
         assert self.client is not None
         self._acquire(replica, ex.tokens)
         try:
-            async with (
-                asyncio.timeout(self.config.timeouts.prefill_seconds),
-                self.client.post(
-                    replica.base_url + ex.path, data=content, headers=headers, timeout=self.timeout
-                ) as resp,
-            ):
-                status = resp.status
-                answer_bytes = await resp.read()
-                content_type = resp.headers.get("Content-Type", "application/json")
+            async with asyncio.timeout(self.config.timeouts.prefill_seconds):
+                resp = await self.client.request(replica.address, "POST", ex.path, headers, content)
+                try:
+                    answer_bytes = await resp.read()
+                finally:
+                    resp.close()
         except TimeoutError:
             raise UpstreamFailure("timeout", "prefill did not answer in time") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailure("connect", f"prefill failed: {type(exc).__name__}: {exc}") from None
+        except UpstreamError as exc:
+            raise UpstreamFailure("connect", f"prefill failed: {exc}") from None
         finally:
             replica.inflight -= 1
             replica.inflight_tokens -= ex.tokens
+        status = resp.status
+        content_type = resp.content_type or "application/json"
         if status >= 500:
             text = answer_bytes[:_MAX_ERROR_BODY].decode("utf-8", "replace")
             raise UpstreamFailure("status", f"prefill answered {status}: {text}")
@@ -550,11 +544,9 @@ class Router:
         try:
             async with asyncio.timeout(self.config.timeouts.decode_seconds):
                 try:
-                    resp = await self.client.post(
-                        replica.base_url + ex.path, data=content, headers=headers, timeout=self.timeout
-                    )
-                except aiohttp.ClientError as exc:
-                    raise UpstreamFailure("connect", f"{type(exc).__name__}: {exc}") from None
+                    resp = await self.client.request(replica.address, "POST", ex.path, headers, content)
+                except UpstreamError as exc:
+                    raise UpstreamFailure("connect", str(exc)) from None
                 try:
                     return await self._relay(ex, replica, resp, path, started)
                 finally:
@@ -575,7 +567,7 @@ class Router:
         self,
         ex: _Exchange,
         replica: ReplicaState,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         path: RoutePath,
         started: list[web.StreamResponse],
     ) -> web.StreamResponse:
@@ -586,25 +578,23 @@ class Router:
                 raise UpstreamFailure("status", f"answered {status}: {text}")
             if not ex.stream or status != 200:
                 body = await resp.read()
-                return _passthrough(status, body, resp.headers.get("Content-Type", "application/json"))
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailure("connect", f"{type(exc).__name__}: {exc}") from None
+                return _passthrough(status, body, resp.content_type or "application/json")
+        except UpstreamError as exc:
+            raise UpstreamFailure("connect", str(exc)) from None
         out = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await out.prepare(ex.request)
         started.append(out)
         metrics = self.metrics
         write = out.write
         try:
-            chunks = resp.content.iter_any()
+            chunks = resp.chunks()
             async for chunk in chunks:
                 metrics.observe(metrics.ttft, perf_counter() - ex.start, path)
                 await write(chunk)
                 break
             async for chunk in chunks:
                 await write(chunk)
-            if not resp.content.is_eof():
-                raise aiohttp.ClientPayloadError("the stream ended early")
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             # Past the point of retrying: tell the client in the stream, then end it.
             metrics.inc(metrics.upstream_errors, replica.role, "stream")
             logger.warning("Upstream %s replica %s broke a stream: %s", replica.role, replica.address, exc)
@@ -660,6 +650,20 @@ def request_problem(body: Any, *, chat: bool) -> str | None:
         if body.get(key) is not None and not _is_int(body[key]):
             return f"'{key}' must be an integer."
     return None
+
+
+def decode_content(ex: _Exchange, kv_transfer_params: Any) -> bytes:
+    """The decode step's body: the client's request plus the prefill's ``kv_transfer_params``.
+
+    The client's bytes are reused when they can be (no ``kv_transfer_params`` of their own, a plain
+    UTF-8 object): the field is appended before the closing brace instead of serialising the whole
+    request (prompt included) once more."""
+    if kv_transfer_params is None:
+        return ex.raw
+    raw = ex.raw.strip()
+    if ex.body and "kv_transfer_params" not in ex.body and raw[:1] == b"{" and raw[-1:] == b"}":
+        return raw[:-1] + b', "kv_transfer_params": ' + json.dumps(kv_transfer_params).encode() + b"}"
+    return json.dumps({**ex.body, "kv_transfer_params": kv_transfer_params}).encode()
 
 
 def _passthrough(status: int, content: bytes, content_type: str) -> web.Response:
