@@ -43,8 +43,11 @@ def test_vllm_queries_render_with_fallbacks_and_windows() -> None:
     assert set(q) == {
         "waiting", "running", "kv_usage", "prompt_tokens_per_s", "generation_tokens_per_s", "requests_per_s",
         "mean_ttft_s", "mean_itl_s", "mean_prompt_tokens", "mean_output_tokens", "p90_ttft_s", "p90_itl_s",
-        "scrape_age_s",
+        "scrape_age_s", "prompt_tokens_buckets",
     }  # fmt: skip
+    assert (
+        q["prompt_tokens_buckets"] == f"sum by (pool, le) (rate(vllm:request_prompt_tokens_bucket{sel}[60s]))"
+    )
 
 
 def test_sglang_uses_its_own_names() -> None:
@@ -156,3 +159,44 @@ def test_the_client_sends_each_query_once_to_a_server_that_drops_connections() -
         server.close()
     assert obs["prefill"].complete is False
     assert accepted == 1
+
+
+def test_prompt_length_buckets_parse_per_pool_sorted_by_bound() -> None:
+    from tandem.metrics import parse_buckets
+
+    def sample(pool: str, le: str, value: str) -> dict[str, Any]:
+        return {"metric": {"pool": pool, "le": le}, "value": [1.0, value]}
+
+    parsed = parse_buckets(
+        [
+            sample("prefill", "+Inf", "2.0"),
+            sample("prefill", "1024", "0.5"),
+            sample("prefill", "4096", "1.5"),
+            sample("decode", "1024", "0"),  # no requests in the window: no distribution
+            sample("decode", "+Inf", "0"),
+            sample("mixed", "1024", "NaN"),
+            sample("mixed", "+Inf", "1"),
+        ]
+    )
+    assert parsed == {
+        "prefill": ((1024.0, 0.5), (4096.0, 1.5), (float("inf"), 2.0)),
+        "decode": None,
+        "mixed": None,
+    }
+
+
+def test_read_observation_carries_the_prompt_length_histogram() -> None:
+    class Buckets(FakeProm):
+        def custom_query(
+            self, query: str, params: dict[str, Any] | None = None, timeout: float | None = None
+        ) -> list[dict[str, Any]]:
+            if "request_prompt_tokens_bucket" in query:
+                return [
+                    {"metric": {"pool": "p", "le": "512"}, "value": [1.0, "1"]},
+                    {"metric": {"pool": "p", "le": "+Inf"}, "value": [1.0, "3"]},
+                ]
+            return super().custom_query(query, params, timeout)
+
+    obs = read_observation(Buckets({}), "ns", "svc", ["p", "q"], 30)
+    assert obs["p"].prompt_tokens_buckets == ((512.0, 1.0), (float("inf"), 3.0))
+    assert obs["q"].prompt_tokens_buckets is None and obs["p"].complete

@@ -20,6 +20,7 @@ from tandem.planner import (
     PoolTarget,
     decide,
 )
+from tandem.planner.lengths import BUCKETS
 
 MODEL = get_model("llama-3.1-70b", "fp8")
 
@@ -40,7 +41,10 @@ SPEC = PlannerSpec(
     ttft_s=2.0,
     itl_s=0.1,
     interval_s=30.0,
+    tune_split=False,  # sizing scenarios: prompts of >= 512 tokens take the split path
 )
+# The same pools with the split threshold chosen by the planner (routing.disaggregation auto).
+TUNED = replace(SPEC, tune_split=True)
 
 
 def metrics(
@@ -58,6 +62,8 @@ def metrics(
         mean_prompt_tokens=isl if rps else None,
         mean_output_tokens=osl if rps else None,
         scrape_age_s=0.0,
+        # every prompt of the pool is isl tokens long (vLLM's request_prompt_tokens histogram)
+        prompt_tokens_buckets=tuple((le, rps if le >= isl else 0.0) for le in BUCKETS) if rps else None,
     )
     return replace(base, **kw)
 
@@ -157,7 +163,19 @@ CASES = [
     ),
     Case(
         "drop: scale-down after the window, to the window's highest recommendation",
-        [(30.0, fleet(replicas=(6, 0, 1, 1))), (700.0, fleet(replicas=(6, 0, 1, 1)))],
+        [(30.0 * i, fleet(replicas=(6, 0, 1, 1))) for i in range(1, 25)],
+        "ScaledDown",
+        lambda d: d.replicas["prefill-mi300x"] == 0,
+    ),
+    Case(
+        "gap: after a gap in the data the window starts again (no scale-down on the first reading)",
+        [(30.0, BUSY), (60.0, BUSY), (700.0, fleet(replicas=(6, 0, 1, 1)))],
+        "StabilisingScaleDown",
+        _all_none,
+    ),
+    Case(
+        "gap: a full window of data read after the gap allows the scale-down",
+        [(30.0, BUSY), *((700.0 + 30.0 * i, fleet(replicas=(6, 0, 1, 1))) for i in range(22))],
         "ScaledDown",
         lambda d: d.replicas["prefill-mi300x"] == 0,
     ),
@@ -305,6 +323,6 @@ def test_split_threshold_moves_down_when_the_mixed_pool_misses_itl() -> None:
     bad = Observation(
         {**obs.pools, "mixed-mi300x": reading(1, metrics(2.0, 200, 100, running=4, mean_itl_s=0.5))}
     )
-    d = run([(30.0, bad)])
+    d = run([(30.0, bad)], TUNED)
     assert d.split_threshold is not None and d.split_threshold < SPEC.split_threshold
     assert d.state.split_threshold == d.split_threshold

@@ -165,6 +165,10 @@ class PromQL:
             "p90_ttft_s": self._p90(n.ttft),
             "p90_itl_s": self._p90(n.itl),
             "scrape_age_s": f"time() - max by (pool) (timestamp({n.running[0]}{self.sel}))",
+            # the prompt-length histogram (requests/s per upper bound), for the split threshold
+            "prompt_tokens_buckets": _either(
+                f"sum by (pool, le) (rate({x}_bucket{self.sel}[{self.window}]))" for x in n.prompt_len
+            ),
         }
 
 
@@ -191,6 +195,32 @@ def parse_vector(result: Iterable[Mapping[str, Any]]) -> dict[str, float | None]
     return out
 
 
+def parse_buckets(result: Iterable[Mapping[str, Any]]) -> dict[str, tuple[tuple[float, float], ...] | None]:
+    """``sum by (pool, le)`` of a histogram's bucket rates -> pool -> ((upper bound, rate), ...)
+    sorted by bound (``+Inf`` last). A pool with a NaN or unparsable sample gets None; a pool
+    whose rates are all zero (no requests in the window) too: no distribution to read."""
+    per_pool: dict[str, list[tuple[float, float]] | None] = {}
+    for sample in result:
+        metric = sample.get("metric", {})
+        pool, le, value = metric.get("pool"), metric.get("le"), sample.get("value")
+        if pool is None or le is None or not isinstance(value, list | tuple) or len(value) != 2:
+            continue
+        if pool in per_pool and per_pool[pool] is None:
+            continue
+        try:
+            bound, rate = float(le), float(value[1])
+        except (TypeError, ValueError):
+            per_pool[pool] = None
+            continue
+        if math.isnan(bound) or not math.isfinite(rate) or rate < 0:
+            per_pool[pool] = None
+            continue
+        per_pool.setdefault(pool, []).append((bound, rate))  # type: ignore[union-attr]
+    return {
+        pool: (tuple(sorted(b)) if b and any(r > 0 for _, r in b) else None) for pool, b in per_pool.items()
+    }
+
+
 def read_observation(
     client: PromClient,
     namespace: str,
@@ -210,6 +240,7 @@ def read_observation(
     """
     names = list(pools)
     values: dict[str, dict[str, float | None]] = {p: {} for p in names}
+    buckets: dict[str, tuple[tuple[float, float], ...] | None] = {}
     complete = True
     unreachable = False
     for field_name, query in promql(engine, namespace, service, window_s).queries().items():
@@ -224,6 +255,9 @@ def read_observation(
             log.warning("Prometheus query %s for %s/%s failed: %s", field_name, namespace, service, err)
             complete = False
             unreachable = _is_unreachable(err)
+            continue
+        if field_name == "prompt_tokens_buckets":
+            buckets = parse_buckets(result if isinstance(result, list) else [])
             continue
         parsed = parse_vector(result if isinstance(result, list) else [])
         for pool in names:
@@ -245,6 +279,7 @@ def read_observation(
             p90_ttft_s=v.get("p90_ttft_s"),
             p90_itl_s=v.get("p90_itl_s"),
             scrape_age_s=v.get("scrape_age_s"),
+            prompt_tokens_buckets=buckets.get(pool),
             complete=complete,
         )
     return out

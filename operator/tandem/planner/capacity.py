@@ -23,6 +23,7 @@ choice, llm-d workload-variant-autoscaler docs/saturation-analyzer.md; perf-anch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -56,6 +57,26 @@ def _prefill_time(prof: PerfProfile, tokens: int, per_prompt: int) -> float:
     return prof.iteration(tokens, prompts * per_prompt * per_prompt / 2.0, 0, 0)
 
 
+def prompt_seconds(prof: PerfProfile, length: int, budget: int) -> tuple[float, float]:
+    """(seconds of a replica per prompt of ``length`` tokens when it batches at its token
+    ``budget``, seconds of that prompt alone). A prompt longer than the budget is prefilled
+    in budget-sized chunks, each attending to everything before it (as the simulator and
+    vLLM's chunked prefill do), so the attention work stays quadratic in the whole prompt."""
+    length = max(1, length)
+    if length <= budget:
+        per_batch = (budget // length) * length
+        return _prefill_time(prof, per_batch, length) / (per_batch / length), _prefill_time(
+            prof, length, length
+        )
+    total = 0.0
+    done = 0
+    while done < length:
+        take = min(budget, length - done)
+        total += prof.iteration(take, take * done + take * take / 2.0, 0, 0)
+        done += take
+    return total, total
+
+
 def wait_quantile(rho: float, service_s: float, q: float) -> float:
     """M/M/1 waiting-time quantile: P(W > t) = rho * exp(-(1-rho) t / S)."""
     if rho <= q:
@@ -80,18 +101,27 @@ def max_load(base_s: float, service_s: float, target_s: float, q: float, cap: fl
 
 
 def prefill_capacity(
-    pool: PoolTarget, model: ModelArch, isl: float, ttft_s: float, q: float, tune: Tuning, corr: float = 1.0
+    pool: PoolTarget,
+    model: ModelArch,
+    isl: float,
+    ttft_s: float,
+    q: float,
+    tune: Tuning,
+    corr: float = 1.0,
+    typical: float | None = None,
 ) -> Capacity:
+    """``isl``: mean prompt (the work per request); ``typical``: the median prompt, whose
+    latency must meet the target (the attainment is over all requests, so with heavy-tailed
+    lengths the longest prompts may miss while the mass of them meets it)."""
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill"]
-    per_batch = max(1, budget // length) * length
-    batch_s = _prefill_time(prof, per_batch, length) * corr
-    single_s = _prefill_time(prof, length, length) * corr
+    per_req_s = prompt_seconds(prof, length, budget)[0] * corr
+    short = max(1, round(min(isl, typical or isl)))
+    single_s = prompt_seconds(prof, short, budget)[1] * corr
     link = NIC_GBS_PER_DEVICE * pool.tp
     # The first token reaches the client from the decode replica (tandem.sim SimConfig.ttft_on_decode).
-    extra = kv_transfer_seconds(model, length, link, compute_seconds=single_s) + prof.decode_step(1, length)
-    per_req_s = batch_s / (per_batch / length)
+    extra = kv_transfer_seconds(model, short, link, compute_seconds=single_s) + prof.decode_step(1, short)
     rho = max_load(single_s + extra, per_req_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation)
     if rho <= 0:
         return Capacity(0.0, "infeasible")
@@ -131,8 +161,43 @@ def decode_capacity(
     return Capacity(tune.max_utilisation * batch / (osl * step), why)
 
 
+# (batch, context) pairs on which _decode_stepper's copy must match PerfProfile.decode_step
+_PROBES = tuple(
+    (b, c) for b in (1, 2, 3, 7, 16, 63, 64, 255, 256, 1024) for c in (0, 1, 999, 4097, 123457, 10**6)
+)
+
+
+@lru_cache(maxsize=256)
+def _decode_stepper(prof: PerfProfile) -> Callable[[int, int], float]:
+    """``prof.decode_step`` as a closure over the profile's coefficients: the mixed model's
+    search takes ~250 steps per call, and this copy of the arithmetic costs half the method
+    (two calls and attribute reads). Used only if it agrees with the method bit for bit on
+    :data:`_PROBES`, else the method itself."""
+    overhead, per_seq, per_token, comm = (
+        prof.overhead_decode,
+        prof.per_seq,
+        prof.per_token_compute,
+        prof.per_token_comm,
+    )
+    no_pairs = 0.0 * prof.per_pair_compute
+    dense, per_ctx, expert, miss = prof.dense_read, prof.per_ctx_read, prof.expert_read, prof.expert_miss
+
+    def step(batch: int, context: int) -> float:
+        # PerfProfile.iteration(0, 0.0, batch, context), operation for operation
+        compute = batch * per_token + no_pairs
+        read = dense + context * per_ctx
+        if expert:
+            read += expert * (1.0 - miss**batch)
+        return overhead + batch * per_seq + batch * comm + (read if read > compute else compute)
+
+    if all(step(b, c) == prof.decode_step(b, c) for b, c in _PROBES):
+        return step
+    return prof.decode_step
+
+
 def _mixed_ok(
-    prof: PerfProfile,
+    decode_step: Callable[[int, int], float],
+    first_step: float,
     rate: float,
     isl: float,
     osl: float,
@@ -140,13 +205,19 @@ def _mixed_ok(
     itl_target: float,
     kv_cap: float,
 ) -> bool:
+    """Whether a mixed replica at ``rate`` requests/s keeps its step within ``itl_target``
+    and its KV cache within ``kv_cap``; ``first_step`` is ``decode_step(1, int(isl))``."""
     rho_p = rate * isl * pf_per_token
     if rho_p >= 1:
         return False
-    batch = rate * osl * prof.decode_step(1, int(isl))
+    per_step = rate * osl
+    ctx = isl + osl / 2
+    busy = 1 - rho_p
+    batch = per_step * first_step
     for _ in range(8):  # fixed point: the batch sets the step, the step sets the batch (Little)
-        step = prof.decode_step(max(1, math.ceil(batch)), int(batch * (isl + osl / 2))) / (1 - rho_p)
-        batch = rate * osl * step
+        seqs = math.ceil(batch)
+        step = decode_step(seqs if seqs > 1 else 1, int(batch * ctx)) / busy
+        batch = per_step * step
     return step <= itl_target and batch * (isl + osl) <= kv_cap
 
 
@@ -160,26 +231,30 @@ def mixed_capacity(
     q: float,
     tune: Tuning,
     corr: float = 1.0,
+    typical: float | None = None,
 ) -> Capacity:
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     osl = max(1.0, osl)
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["mixed"]
-    chunk = max(1, budget // length) * length if length <= budget else budget
-    pf_per_token = _prefill_time(prof, chunk, min(length, chunk)) * corr / chunk
+    pf_per_token = prompt_seconds(prof, length, budget)[0] * corr / length
     single_s = length * pf_per_token
-    rho_max = max_load(single_s, single_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation)
+    short = max(1, round(min(isl, typical or isl)))
+    base_s = prompt_seconds(prof, short, budget)[1] * corr
+    rho_max = max_load(base_s, single_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation)
     if rho_max <= 0:
         return Capacity(0.0, "infeasible")
     hi = rho_max / (length * pf_per_token)
     itl_target = itl_s * tune.itl_headroom / corr
     kv_cap = tune.kv_headroom * prof.kv_capacity
-    if _mixed_ok(prof, hi, isl, osl, pf_per_token, itl_target, kv_cap):
+    decode_step = _decode_stepper(prof)
+    first = decode_step(1, int(isl))
+    if _mixed_ok(decode_step, first, hi, isl, osl, pf_per_token, itl_target, kv_cap):
         return Capacity(hi, "ttft")
     lo = 0.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        if _mixed_ok(prof, mid, isl, osl, pf_per_token, itl_target, kv_cap):
+        if _mixed_ok(decode_step, first, mid, isl, osl, pf_per_token, itl_target, kv_cap):
             lo = mid
         else:
             hi = mid
@@ -196,14 +271,35 @@ def capacity(
     attainment: float,
     tune: Tuning,
     corr: float = 1.0,
+    typical: float | None = None,
 ) -> Capacity:
-    """Per-replica capacity of ``pool`` for requests of mean shape (isl, osl)."""
+    """Per-replica capacity of ``pool`` for requests of mean shape (isl, osl); ``typical``
+    is the median prompt (the latency target is met at it; default: the mean).
+
+    Memoised: a decision prices the same pool at the same shape for several thresholds
+    (sizing, routing, the final plan), and the mixed model's search costs ~0.5 ms."""
+    return _capacity(pool, model, isl, osl, ttft_s, itl_s, attainment, tune, corr, typical)
+
+
+@lru_cache(maxsize=4096)
+def _capacity(
+    pool: PoolTarget,
+    model: ModelArch,
+    isl: float,
+    osl: float,
+    ttft_s: float,
+    itl_s: float,
+    attainment: float,
+    tune: Tuning,
+    corr: float,
+    typical: float | None,
+) -> Capacity:
     q = max(1e-3, 1.0 - attainment)
     if pool.role == "prefill":
-        return prefill_capacity(pool, model, isl, ttft_s, q, tune, corr)
+        return prefill_capacity(pool, model, isl, ttft_s, q, tune, corr, typical)
     if pool.role == "decode":
         return decode_capacity(pool, model, isl, osl, itl_s, tune, corr)
-    return mixed_capacity(pool, model, isl, osl, ttft_s, itl_s, q, tune, corr)
+    return mixed_capacity(pool, model, isl, osl, ttft_s, itl_s, q, tune, corr, typical)
 
 
 def predicted_ttft(pool: PoolTarget, model: ModelArch, isl: float, rate_per_replica: float) -> float | None:
@@ -212,9 +308,7 @@ def predicted_ttft(pool: PoolTarget, model: ModelArch, isl: float, rate_per_repl
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
-    per_batch = max(1, budget // length) * length
-    per_req_s = _prefill_time(prof, per_batch, length) / (per_batch / length)
-    single_s = _prefill_time(prof, length, length)
+    per_req_s, single_s = prompt_seconds(prof, length, budget)
     rho = rate_per_replica * per_req_s
     if rho >= 0.95:
         return None
@@ -233,5 +327,4 @@ def prefill_seconds_per_token(pool: PoolTarget, model: ModelArch, isl: float) ->
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
-    chunk = max(1, budget // length) * length if length <= budget else budget
-    return _prefill_time(prof, chunk, min(length, chunk)) / chunk
+    return prompt_seconds(prof, length, budget)[0] / length

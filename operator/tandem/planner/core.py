@@ -30,11 +30,14 @@ Per interval:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Any
 
-from tandem.planner import forecast
+from tandem.planner import forecast, lengths
 from tandem.planner.capacity import (
     Capacity,
     capacity,
@@ -42,6 +45,7 @@ from tandem.planner.capacity import (
     predicted_ttft,
     prefill_seconds_per_token,
 )
+from tandem.planner.lengths import LengthDist
 from tandem.planner.types import (
     Decision,
     LimitedBy,
@@ -59,6 +63,8 @@ from tandem.planner.types import (
 DEFAULT_ISL = 1024.0
 DEFAULT_OSL = 128.0
 MIN_SAMPLES = 5.0  # requests per interval before a latency feeds the correction
+UNMET_PENALTY = 1e4  # USD/hour per request/s a plan cannot serve (when choosing a threshold)
+MIN_RATE = 1e-3  # requests/s below which a class needs no replicas (one per ~17 minutes)
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,9 @@ class DemandClass:
 class Demand:
     rate: float  # requests/s to plan for
     observed: float  # requests/s now (entry rate + backlog)
-    isl: float
+    isl: float  # mean prompt tokens (sets the work)
     osl: float
+    typical: float | None = None  # median prompt tokens (sets the latency the target is met at)
 
 
 @dataclass
@@ -85,12 +92,17 @@ class _Plan:
     caps: dict[str, Capacity] = field(default_factory=dict)
     limited: LimitedBy | None = None
     infeasible: list[str] = field(default_factory=list)
+    unmet: float = 0.0  # requests/s no allowed fleet serves within the SLO (per role)
     held: dict[str, str] = field(default_factory=dict)  # pool -> why it was held
 
 
 def classes(spec: PlannerSpec) -> list[DemandClass]:
     """The request paths the spec's pools provide."""
-    roles = {p.role for p in spec.pools}
+    return list(_classes(frozenset(p.role for p in spec.pools)))
+
+
+@lru_cache(maxsize=16)
+def _classes(roles: frozenset[Role]) -> tuple[DemandClass, ...]:
     out: list[DemandClass] = []
     if "prefill" in roles:
         out.append(DemandClass("split", ("prefill", "decode"), "prefill", "decode"))
@@ -98,7 +110,7 @@ def classes(spec: PlannerSpec) -> list[DemandClass]:
         out.append(DemandClass("split", ("decode",), "decode", "decode"))
     if "mixed" in roles:
         out.append(DemandClass("mixed", ("mixed",), "mixed", "mixed"))
-    return out
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------- 1. data checks
@@ -157,40 +169,119 @@ def _readings(spec: PlannerSpec, obs: Observation, role: Role) -> list[PoolReadi
     return [obs.pools[p.name] for p in spec.by_role(role) if obs.pools[p.name].ready > 0]
 
 
-def observe_demand(
-    spec: PlannerSpec, obs: Observation, cls: DemandClass
-) -> tuple[float, float | None, float | None]:
-    """(requests/s incl. backlog, mean ISL, mean OSL) of a class now; lengths None if unseen."""
-    entry = _readings(spec, obs, cls.entry)
-    exit_ = _readings(spec, obs, cls.exit) if cls.exit != cls.entry else []
+@dataclass(frozen=True)
+class Total:
+    """All requests entering the service, whatever path they take."""
+
+    rate: float  # requests/s to plan for (forecast, fast up)
+    observed: float  # requests/s now (entry rate + backlog)
+    lengths: LengthDist  # prompt lengths
+    osl: float
+
+
+def _entry_roles(spec: PlannerSpec) -> tuple[Role, ...]:
+    return tuple(dict.fromkeys(c.entry for c in classes(spec)))
+
+
+def observe_total(spec: PlannerSpec, obs: Observation) -> tuple[float, float | None, float | None, list[Any]]:
+    """(requests/s incl. backlog, mean ISL, mean OSL, prompt histograms) entering now."""
+    entry = [r for role in _entry_roles(spec) for r in _readings(spec, obs, role)]
+    exit_roles = tuple(dict.fromkeys(c.exit for c in classes(spec)))
+    exits = [r for role in exit_roles for r in _readings(spec, obs, role)]
     rate = sum(r.metrics.requests_per_s or 0.0 for r in entry)
-    waiting = sum(r.metrics.waiting or 0.0 for r in entry + exit_)
+    waiting = sum(r.metrics.waiting or 0.0 for r in {id(r): r for r in entry + exits}.values())
     drain_s = spec.interval_s + spec.tuning.lead_time_s
     isl = _weighted([(r.metrics.mean_prompt_tokens, r.metrics.requests_per_s or 0.0) for r in entry])
-    osl_src = exit_ or entry
     osl = _weighted(
-        [(r.metrics.mean_output_tokens, r.metrics.generation_tokens_per_s or 0.0) for r in osl_src]
+        [
+            (
+                r.metrics.mean_output_tokens,
+                (r.metrics.generation_tokens_per_s or 0.0) / r.metrics.mean_output_tokens,
+            )
+            if r.metrics.mean_output_tokens
+            else (None, 0.0)
+            for r in exits
+        ]
     )
-    return rate + waiting / drain_s, isl, osl
+    hists = [r.metrics.prompt_tokens_buckets for r in entry if r.metrics.prompt_tokens_buckets]
+    return rate + waiting / drain_s, isl, osl, hists
 
 
-def plan_demand(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> dict[str, Demand]:
-    """Observed demand per class folded into the forecasts (updates ``st.forecast``)."""
-    out: dict[str, Demand] = {}
+def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> Total:
+    """Observed demand folded into the forecasts (updates ``st.forecast``)."""
     horizon = spec.interval_s + spec.tuning.lead_time_s
-    for cls in classes(spec):
-        rate, isl, osl = observe_demand(spec, obs, cls)
-        st.forecast[cls.name] = forecast.update(st.forecast.get(cls.name), rate, now, spec.interval_s)
-        lengths: list[float] = []
-        for key, value, default in (("isl", isl, DEFAULT_ISL), ("osl", osl, DEFAULT_OSL)):
-            name = f"{cls.name}.{key}"
-            if value is not None and value > 0:
-                st.forecast[name] = forecast.update(st.forecast.get(name), value, now, spec.interval_s)
-            known = st.forecast.get(name)
-            lengths.append(known.level if known is not None and known.level is not None else default)
-        predicted = forecast.predict(st.forecast[cls.name], horizon, spec.interval_s) or 0.0
-        out[cls.name] = Demand(max(rate, predicted), rate, lengths[0], max(1.0, lengths[1]))
-    return out
+    rate, isl, osl, hists = observe_total(spec, obs)
+    st.forecast["total"] = forecast.update(st.forecast.get("total"), rate, now, spec.interval_s)
+    means: list[float] = []
+    for key, value, default in (("isl", isl, DEFAULT_ISL), ("osl", osl, DEFAULT_OSL)):
+        name = f"total.{key}"
+        if value is not None and value > 0:
+            st.forecast[name] = forecast.update(st.forecast.get(name), value, now, spec.interval_s)
+        known = st.forecast.get(name)
+        means.append(known.level if known is not None and known.level is not None else default)
+    if hists:  # remember the shape (normalised; JSON has no infinity) for intervals without data
+        merged = lengths.merge(hists)
+        top = max(c for _, c in merged)
+        if top > 0:
+            seen = [(min(le, lengths.TOP), c / top) for le, c in merged]
+            old = dict(st.prompt_lengths)
+            st.prompt_lengths = [(le, 0.5 * c + 0.5 * old.get(le, c)) for le, c in seen]
+    dist = lengths.from_buckets(st.prompt_lengths, means[0]) if st.prompt_lengths else None
+    if dist is None:
+        dist = lengths.lognormal(means[0])
+    predicted = forecast.predict(st.forecast["total"], horizon, spec.interval_s) or 0.0
+    return Total(max(rate, predicted), rate, dist, max(1.0, means[1]))
+
+
+def held_total(spec: PlannerSpec, total: Total, st: PlannerState, now: float) -> Total:
+    """The demand the fleet is held for: the highest planned rate of the scale-down window
+    (updates ``st.demand``). Choosing the threshold and routing by it, not by the last
+    interval, keeps a lull between bursts from re-planning the fleet."""
+    window = spec.tuning.down_window_s
+    st.demand = [(t, r) for t, r in st.demand if now - t < window] + [(now, total.rate)]
+    held = max(r for _, r in st.demand)
+    return Total(held, held, total.lengths, total.osl)
+
+
+def class_demand(spec: PlannerSpec, total: Total, threshold: int) -> dict[str, Demand]:
+    """Demand per class when prompts of at least ``threshold`` tokens take the split path."""
+    names = [c.name for c in classes(spec)]
+    mean = _mean(total.lengths) or DEFAULT_ISL
+    if len(names) < 2:
+        return {n: Demand(total.rate, total.observed, mean, total.osl) for n in names}
+    frac, above, below, median_above, median_below = _shares(total.lengths, threshold)
+    return {
+        "split": Demand(
+            total.rate * frac,
+            total.observed * frac,
+            above or max(mean, threshold),
+            total.osl,
+            median_above,
+        ),
+        "mixed": Demand(
+            total.rate * (1 - frac),
+            total.observed * (1 - frac),
+            below or min(mean, threshold),
+            total.osl,
+            median_below,
+        ),
+    }
+
+
+# A decision splits one distribution at each candidate threshold several times (sizing,
+# routing, the final plan); the distribution is a frozen value, so the results are memoised.
+@lru_cache(maxsize=256)
+def _mean(dist: LengthDist) -> float:
+    return dist.mean()
+
+
+@lru_cache(maxsize=2048)
+def _shares(
+    dist: LengthDist, threshold: int
+) -> tuple[float, float | None, float | None, float | None, float | None]:
+    """``dist.share(threshold)`` and the medians above and below ``threshold``."""
+    frac, above, below = dist.share(threshold)
+    return frac, above, below, dist.median(low=threshold), dist.median(high=threshold)
 
 
 # ------------------------------------------------------------------------- 4. correction
@@ -235,6 +326,14 @@ def update_corrections(
                 ratio = _ratio(spec, pool, reading, d)
                 if ratio is None or not math.isfinite(ratio):
                     continue
+                m = reading.metrics
+                seen, target = (
+                    (m.mean_ttft_s, spec.ttft_s) if pool.role == "prefill" else (m.mean_itl_s, spec.itl_s)
+                )
+                if seen is not None and seen < t.correction_floor * target:
+                    # far inside the SLO the model's error costs nothing: a sample there may
+                    # say the model is pessimistic, never that capacity must shrink
+                    ratio = min(ratio, 1.0)
                 ratio = min(t.correction_max, max(t.correction_min, ratio))
                 old = st.correction.get(pool.name, 1.0)
                 st.correction[pool.name] = (1 - t.correction_alpha) * old + t.correction_alpha * ratio
@@ -246,50 +345,159 @@ def update_corrections(
 def _cap(spec: PlannerSpec, pool: PoolTarget, d: Demand, st: PlannerState) -> Capacity:
     return capacity(
         pool, spec.model, d.isl, d.osl, spec.ttft_s, spec.itl_s, spec.attainment, spec.tuning,
-        st.correction.get(pool.name, 1.0),
+        st.correction.get(pool.name, 1.0), d.typical,
     )  # fmt: skip
+
+
+_Key = tuple[float, float, tuple[int, ...]]  # (cost, -capacity, combination): least is best
+
+
+def _cheapest_combo(
+    rate: float, pools: list[PoolTarget], caps: Mapping[str, Capacity], ranges: list[int]
+) -> tuple[int, ...] | None:
+    """Extra replicas per pool covering ``rate`` at the least cost (then the most capacity,
+    then the first in lexicographic order): exhaustive over up to 4096 combinations; None
+    when the search is larger or nothing covers the rate. The pool of the widest range is
+    solved for rather than enumerated (:func:`_cheapest_given`)."""
+    if math.prod(r + 1 for r in ranges) > 4096:
+        return None
+    rps = [caps[p.name].rps for p in pools]
+    prices = [p.price_per_hour for p in pools]
+    free = max(range(len(pools)), key=lambda i: ranges[i])
+    best: _Key | None = None
+    for head in itertools.product(*(range(r + 1) for i, r in enumerate(ranges) if i != free)):
+        found = _cheapest_given(rate, rps, prices, free, ranges[free], head, best)
+        if found is not None and (best is None or found < best):
+            best = found
+    return None if best is None else best[2]
+
+
+def _combo_key(rate: float, rps: list[float], prices: list[float], combo: tuple[int, ...]) -> _Key | None:
+    cap = sum(n * c for n, c in zip(combo, rps, strict=True))
+    if cap < rate - 1e-9:
+        return None
+    return (sum(n * p for n, p in zip(combo, prices, strict=True)), -cap, combo)
+
+
+def _cheapest_given(
+    rate: float,
+    rps: list[float],
+    prices: list[float],
+    free: int,
+    top: int,
+    head: tuple[int, ...],
+    bound: _Key | None,
+) -> _Key | None:
+    """The least key among ``head`` on the other pools plus 0..``top`` replicas of pool
+    ``free``; None when none covers the rate or all cost more than ``bound``. The capacity
+    and cost grow with the count, so the answer is the fewest replicas that cover the rate
+    (found from the arithmetic, confirmed with the exact sums), or more of them while they
+    cost the same (rounding, a free pool) and add capacity."""
+
+    def key(n: int) -> _Key | None:
+        return _combo_key(rate, rps, prices, (*head[:free], n, *head[free:]))
+
+    zero = (*head[:free], 0, *head[free:])
+    cost0 = sum(n * p for n, p in zip(zero, prices, strict=True))
+    if bound is not None and prices[free] >= 0 and cost0 > bound[0]:
+        return None  # costs more than the best before any replica of pool ``free``
+    need = (rate - 1e-9 - sum(n * c for n, c in zip(zero, rps, strict=True))) / rps[free]
+    n = 0 if need <= 0 else (top if need >= top else max(0, math.ceil(need) - 1))
+    while n > 0 and key(n - 1) is not None:
+        n -= 1
+    found = key(n)
+    while found is None and n < top:
+        n += 1
+        found = key(n)
+    while found is not None and n < top:
+        nxt = key(n + 1)
+        if nxt is None or (prices[free] > 0 and nxt[0] != found[0]):
+            break
+        n += 1
+        found = min(found, nxt)
+    return found
 
 
 def allocate(
     rate: float, pools: list[PoolTarget], caps: Mapping[str, Capacity]
 ) -> tuple[dict[str, int], bool]:
-    """Replicas per pool serving ``rate`` requests/s, cheapest per request first.
+    """Replicas per pool serving ``rate`` requests/s at the lowest cost per hour.
 
     Every pool starts at its min; pools that cannot meet the SLO (capacity 0) stay there.
-    Returns (replicas, short) where ``short`` means the maxes could not cover the rate.
+    Replicas are whole, so the cheapest fleet is not always the one of the lowest price per
+    request/s (one cheap small replica can beat one efficient big one): small searches are
+    exhaustive, large ones fill the cheapest per request/s first and top up with the pool
+    whose one replica is cheapest. Returns (replicas, short) where ``short`` means the maxes
+    could not cover the rate.
     """
     out = {p.name: p.min_replicas for p in pools}
     remaining = rate - sum(p.min_replicas * caps[p.name].rps for p in pools)
+    if remaining <= 1e-9:
+        return out, False
     usable = sorted(
-        (p for p in pools if caps[p.name].rps > 0),
+        (p for p in pools if caps[p.name].rps > 0 and p.max_replicas > p.min_replicas),
         key=lambda p: (p.price_per_hour / caps[p.name].rps, p.name),
     )
+    if not usable:
+        return out, True
+    ranges = [
+        min(p.max_replicas - p.min_replicas, math.ceil(remaining / caps[p.name].rps - 1e-9)) for p in usable
+    ]
+    exact = _cheapest_combo(remaining, usable, caps, ranges)
+    if exact is not None:
+        for n, p in zip(exact, usable, strict=True):
+            out[p.name] += n
+        return out, False
+    short = True
     for p in usable:
+        cap = caps[p.name].rps
+        whole = min(p.max_replicas - out[p.name], int(remaining / cap + 1e-9))
+        out[p.name] += whole
+        remaining -= whole * cap
         if remaining <= 1e-9:
+            short = False
             break
-        add = min(p.max_replicas - p.min_replicas, math.ceil(remaining / caps[p.name].rps - 1e-9))
-        add = max(0, add)
+    while short:  # top up the remainder with the pool where it costs least
+        options = [p for p in usable if out[p.name] < p.max_replicas]
+        if not options:
+            break
+        p = min(
+            options,
+            key=lambda p: (p.price_per_hour * math.ceil(remaining / caps[p.name].rps - 1e-9), p.name),
+        )
+        add = min(p.max_replicas - out[p.name], math.ceil(remaining / caps[p.name].rps - 1e-9))
         out[p.name] += add
         remaining -= add * caps[p.name].rps
-    return out, remaining > 1e-9
+        short = remaining > 1e-9
+    return out, short
 
 
-def size(spec: PlannerSpec, demand: Mapping[str, Demand], st: PlannerState, plan: _Plan) -> None:
-    """Raw targets per pool (before stabilisation and budget) into ``plan``."""
+def size(
+    spec: PlannerSpec, demand: Mapping[str, Demand], st: PlannerState, plan: _Plan, report: bool = True
+) -> None:
+    """Raw targets per pool (before stabilisation and budget) into ``plan``. ``report=False``:
+    a trial (only the targets count), so no capacity is computed for a role without demand."""
     for cls in classes(spec):
         d = demand[cls.name]
         for role in cls.roles:
             pools = spec.by_role(role)
+            if d.rate < MIN_RATE:
+                if report:
+                    plan.caps.update({p.name: _cap(spec, p, d, st) for p in pools})
+                plan.targets.update({p.name: p.min_replicas for p in pools})
+                continue
             caps = {p.name: _cap(spec, p, d, st) for p in pools}
             plan.caps.update(caps)
-            if not any(c.rps > 0 for c in caps.values()) and d.rate > 0:
+            if not any(c.rps > 0 for c in caps.values()):
                 plan.infeasible.append(role)
+                plan.unmet += d.rate
                 plan.targets.update({p.name: None for p in pools})
                 continue
             alloc, short = allocate(d.rate, pools, caps)
             plan.targets.update(alloc)
             if short:
                 plan.limited = "max"
+                plan.unmet += max(0.0, d.rate - sum(n * caps[k].rps for k, n in alloc.items()))
     _keep_decode_for_prefill(spec, plan)
 
 
@@ -305,44 +513,108 @@ def _keep_decode_for_prefill(spec: PlannerSpec, plan: _Plan) -> None:
 # ------------------------------------------------------------------------- 6. split threshold
 
 
-def _path_cost(spec: PlannerSpec, roles: tuple[Role, ...], isl: float, osl: float, st: PlannerState) -> float:
-    """Cheapest USD per (request/s)-hour of requests of shape (isl, osl) along ``roles``."""
-    d = Demand(0.0, 0.0, isl, osl)
-    total = 0.0
-    for role in roles:
-        costs = [p.price_per_hour / c.rps for p in spec.by_role(role) if (c := _cap(spec, p, d, st)).rps > 0]
-        if not costs:
-            return math.inf
-        total += min(costs)
-    return total
-
-
-def _mixed_itl(spec: PlannerSpec, obs: Observation) -> float | None:
-    readings = _readings(spec, obs, "mixed")
-    return _weighted([(r.metrics.mean_itl_s, r.metrics.generation_tokens_per_s or 1.0) for r in readings])
-
-
-def tune_split(spec: PlannerSpec, obs: Observation, st: PlannerState, demand: Mapping[str, Demand]) -> int:
-    """The next split threshold (tokens); one multiplicative step per decision at most."""
-    current = st.split_threshold if st.split_threshold is not None else spec.split_threshold
-    roles = {p.role for p in spec.pools}
-    if not spec.tune_split or not {"prefill", "decode", "mixed"} <= roles:
-        return current
+def candidates(spec: PlannerSpec, *extra: int | None) -> list[int]:
+    """Thresholds the planner considers: the histogram's bounds within the tuning's range,
+    the range's ends, "split everything" (1) and "split nothing" (longer than the context)."""
     t = spec.tuning
-    up = min(t.max_split_tokens, round(current * t.split_step / 64) * 64)
-    down = max(t.min_split_tokens, round(current / t.split_step / 64) * 64)
-    osl = max(d.osl for d in demand.values())
-    itl = _mixed_itl(spec, obs)
-    split: tuple[Role, ...] = ("prefill", "decode")
-    mixed: tuple[Role, ...] = ("mixed",)
-    if itl is not None and itl > spec.itl_s * t.itl_headroom:
-        return down  # the mixed pools already miss the ITL target: send them less
-    healthy = itl is None or itl < 0.7 * spec.itl_s * t.itl_headroom
-    if healthy and _path_cost(spec, mixed, up, osl, st) < _path_cost(spec, split, up, osl, st):
-        return up
-    if _path_cost(spec, split, down, osl, st) < _path_cost(spec, mixed, down, osl, st):
-        return down
-    return current
+    out = {t.min_split_tokens, t.max_split_tokens}
+    out |= {int(b) for b in lengths.BUCKETS if t.min_split_tokens < b < t.max_split_tokens}
+    if t.extreme_splits:
+        out |= {1, spec.model.max_model_len + 1}
+    out |= {x for x in extra if x is not None}
+    return sorted(out)
+
+
+def fleet_cost(spec: PlannerSpec, plan: _Plan) -> float:
+    """USD per hour of a sized plan, plus a prohibitive price per request/s it leaves unserved
+    (so that among fleets that all fall short the one serving the most wins)."""
+    cost = sum((plan.targets.get(p.name) or 0) * p.price_per_hour for p in spec.pools)
+    return cost + UNMET_PENALTY * plan.unmet
+
+
+def _splits(spec: PlannerSpec) -> bool:
+    roles = {p.role for p in spec.pools}
+    return spec.tune_split and {"prefill", "decode", "mixed"} <= roles
+
+
+def plan_threshold(spec: PlannerSpec, total: Total, st: PlannerState) -> tuple[int, dict[int, float]]:
+    """The threshold to size the fleet for: the one whose whole fleet costs least per hour at
+    the planned demand. A new threshold must save ``split_hysteresis`` of the current cost
+    (integer replicas make costs jumpy). Returns (threshold, cost per candidate)."""
+    current = st.plan_threshold or st.split_threshold or spec.split_threshold
+    if not _splits(spec):
+        return current, {}
+    costs: dict[int, float] = {}
+    for threshold in candidates(spec, current):
+        trial = _Plan()
+        size(spec, class_demand(spec, total, threshold), st, trial, report=False)
+        costs[threshold] = fleet_cost(spec, trial)
+    best = min(costs, key=lambda x: (costs[x], abs(math.log(x / current))))
+    if costs[best] >= costs[current] * (1 - spec.tuning.split_hysteresis):
+        return current, costs
+    return best, costs
+
+
+def _pressure(spec: PlannerSpec, obs: Observation, role: Role) -> float:
+    """Observed latency / target of a role's ready pools (the worst of TTFT and ITL where the
+    role produces them): above 1 the path is overloaded whatever the model says."""
+    worst = 0.0
+    for reading in _readings(spec, obs, role):
+        m = reading.metrics
+        if role != "decode" and m.mean_ttft_s is not None:
+            worst = max(worst, m.mean_ttft_s / spec.ttft_s)
+        if role != "prefill" and m.mean_itl_s is not None:
+            worst = max(worst, m.mean_itl_s / spec.itl_s)
+    return worst
+
+
+def _path_load(
+    spec: PlannerSpec,
+    obs: Observation,
+    st: PlannerState,
+    total: Total,
+    threshold: int,
+    now: Mapping[str, Demand],
+    pressure: Mapping[Role, float],
+) -> float:
+    """Highest load of the paths' ready replicas if the router used ``threshold``: the
+    model's demand / capacity, or the observed latency / target (``pressure``) scaled by
+    how much more (or less) demand the path would get than it gets now (``now``: the demand
+    under the routed threshold)."""
+    worst = 0.0
+    for cls, d in zip(classes(spec), class_demand(spec, total, threshold).values(), strict=True):
+        if d.observed <= 1e-9:
+            continue
+        for role in cls.roles:
+            cap = sum(
+                obs.pools[p.name].ready * _cap(spec, p, d, st).rps
+                for p in spec.by_role(role)
+                if obs.pools[p.name].ready > 0
+            )
+            worst = max(worst, d.observed / cap if cap > 0 else math.inf)
+            before = now[cls.name].observed
+            if before > 1e-9:
+                worst = max(worst, pressure[role] * d.observed / before)
+    return worst
+
+
+def route_threshold(spec: PlannerSpec, obs: Observation, st: PlannerState, total: Total, planned: int) -> int:
+    """The threshold the router uses now: the one that loads the ready replicas of the two
+    paths most evenly at the held demand (nearest the planned one on ties, and the planned
+    one while it keeps every path under ``route_spill_load``). Replicas that are ready serve,
+    whichever threshold they were started for; new ones take minutes."""
+    if not _splits(spec):
+        return planned
+    routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
+    now = class_demand(spec, total, routed)
+    pressure = {role: _pressure(spec, obs, role) for cls in classes(spec) for role in cls.roles}
+    options = {
+        x: _path_load(spec, obs, st, total, x, now, pressure) for x in candidates(spec, planned, routed)
+    }
+    best = min(options, key=lambda x: (options[x], abs(math.log(x / planned))))
+    if options[planned] <= spec.tuning.route_spill_load * 0.5 or not options[best] < options[planned]:
+        return planned
+    return best
 
 
 # ------------------------------------------------------------------------- 7. stabilisation
@@ -452,7 +724,14 @@ def _hold(
     return Decision(out, None, reason, message, {"held": "all"}, limited, st)
 
 
-def _signals(demand: Mapping[str, Demand], plan: _Plan, st: PlannerState, threshold: int) -> dict[str, str]:
+def _signals(
+    demand: Mapping[str, Demand],
+    plan: _Plan,
+    st: PlannerState,
+    threshold: int,
+    planned: int,
+    costs: Mapping[int, float],
+) -> dict[str, str]:
     sig: dict[str, str] = {}
     for name, d in demand.items():
         sig[f"{name}.rps"] = f"{d.observed:.3g}"
@@ -466,6 +745,9 @@ def _signals(demand: Mapping[str, Demand], plan: _Plan, st: PlannerState, thresh
         target = plan.targets.get(pool)
         sig[f"{pool}.recommended"] = "-" if target is None else str(target)
     sig["splitThreshold"] = str(threshold)
+    sig["plannedSplitThreshold"] = str(planned)
+    if planned in costs:
+        sig["plannedCostPerHour"] = f"{costs[planned]:.3g}"
     return sig
 
 
@@ -506,11 +788,20 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     problem = check(spec, observation)
     if problem is not None:
         return _hold(spec, observation, st, now, *problem)
-    demand = plan_demand(spec, observation, st, now)
-    update_corrections(spec, observation, st, demand)
-    threshold = tune_split(spec, observation, st, demand)
+    if st.last_good is not None and now - st.last_good > spec.tuning.gap_intervals * spec.interval_s:
+        # what was recommended before the gap cannot vouch for it: the window starts again
+        st.recommendations = {}
+    st.last_good = now
+    total = plan_total(spec, observation, st, now)
+    routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
+    update_corrections(spec, observation, st, class_demand(spec, total, routed))
+    held = held_total(spec, total, st, now)
+    planned, costs = plan_threshold(spec, held, st)
+    st.plan_threshold = planned
+    demand = class_demand(spec, total, planned)
     plan = _Plan()
     size(spec, demand, st, plan)
+    threshold = route_threshold(spec, observation, st, held, planned)
     out = stabilise(spec, observation, st, now, plan)
     limited = clamp_bounds(spec, observation, out) or plan.limited
     budget_cut = apply_budget(spec, observation, out)
@@ -521,13 +812,18 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
             out[name] = None
         elif value is not None:
             st.last_change[name] = now
-    changed_threshold = threshold if threshold != (st.split_threshold or spec.split_threshold) else None
-    if st.split_threshold is None or changed_threshold is not None:
-        st.split_threshold = threshold
+    changed_threshold = threshold if threshold != routed else None
+    st.split_threshold = threshold
     st.last_time = now
     reason, message = _reason(observation, out, plan, budget_cut)
     return Decision(
-        out, changed_threshold, reason, message, _signals(demand, plan, st, threshold), limited, st
+        out,
+        changed_threshold,
+        reason,
+        message,
+        _signals(demand, plan, st, threshold, planned, costs),
+        limited,
+        st,
     )
 
 

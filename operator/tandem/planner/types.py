@@ -44,6 +44,9 @@ class PoolObservation:
     p90_itl_s: float | None = None  # histogram_quantile(0.9, ...itl_bucket)
     scrape_age_s: float | None = None  # seconds since the newest sample of the pool (None: unknown)
     complete: bool = True  # False when some query of the pool failed (timeout, HTTP error)
+    # sum by (le) (rate(vllm:request_prompt_tokens_bucket)): cumulative requests/s per upper
+    # bound (prompt tokens) of the requests entering the pool; None: not collected
+    prompt_tokens_buckets: tuple[tuple[float, float], ...] | None = None
 
     @staticmethod
     def empty(complete: bool = True) -> PoolObservation:
@@ -51,7 +54,8 @@ class PoolObservation:
 
     def numbers(self) -> dict[str, float | None]:
         """The numeric fields by name (for plausibility checks and signals)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "complete"}
+        skip = ("complete", "prompt_tokens_buckets")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 @dataclass(frozen=True)
@@ -110,14 +114,25 @@ class Tuning:
     max_utilisation: float = 0.9
     # Observations older than this many intervals count as a scrape gap.
     max_scrape_age_intervals: float = 2.0
+    # Good data missing for longer than this many intervals (Prometheus down, a hold): the
+    # scale-down window restarts, so only data read after the gap can justify a scale-down.
+    gap_intervals: float = 2.5
     # Online correction: EWMA weight of a new observed/predicted ratio, and its clamps.
     correction_alpha: float = 0.3
     correction_min: float = 0.5
     correction_max: float = 4.0
-    # Split threshold tuning: bounds and multiplicative step.
+    # A latency below this fraction of its target can lower the correction, never raise it.
+    correction_floor: float = 0.5
+    # Split threshold: the planner sizes the fleet for the candidate threshold whose whole
+    # fleet costs least (bounds of the partial splits; ``extreme_splits`` adds "split
+    # everything" and "split nothing"), switching only when that saves ``split_hysteresis``
+    # of the cost; the router gets another threshold while the ready replicas of a path
+    # would run above ``route_spill_load`` of their capacity (new replicas take minutes).
     min_split_tokens: int = 128
     max_split_tokens: int = 8192
-    split_step: float = 1.25
+    extreme_splits: bool = True
+    split_hysteresis: float = 0.1
+    route_spill_load: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -260,8 +275,14 @@ class PlannerState:
     correction: dict[str, float] = field(default_factory=dict)
     # demand class ("split", "mixed") -> smoothed request rate; "<class>.isl"/"<class>.osl" lengths
     forecast: dict[str, Trend] = field(default_factory=dict)
-    split_threshold: int | None = None
+    # (time, planned requests/s of the whole service) within the scale-down window
+    demand: list[tuple[float, float]] = field(default_factory=list)
+    # prompt-length histogram last seen: cumulative share per upper bound (tokens)
+    prompt_lengths: list[tuple[float, float]] = field(default_factory=list)
+    split_threshold: int | None = None  # what the router uses now
+    plan_threshold: int | None = None  # the threshold the fleet is being sized for
     last_time: float | None = None
+    last_good: float | None = None  # the last decision made on good data (not a hold)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -283,8 +304,12 @@ class PlannerState:
                 last_change={k: float(v) for k, v in raw.get("last_change", {}).items()},
                 correction={k: float(v) for k, v in raw.get("correction", {}).items()},
                 forecast={k: Trend(**v) for k, v in raw.get("forecast", {}).items()},
+                demand=[(float(t), float(r)) for t, r in raw.get("demand", [])],
+                prompt_lengths=[(float(b), float(c)) for b, c in raw.get("prompt_lengths", [])],
                 split_threshold=raw.get("split_threshold"),
+                plan_threshold=raw.get("plan_threshold"),
                 last_time=raw.get("last_time"),
+                last_good=raw.get("last_good"),
             )
         except (TypeError, ValueError, AttributeError):
             return PlannerState()

@@ -20,6 +20,7 @@ growing context) and only truncates it, at the next step boundary, when new work
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import time as wallclock
@@ -31,6 +32,7 @@ from typing import Any
 from tandem.perf.catalog import Accelerator
 from tandem.perf.model import PerfProfile, build_profile, kv_transfer_seconds
 from tandem.perf.models import ModelArch
+from tandem.planner.lengths import BUCKETS as PROMPT_BUCKETS
 from tandem.sim.policies import (
     AutoscalePolicy,
     PoolObservation,
@@ -252,6 +254,8 @@ class _Pool:
         self.w_osl_sum = 0
         self.w_len_n = 0
         self.w_ttfts: list[float] = []
+        # prompt lengths of the requests routed here, per bucket (vLLM's request_prompt_tokens)
+        self.w_prompt_hist = [0] * (len(PROMPT_BUCKETS) + 1)
 
 
 _STARTING, _READY, _DRAINING, _GONE = 0, 1, 2, 3
@@ -516,6 +520,7 @@ class _Engine:
         req.path = "split" if use_split else "mixed"
         req.pool = best.pool
         best.pool.w_reqs += 1
+        best.pool.w_prompt_hist[bisect.bisect_left(PROMPT_BUCKETS, req.prompt)] += 1
         best.pq.append(req)
         best.pq_tokens += req.prompt
         if not best.busy:
@@ -778,6 +783,11 @@ class _Engine:
         kv = sum(i.kv_used / i.cap for i in ready) / len(ready)
         w = max(window_s, 1e-9)
         ttfts = sorted(pool.w_ttfts)
+        cumulative: list[tuple[float, float]] = []
+        seen = 0
+        for le, count in zip((*PROMPT_BUCKETS, math.inf), pool.w_prompt_hist, strict=True):
+            seen += count
+            cumulative.append((le, seen / w))
         return PoolObservation(
             waiting=float(waiting),
             running=float(running),
@@ -791,6 +801,7 @@ class _Engine:
             mean_output_tokens=pool.w_osl_sum / pool.w_len_n if pool.w_len_n else None,
             p90_ttft_s=ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))] if ttfts else None,
             scrape_age_s=0.0,
+            prompt_tokens_buckets=tuple(cumulative),
         )
 
     def on_tick(self, now: float) -> None:

@@ -1,0 +1,190 @@
+"""Scenarios for the planner's fleet-cost threshold choice, routing, whole-replica allocation,
+prompt-length distributions, and the capacity model's chunked prefill."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import replace
+
+import pytest
+
+from tandem.perf.catalog import ACCELERATORS, get_accelerator
+from tandem.perf.models import MODEL_PRESETS, get_model
+from tandem.planner import Observation, PlannerState, PoolTarget, Tuning, decide
+from tandem.planner.capacity import Capacity, _decode_stepper, capacity, profile
+from tandem.planner.core import _cheapest_combo, allocate
+from tandem.planner.lengths import BUCKETS, from_buckets, lognormal
+from tandem.sim.fleet import SLO, FleetSpec, PoolSpec, SimConfig, simulate
+from tandem.sim.policies import PoolState
+from tandem.sim.trace import TraceRequest
+from test_planner import SPEC, TUNED, fleet, run, target
+
+MODEL = get_model("llama-3.1-70b", "fp8")
+
+
+def test_allocate_prefers_one_cheap_replica_over_one_efficient_expensive_one() -> None:
+    cheap = target("a", "prefill", "mi300x")  # $2/h
+    big = target("b", "prefill", "b200")  # $5/h
+    caps = {"a": Capacity(1.0, "ttft"), "b": Capacity(3.0, "ttft")}  # b: cheaper per request/s
+    assert allocate(0.5, [cheap, big], caps) == ({"a": 1, "b": 0}, False)
+    assert allocate(2.5, [cheap, big], caps) == ({"a": 0, "b": 1}, False)  # $5 < 3 x $2
+    assert allocate(100.0, [cheap, big], caps) == ({"a": 8, "b": 8}, True)
+
+
+def test_length_distribution_from_buckets_splits_rate_and_means() -> None:
+    # half the prompts in (100, 200], half in (2000, 5000]
+    cum = [(le, 0.0 if le < 200 else (1.0 if le < 5000 else 2.0)) for le in BUCKETS]
+    dist = from_buckets(cum, None)
+    assert dist is not None
+    frac, above, below = dist.share(1000)
+    assert frac == pytest.approx(0.5)
+    assert above is not None and 2000 < above < 5000
+    assert below is not None and 100 < below < 200
+    assert dist.share(1)[0] == pytest.approx(1.0)
+    assert dist.share(MODEL.max_model_len + 1)[0] == 0.0
+    median = dist.median(low=1000)
+    assert median is not None and 2000 < median < 5000
+    assert from_buckets([(le, 0.0) for le in BUCKETS], 100.0) is None
+
+
+def test_lognormal_fallback_keeps_the_observed_mean() -> None:
+    dist = lognormal(1500.0)
+    assert dist.mean() == pytest.approx(1500.0, rel=1e-6)
+    median = dist.median()
+    assert median is not None and median < 1500.0  # right-skewed
+
+
+def test_short_prompts_on_few_replicas_plan_no_split_path() -> None:
+    """Mixed and decode pools are paid for (min 1); a trickle of long prompts costs less on
+    the mixed pool than on a new prefill replica: the planner splits nothing."""
+    steps = [(30.0 * i, fleet(split_rps=0.3, mixed_rps=0.5, replicas=(1, 0, 1, 1))) for i in range(1, 4)]
+    d = run(steps, TUNED)
+    assert d.signals["split.plannedRps"] == "0"  # no prompt is planned on the split path
+    assert d.signals["prefill-mi300x.recommended"] == "0"
+    assert d.replicas["prefill-h100"] is None
+
+
+def test_plan_threshold_holds_through_a_lull() -> None:
+    """The threshold is chosen for the demand held over the scale-down window, so a quiet
+    interval after a burst does not re-plan the fleet (and the router keeps its paths)."""
+    busy = fleet(split_rps=4.0, replicas=(4, 0, 1, 1))
+    quiet = fleet(split_rps=0.0, replicas=(4, 0, 1, 1))
+    d_busy = run([(30.0, busy)], TUNED)
+    d = decide(TUNED, quiet, d_busy.state, 60.0)
+    assert d.signals["plannedSplitThreshold"] == d_busy.signals["plannedSplitThreshold"]
+    assert d.reason == "StabilisingScaleDown"
+
+
+def test_router_spills_to_ready_capacity_while_the_planned_path_starts() -> None:
+    """Planned all-mixed but only the split path has ready replicas to spare: the router
+    threshold sends long prompts there until the mixed replicas are up."""
+    state = replace(
+        PlannerState(), plan_threshold=MODEL.max_model_len + 1, split_threshold=MODEL.max_model_len + 1
+    )
+    obs = fleet(split_rps=0.0, mixed_rps=6.0, replicas=(3, 0, 1, 3), starting=(0, 0, 0, 2))
+    d = decide(TUNED, obs, state, 30.0)
+    assert d.split_threshold is not None and d.split_threshold <= 1000
+
+
+def test_low_latency_never_raises_the_correction() -> None:
+    """A sample far inside the SLO (here 0.5 s TTFT for a 2 s target) may say the model is
+    pessimistic, never that capacity must shrink (at light load the ratio is noise)."""
+    slowish = fleet(split_rps=1.0, replicas=(2, 0, 1, 1), mean_ttft_s=0.5)
+    d = run([(30.0 * i, slowish) for i in range(1, 6)])
+    assert d.state.correction.get("prefill-mi300x", 1.0) <= 1.0
+
+
+def test_chunked_prefill_of_long_prompts_costs_quadratic_attention_on_mixed_pools() -> None:
+    tune = Tuning()
+    mixed = target("m", "mixed", "mi300x")
+    prefill = target("p", "prefill", "mi300x")
+    short_m = capacity(mixed, MODEL, 1000, 100, 2.0, 0.1, 0.9, tune).rps
+    long_m = capacity(mixed, MODEL, 6000, 60, 2.0, 0.1, 0.9, tune).rps
+    long_p = capacity(prefill, MODEL, 6000, 60, 2.0, 0.1, 0.9, tune).rps
+    assert long_m < short_m / 6  # more than linear in the prompt
+    assert long_m <= long_p * 1.1  # no cheaper than a prefill replica for long prompts
+    # the median sets the latency: a heavy tail with the same mean is easier to serve
+    assert capacity(prefill, MODEL, 6000, 60, 2.0, 0.1, 0.9, tune, typical=4000).rps > long_p
+
+
+def test_simulator_reports_prompt_length_histograms() -> None:
+    seen: list[Mapping[str, PoolState]] = []
+
+    class Spy:
+        name = "spy"
+
+        def decide(self, now: float, pools: Mapping[str, PoolState]) -> Mapping[str, int | None]:
+            seen.append(pools)
+            return {}
+
+    acc = get_accelerator("mi300x")
+    fleet_spec = FleetSpec(MODEL, (PoolSpec("mixed", "mixed", acc, 1, 1),))
+    trace = [TraceRequest(0.1 * i, 150 if i % 2 else 3000, 10) for i in range(100)]
+    simulate(trace, fleet_spec, SLO(2.0, 0.1), autoscaler=Spy(), config=SimConfig(5.0, 60.0))
+    buckets = seen[0]["mixed"].observation.prompt_tokens_buckets
+    assert buckets is not None
+    cum = dict(buckets)
+    rate = seen[0]["mixed"].observation.requests_per_s
+    assert rate is not None and cum[math.inf] == pytest.approx(rate)
+    assert cum[200.0] == pytest.approx(rate / 2, rel=0.1)  # the 150-token half
+    assert cum[100.0] == 0.0
+
+
+def test_decide_uses_histograms_over_the_fallback() -> None:
+    """With the histogram every 2,000-token prompt is >= the 512 threshold: all split; the
+    log-normal fallback (same mean) puts its short tail on the mixed path."""
+    obs = fleet(split_rps=2.0)
+    no_hist = Observation(
+        {k: replace(v, metrics=replace(v.metrics, prompt_tokens_buckets=None)) for k, v in obs.pools.items()}
+    )
+    a = decide(SPEC, obs, PlannerState(), 30.0)
+    b = decide(SPEC, no_hist, PlannerState(), 30.0)
+    assert float(a.signals["split.rps"]) == pytest.approx(2.0)
+    assert 1.0 < float(b.signals["split.rps"]) < 2.0
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_PRESETS))
+def test_inlined_decode_step_matches_the_perf_model(model: str) -> None:
+    """The mixed model's search steps with a copy of ``PerfProfile.decode_step``: it must be
+    the copy (not the fallback to the method) and agree bit for bit (else update the copy)."""
+    rng = random.Random(model)
+    for acc in ACCELERATORS.values():
+        for tp in (1, 8):
+            prof = profile(acc, MODEL_PRESETS[model], tp)
+            step = _decode_stepper(prof)
+            assert step != prof.decode_step, f"{acc.name}/tp{tp}: the copy disagrees with the perf model"
+            for _ in range(50):
+                b, c = rng.randint(1, 512), rng.randint(0, 2_000_000)
+                assert step(b, c) == prof.decode_step(b, c)
+
+
+def test_cheapest_combo_matches_the_exhaustive_search() -> None:
+    """Solving for the widest pool gives what trying every combination gives (least cost,
+    then most capacity, then the first combination), with ties and free pools."""
+
+    def exhaustive(
+        rate: float, prices: list[float], rps: list[float], ranges: list[int]
+    ) -> tuple[int, ...] | None:
+        best: tuple[float, float, tuple[int, ...]] | None = None
+        for combo in itertools.product(*(range(r + 1) for r in ranges)):
+            cap = sum(n * c for n, c in zip(combo, rps, strict=True))
+            if cap < rate - 1e-9:
+                continue
+            key = (sum(n * p for n, p in zip(combo, prices, strict=True)), -cap, combo)
+            best = key if best is None or key < best else best
+        return None if best is None else best[2]
+
+    rng = random.Random(5)
+    acc = get_accelerator("h100")
+    for _ in range(3000):
+        k = rng.randint(1, 3)
+        prices = [rng.choice([0.0, 1.0, 2.0, 2.5, 5.0, rng.uniform(0.1, 6.0)]) for _ in range(k)]
+        rps = [rng.choice([0.5, 1.0, 1.5, 3.0, rng.uniform(0.01, 5.0)]) for _ in range(k)]
+        ranges = [rng.randint(0, 12) for _ in range(k)]
+        rate = rng.choice([0.5, 1.0, 3.0, rng.uniform(0.0, 25.0)])
+        pools = [PoolTarget(f"p{i}", "prefill", acc, 1, 0, 99, prices[i]) for i in range(k)]
+        caps = {p.name: Capacity(c, "ttft") for p, c in zip(pools, rps, strict=True)}
+        assert _cheapest_combo(rate, pools, caps, ranges) == exhaustive(rate, prices, rps, ranges)
