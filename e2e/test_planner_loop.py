@@ -171,14 +171,14 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
         assert {"ScaledUp", "Rebalanced"} & set(reasons), reasons
         wait_workers(agent, {k: v for k, v in up.replicas.items()}, timeout=60)
         # attainment recovers: requests sent once the new replicas serve do at least as well as
-        # those sent at the shift (the floor is the SLO's 0.9 when the shift itself was fine)
+        # those sent at the shift, and reach 0.75 when the shift hurt (0.9 when it did not)
         early = LoadReport.attainment(load.report.window(shift, up.at, phase="long")) or 0.0
         recovered = time.monotonic() + 2 * INTERVAL
         wait_seconds(4 * INTERVAL)
         late = load.report.window(recovered, phase="long")
         attained = LoadReport.attainment(late)
         latencies = sorted(round(s.latency, 2) for s in late)
-        assert attained is not None and attained >= min(0.9, early), (early, attained, latencies)
+        assert attained is not None and attained >= min(0.9, max(early, 0.75)), (early, attained, latencies)
         print(f"planner e2e: attainment at the shift {early:.2f}, after the scale-up {attained:.2f}")
 
         # Prometheus gone while the load goes on: no decision, no scale-down, MetricsAvailable=False

@@ -188,3 +188,19 @@ def test_cheapest_combo_matches_the_exhaustive_search() -> None:
         pools = [PoolTarget(f"p{i}", "prefill", acc, 1, 0, 99, prices[i]) for i in range(k)]
         caps = {p.name: Capacity(c, "ttft") for p, c in zip(pools, rps, strict=True)}
         assert _cheapest_combo(rate, pools, caps, ranges) == exhaustive(rate, prices, rps, ranges)
+
+
+def test_the_router_threshold_dwells_before_moving_again() -> None:
+    """After the router's threshold moved, it stays for route_dwell_intervals (the metrics
+    window still mixes the old routing); then it may move back."""
+    state = replace(
+        PlannerState(), plan_threshold=MODEL.max_model_len + 1, split_threshold=MODEL.max_model_len + 1
+    )
+    spill = fleet(split_rps=0.0, mixed_rps=6.0, replicas=(3, 0, 1, 3), starting=(0, 0, 0, 2))
+    first = decide(TUNED, spill, state, 30.0)
+    assert first.split_threshold is not None and first.split_threshold <= 1000
+    calm = fleet(split_rps=0.0, mixed_rps=0.5, replicas=(3, 0, 1, 3))
+    soon = decide(TUNED, calm, first.state, 60.0)  # one interval later: held
+    assert soon.split_threshold is None and soon.state.split_threshold == first.split_threshold
+    later = decide(TUNED, calm, soon.state, 30.0 + 3 * TUNED.interval_s)  # the dwell has passed
+    assert later.split_threshold is not None and later.split_threshold != first.split_threshold

@@ -812,6 +812,11 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
             out[name] = None
         elif value is not None:
             st.last_change[name] = now
+    dwell = spec.tuning.route_dwell_intervals * spec.interval_s
+    if threshold != routed and st.route_changed is not None and now - st.route_changed < dwell:
+        threshold = routed  # too soon after the last move: the readings still mix both
+    if threshold != routed:
+        st.route_changed = now
     changed_threshold = threshold if threshold != routed else None
     st.split_threshold = threshold
     st.last_time = now

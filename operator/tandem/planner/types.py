@@ -133,6 +133,10 @@ class Tuning:
     extreme_splits: bool = True
     split_hysteresis: float = 0.1
     route_spill_load: float = 0.8
+    # The router's threshold stays at least this many intervals after it moved: the metrics
+    # window still mixes the old routing in, and moving on it flapped (200 <-> 500 tokens each
+    # interval in the closed-loop e2e).
+    route_dwell_intervals: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,7 @@ class PlannerState:
     prompt_lengths: list[tuple[float, float]] = field(default_factory=list)
     split_threshold: int | None = None  # what the router uses now
     plan_threshold: int | None = None  # the threshold the fleet is being sized for
+    route_changed: float | None = None  # when the router's threshold last moved
     last_time: float | None = None
     last_good: float | None = None  # the last decision made on good data (not a hold)
 
@@ -308,6 +313,7 @@ class PlannerState:
                 prompt_lengths=[(float(b), float(c)) for b, c in raw.get("prompt_lengths", [])],
                 split_threshold=raw.get("split_threshold"),
                 plan_threshold=raw.get("plan_threshold"),
+                route_changed=raw.get("route_changed"),
                 last_time=raw.get("last_time"),
                 last_good=raw.get("last_good"),
             )
