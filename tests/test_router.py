@@ -49,7 +49,7 @@ def dead_address() -> str:
 @dataclass
 class Setup:
     session: aiohttp.ClientSession
-    runners: list[web.AppRunner] = field(default_factory=list)
+    runners: list[web.BaseRunner] = field(default_factory=list)
     workers: dict[str, SimWorker] = field(default_factory=dict)  # address -> worker
     router: Router | None = None
     url: str = ""

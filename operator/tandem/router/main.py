@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -53,18 +54,55 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-async def start_router(router: Router, host: str, port: int) -> tuple[web.AppRunner, int]:
+class RouterRunner(web.ServerRunner):
+    """aiohttp's runner for the router's low-level server (`Router.build_server`): `setup` starts
+    the router, then the server; `cleanup` stops the server (in-flight requests get the shutdown
+    timeout), then the router."""
+
+    def __init__(self, router: Router, **kwargs: Any) -> None:
+        super().__init__(router.build_server(), **kwargs)
+        self.router = router
+
+    async def setup(self) -> None:
+        await self.router.start()
+        await super().setup()
+
+    async def cleanup(self) -> None:
+        try:
+            await super().cleanup()
+        finally:
+            await self.router.close()
+
+
+async def start_router(
+    router: Router, host: str, port: int, *, backlog: int = 1024
+) -> tuple[RouterRunner, int]:
     """Start ``router`` on ``host:port`` (``port=0``: any free port); returns the runner (call
     ``cleanup()`` to stop) and the bound port. Handlers are cancelled when their client goes away."""
-    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
+    runner = RouterRunner(router)
     await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
+    await web.TCPSite(runner, host, port, backlog=backlog).start()
     bound = port
     for address in runner.addresses:
         if isinstance(address, tuple):
             bound = int(address[1])
             break
     return runner, bound
+
+
+async def run_router(router: Router, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (what ``web.run_app`` does for an
+    `web.Application`)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner, bound = await start_router(router, host, port)
+    logger.info("Serving on %s:%d", host, bound)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def install_fast_loop() -> str:
@@ -91,15 +129,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: cannot load the router config {args.config}: {exc}", file=sys.stderr)
         return 2
     logger.info("Using the %s event loop", install_fast_loop())
-    web.run_app(
-        router.build_app(),
-        host=args.host,
-        port=args.port,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-        backlog=1024,
-    )
+    asyncio.run(run_router(router, args.host, args.port))
     return 0
 
 
