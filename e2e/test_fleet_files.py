@@ -102,6 +102,7 @@ def test_stages_cover_the_node_and_pod_lifecycle() -> None:
         "node-initialize",
         "node-heartbeat-with-lease",
         "pod-ready",
+        "pod-crash-loop",  # e2e: a pool that cannot become ready
         "pod-complete",
         "pod-delete",
     }

@@ -2,7 +2,8 @@
 
 Phases run one after the other (rate, prompt length, output length, duration); the whole run
 stops by itself after the last phase (or at ``stop()``), and never has more than
-``max_in_flight`` requests outstanding (arrivals beyond it are counted as dropped, so an
+``max_in_flight`` requests outstanding (arrivals beyond it are counted as dropped, and as SLO
+misses in the report, so an
 overloaded service cannot make the generator grow without bound). Arrivals are evenly spaced,
 so two runs send the same requests.
 
@@ -82,6 +83,7 @@ class LoadGenerator:
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.report = LoadReport()
+        self._in_flight: dict[object, float] = {}  # one entry per request awaiting its answer
         self.phase: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,7 +129,9 @@ class LoadGenerator:
                         await asyncio.sleep(delay)
                     n += 1
                     if len(tasks) >= self.max_in_flight:
+                        # not sent: the client gave up, so it counts against the SLO
                         self.report.dropped += 1
+                        self.report.samples.append(Sample(phase.name, time.monotonic(), 0.0, False, False))
                         continue
                     task = asyncio.create_task(self._one(session, phase.name, body, slo))
                     tasks.add(task)
@@ -141,6 +145,8 @@ class LoadGenerator:
         self, session: aiohttp.ClientSession, phase: str, body: dict[str, object], slo: float
     ) -> None:
         sent = time.monotonic()
+        key = object()
+        self._in_flight[key] = sent
         ok = False
         try:
             async with session.post(self.url, json=body) as resp:
@@ -150,3 +156,8 @@ class LoadGenerator:
             ok = False
         latency = time.monotonic() - sent
         self.report.samples.append(Sample(phase, sent, latency, ok, ok and latency <= slo))
+        self._in_flight.pop(key, None)
+
+    def in_flight_sent_before(self, t: float) -> int:
+        """Requests sent before monotonic time ``t`` still waiting for their answer."""
+        return sum(1 for sent in list(self._in_flight.values()) if sent < t)
