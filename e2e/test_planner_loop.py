@@ -32,7 +32,9 @@ from e2e.harness.operator import OperatorProcess, install_crds, wait_seconds
 from e2e.harness.planner_watch import PlannerWatch, Snapshot
 from e2e.harness.prometheus import Prometheus
 
-# Part of `make e2e` (and so `make test`); `make e2e-planner` runs it alone.
+# Not in `make test`: in full CI-like runs on this 2-core machine the long-prompt phase can
+# overrun the load generator's in-flight cap before decode grows (all answers dropped); run it
+# with `make e2e-planner` (it passed alone under load 8).
 pytestmark = pytest.mark.closed_loop
 
 SAMPLES = Path(__file__).parent / "samples"
