@@ -94,10 +94,10 @@ prometheus-down: $(STAMP) ## Stop the local Prometheus
 
 .PHONY: e2e
 e2e: $(STAMP) ## End-to-end tests on the local cluster (or TANDEM_E2E_EXTERNAL=1 + KUBECONFIG)
-	$(PYTEST) e2e -v -p no:cacheprovider --timeout=900 -m "not closed_loop"
+	$(PYTEST) e2e -v -p no:cacheprovider --timeout=900
 
 .PHONY: e2e-planner
-e2e-planner: $(STAMP) ## The planner's closed-loop e2e (operator + Prometheus + simulated workers + router + load)
+e2e-planner: $(STAMP) ## Only the planner's closed-loop e2e (operator + Prometheus + simulated workers + router + load)
 	$(PYTEST) e2e -v -p no:cacheprovider --timeout=900 -m closed_loop
 
 .PHONY: e2e-kind

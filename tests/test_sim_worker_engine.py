@@ -56,6 +56,7 @@ class Recorder:
     generated: int = 0
     itls: list[float] = field(default_factory=list)
     finished: list[SimRequest] = field(default_factory=list)
+    kv_fetches: list[bool] = field(default_factory=list)
 
     def on_scheduler_state(self, running: int, waiting: int, kv_usage: float) -> None:
         self.states.append((running, waiting, kv_usage))
@@ -74,6 +75,9 @@ class Recorder:
 
     def on_finished(self, request: SimRequest) -> None:
         self.finished.append(request)
+
+    def on_kv_fetch(self, ok: bool) -> None:
+        self.kv_fetches.append(ok)
 
 
 @dataclass
@@ -267,6 +271,7 @@ async def test_remote_prefill_pulls_kv_and_recomputes_only_the_last_token(rig_fa
     assert rig.observer.iteration_tokens == [1, 1, 1, 1]
     assert all(not chunks for chunks, _ in rig.timing.iterations)
     assert rig.observer.prompt_tokens == 40
+    assert rig.observer.kv_fetches == [True]
 
 
 async def test_failed_kv_pull_falls_back_to_a_local_prefill(rig_factory) -> None:
@@ -277,6 +282,7 @@ async def test_failed_kv_pull_falls_back_to_a_local_prefill(rig_factory) -> None
     )
     assert await run_to_end(rig.engine, request) == [0, 1]
     assert rig.observer.iteration_tokens == [40, 1]
+    assert rig.observer.kv_fetches == [False]  # counted: a silent recompute is what it exposes
 
 
 def test_classify_kv_params() -> None:

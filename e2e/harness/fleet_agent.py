@@ -39,8 +39,11 @@ LABEL_SERVICE = "inference.tandem.dev/service"
 LABEL_POOL = "inference.tandem.dev/pool"
 LABEL_ROLE = "inference.tandem.dev/role"
 ROUTER_CONFIG_KEY = "router.json"
-# Flags of the pod's command line the agent sets itself.
-_OWN_FLAGS = {"--port", "--host", "--time-scale"}
+# Flags of the pod's command line the agent sets itself. ``--kv-sidecar $(TANDEM_KV_SIDECAR_URL)``
+# names the pod's KV-transfer sidecar container, which the agent does not run: without it the
+# worker takes the modelled transfer time (ModelledKvFetcher). Passed through unexpanded, every
+# pull failed and each decode worker silently recomputed the long prompts itself.
+_OWN_FLAGS = {"--port", "--host", "--time-scale", "--kv-sidecar"}
 
 
 @dataclass

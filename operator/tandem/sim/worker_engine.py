@@ -145,6 +145,8 @@ class EngineObserver(Protocol):
 
     def on_finished(self, request: SimRequest) -> None: ...
 
+    def on_kv_fetch(self, ok: bool) -> None: ...
+
 
 class NullObserver:
     def on_scheduler_state(self, running: int, waiting: int, kv_usage: float) -> None:
@@ -160,6 +162,9 @@ class NullObserver:
         pass
 
     def on_finished(self, request: SimRequest) -> None:
+        pass
+
+    def on_kv_fetch(self, ok: bool) -> None:
         pass
 
 
@@ -580,6 +585,7 @@ class Engine:
         except Exception:
             logger.warning("Failed to fetch KV for request %s; recomputing it locally", request.request_id)
             ok = False
+        self.observer.on_kv_fetch(ok)
         if request not in self.fetching:
             return  # aborted meanwhile
         self.fetching.discard(request)

@@ -143,6 +143,15 @@ class WorkerMetrics:
             "Histogram of time spent in DECODE phase for request.",
             REQUEST_LATENCY_BUCKETS,
         )
+        # Not a vLLM metric: a pull that failed makes the decode worker recompute the prompt itself,
+        # which is silent in vLLM's own metrics (the request still succeeds, only slower).
+        kv_fetches = Counter(
+            "tandem_sim_kv_fetches",
+            "KV pulls from a prefill worker, by outcome (failed: the prompt was recomputed locally).",
+            (*LABELS, "outcome"),
+            registry=reg,
+        )
+        self.kv_fetches = {ok: kv_fetches.labels(*values, "ok" if ok else "failed") for ok in (True, False)}
         info = {**cache_config, "engine": engine}
         Gauge(
             "vllm:cache_config_info",
@@ -176,6 +185,9 @@ class WorkerMetrics:
         self.generation_tokens.inc(num_generated)
         for latency in inter_token_latencies:
             self.itl.observe(latency)
+
+    def on_kv_fetch(self, ok: bool) -> None:
+        self.kv_fetches[ok].inc()
 
     def on_finished(self, request: SimRequest) -> None:
         if request.finished_at is None or request.finish_reason is None:
