@@ -299,6 +299,10 @@ def test_remote_prefill_params_round_trip() -> None:
     params = build_remote_prefill_params(request, [3, 4], config)
     assert classify_kv_params(params) is KvMode.REMOTE_PREFILL
     assert params["remote_num_tokens"] == 20
+    assert "tandem_kv_sidecar" not in params  # peers use remote_host and the sidecar port
+    advertised = EngineConfig(num_blocks=10, engine_id="e", kv_sidecar_url="http://127.0.0.1:9")
+    params = build_remote_prefill_params(request, [3, 4], advertised)
+    assert params["tandem_kv_sidecar"] == "http://127.0.0.1:9"
 
 
 def test_model_clock_scales_idle_time_and_freezes_between_iterations() -> None:

@@ -9,6 +9,13 @@ operator wrote into the pod (role, model, accelerator, tensor parallelism) plus 
 stops being Ready. Each pool's workers are registered with Prometheus (file_sd) with the labels
 the planner's queries expect: ``namespace``, ``service``, ``pool``, ``role``.
 
+With ``kv_sidecars=True`` it also runs the pod's ``kv-sidecar`` container: a real
+``python -m tandem.sidecar`` (NIXL over UCX) per pod on its own loopback port, with the env the
+operator wrote into the container, and points the worker at it (``--kv-sidecar``, and
+``--kv-sidecar-advertise`` so decode sidecars find the prefill's on the shared loopback): split
+requests then move their prompts' real KV bytes between the sidecars, layout translation
+included. Without it the worker takes the modelled transfer time (cheaper, for load tests).
+
 It also runs one real router (``python -m tandem.router``) for the service: its config is the
 operator-written router ConfigMap with each pool's ``endpoints`` set to the workers' loopback
 addresses, rewritten whenever the ConfigMap (e.g. the planner's split threshold) or the
@@ -38,10 +45,11 @@ from e2e.harness.prometheus import Prometheus
 LABEL_SERVICE = "inference.tandem.dev/service"
 LABEL_POOL = "inference.tandem.dev/pool"
 LABEL_ROLE = "inference.tandem.dev/role"
+SIDECAR_CONTAINER = "kv-sidecar"  # tandem.builders.kv.SIDECAR_CONTAINER
 ROUTER_CONFIG_KEY = "router.json"
 # Flags of the pod's command line the agent sets itself. ``--kv-sidecar $(TANDEM_KV_SIDECAR_URL)``
-# names the pod's KV-transfer sidecar container, which the agent does not run: without it the
-# worker takes the modelled transfer time (ModelledKvFetcher). Passed through unexpanded, every
+# names the pod's KV-transfer sidecar container: the agent sets the flag to the sidecar it runs, or
+# drops it (the worker then takes the modelled transfer time). Passed through unexpanded, every
 # pull failed and each decode worker silently recomputed the long prompts itself.
 _OWN_FLAGS = {"--port", "--host", "--time-scale", "--kv-sidecar"}
 
@@ -54,10 +62,26 @@ class Worker:
     port: int
     proc: subprocess.Popen[bytes]
     healthy: bool = False  # answered /health once: only then is it a router endpoint and a target
+    sidecar: subprocess.Popen[bytes] | None = None  # the pod's kv-sidecar, when the agent runs it
+    sidecar_port: int | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sidecar_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.sidecar_port}" if self.sidecar_port else None
+
+    @property
+    def groups(self) -> list[int]:
+        return [self.proc.pid] + ([self.sidecar.pid] if self.sidecar is not None else [])
+
+    def wait(self, timeout: float) -> None:
+        for proc in (self.proc, self.sidecar):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=timeout)
 
 
 @dataclass
@@ -84,6 +108,19 @@ def worker_args(command: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+def sidecar_env(container: dict[str, Any], pod_name: str, port: int) -> dict[str, str]:
+    """The sidecar container's env as the kubelet would give it, on the agent's loopback."""
+    field_values = {"metadata.name": pod_name, "status.podIP": "127.0.0.1"}
+    env: dict[str, str] = {}
+    for var in container.get("env") or []:
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+        elif (path := ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")) in field_values:
+            env[var["name"]] = field_values[path]
+    env.update(TANDEM_KV_PORT=str(port), TANDEM_KV_HOST="127.0.0.1", TANDEM_KV_LOG_LEVEL="WARNING")
+    return env
 
 
 def router_config_with_endpoints(config: dict[str, Any], endpoints: dict[str, list[str]]) -> dict[str, Any]:
@@ -121,6 +158,8 @@ class FleetAgent:
         *,
         time_scale: float = 1.0,
         poll_seconds: float = 0.5,
+        kv_sidecars: bool = False,
+        kv_verify: bool = False,
     ) -> None:
         from kubernetes import client
 
@@ -131,6 +170,8 @@ class FleetAgent:
         self.workdir = Path(workdir)
         self.time_scale = time_scale
         self.poll_seconds = poll_seconds
+        self.kv_sidecars = kv_sidecars
+        self.kv_verify = kv_verify  # workers have their sidecar check every pulled byte
         self.workers: dict[str, Worker] = {}
         self.router_port = free_port()
         self.router_proc: subprocess.Popen[bytes] | None = None
@@ -163,13 +204,12 @@ class FleetAgent:
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self._lock:
-            groups = [w.proc.pid for w in self.workers.values()]
+            groups = [g for w in self.workers.values() for g in w.groups]
             if self.router_proc is not None:
                 groups.append(self.router_proc.pid)
             stop_process_groups(groups)
             for w in self.workers.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    w.proc.wait(timeout=5)
+                w.wait(timeout=5)
             if self.router_proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.router_proc.wait(timeout=5)
@@ -239,7 +279,9 @@ class FleetAgent:
                     self._start_worker(pod)
             for w in self.workers.values():
                 if not w.healthy:
-                    w.healthy = _answers(f"http://{w.address}/health")
+                    w.healthy = _answers(f"http://{w.address}/health") and (
+                        w.sidecar_url is None or _answers(f"{w.sidecar_url}/livez")
+                    )
             self._sync_targets()
             self._sync_router()
 
@@ -253,28 +295,57 @@ class FleetAgent:
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--time-scale", str(self.time_scale)]
         cmd += ["--log-level", "WARNING"]
         name = pod["metadata"]["name"]
-        logf = (self.workdir / f"worker-{name}.log").open("ab")
-        proc = subprocess.Popen(
-            cmd,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=REPO_ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        logf.close()
+        sidecar_spec = next((c for c in containers if c.get("name") == SIDECAR_CONTAINER), None)
+        sidecar: subprocess.Popen[bytes] | None = None
+        sidecar_port: int | None = None
+        if self.kv_sidecars and sidecar_spec is not None:
+            sidecar_port = free_port()
+            url = f"http://127.0.0.1:{sidecar_port}"
+            sidecar = self._spawn(
+                [sys.executable, "-m", "tandem.sidecar"],
+                f"sidecar-{name}.log",
+                sidecar_env(sidecar_spec, name, sidecar_port),
+            )
+            cmd += ["--kv-sidecar", url, "--kv-sidecar-advertise", url]
+            if self.kv_verify:
+                cmd.append("--kv-verify")
+        proc = self._spawn(cmd, f"worker-{name}.log")
         pool, role = labels.get(LABEL_POOL, "?"), labels.get(LABEL_ROLE, "?")
-        self.workers[name] = Worker(name, pool, role, port, proc)
+        self.workers[name] = Worker(name, pool, role, port, proc, sidecar=sidecar, sidecar_port=sidecar_port)
         self._pools[pool] = role
         self.stats.started += 1
 
+    def _spawn(
+        self, cmd: list[str], log_name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with (self.workdir / log_name).open("ab") as logf:
+            return subprocess.Popen(
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=REPO_ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
+
     def _stop_worker(self, name: str) -> None:
         w = self.workers.pop(name)
-        stop_process_groups([w.proc.pid], timeout=5)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            w.proc.wait(timeout=5)
+        stop_process_groups(w.groups, timeout=5)
+        w.wait(timeout=5)
         self.stats.stopped += 1
+
+    def sidecars(self, pool: str) -> list[str]:
+        """The URLs of the sidecars of ``pool``'s healthy workers."""
+        with self._lock:
+            return [
+                w.sidecar_url for w in self.workers.values() if w.pool == pool and w.healthy and w.sidecar_url
+            ]
+
+    def worker_urls(self, pool: str) -> list[str]:
+        """The URLs of ``pool``'s healthy workers."""
+        with self._lock:
+            return [f"http://{w.address}" for w in self.workers.values() if w.pool == pool and w.healthy]
 
     def _target_name(self, pool: str) -> str:
         return f"{self.namespace}.{self.service}.{pool}"

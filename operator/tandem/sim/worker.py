@@ -99,6 +99,10 @@ class WorkerSettings:
     dtype: str | None = None  # default: the preset's
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     kv_sidecar: str | None = None  # URL of a KV-transfer sidecar: pull real bytes through it (worker_kv)
+    # URL at which decode workers reach this worker's sidecar, when not ``http://<kv host>:8200`` (pods
+    # sharing one loopback, as the e2e fleet agent runs them): sent in ``kv_transfer_params``
+    kv_sidecar_advertise: str | None = None
+    kv_verify: bool = False  # the sidecar checks each pulled prompt against the prefill's pattern
 
 
 class PerfTimingModel:
@@ -166,6 +170,7 @@ class SimWorker:
             tp_size=settings.tp,
             kv_host=settings.kv_host or os.environ.get(ENV_POD_IP) or "127.0.0.1",
             kv_port=settings.kv_port,
+            kv_sidecar_url=settings.kv_sidecar_advertise,
         )
         self.metrics = WorkerMetrics(
             model_name=self.served_model_name,
@@ -183,7 +188,7 @@ class SimWorker:
         if kv_fetcher is None and settings.kv_sidecar:
             from tandem.sim.worker_kv import SidecarKvFetcher
 
-            kv_fetcher = SidecarKvFetcher(settings.kv_sidecar)
+            kv_fetcher = SidecarKvFetcher(settings.kv_sidecar, verify=settings.kv_verify)
         self.engine = Engine(config, self.timing, fetcher=kv_fetcher, observer=self.metrics)
 
     # ------------------------------------------------------------------------------ application
@@ -500,6 +505,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     opt("--dtype", "DTYPE", str, d.dtype, "fp16, bf16 or fp8 (default: the preset's)")
     opt("--default-max-tokens", "DEFAULT_MAX_TOKENS", int, d.default_max_tokens, "max_tokens if unset")
     opt("--kv-sidecar", "KV_SIDECAR", str, d.kv_sidecar, "KV-transfer sidecar URL (pull real KV bytes)")
+    opt(
+        "--kv-sidecar-advertise",
+        "KV_SIDECAR_ADVERTISE",
+        str,
+        d.kv_sidecar_advertise,
+        "URL decode workers reach this worker's sidecar at (default: http://<kv host>:8200)",
+    )
+    p.add_argument(
+        "--kv-verify",
+        action="store_true",
+        default=(_env("KV_VERIFY") or "").lower() in ("1", "true", "yes"),
+        help=f"have the sidecar check pulled KV bytes against the prefill's (env {ENV_PREFIX}KV_VERIFY)",
+    )
     opt("--log-level", "LOG_LEVEL", str, "INFO", "logging level")
     return p
 

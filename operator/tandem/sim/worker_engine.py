@@ -291,6 +291,7 @@ class EngineConfig:
     tp_size: int = 1
     kv_host: str = "127.0.0.1"  # advertised as remote_host to decode workers
     kv_port: int = 5600  # advertised as remote_port (vLLM's NIXL side-channel default port)
+    kv_sidecar_url: str | None = None  # advertised as tandem_kv_sidecar (else peers use remote_host)
 
 
 @dataclass
@@ -617,7 +618,7 @@ def build_remote_prefill_params(
 ) -> dict[str, Any]:
     """The ``kv_transfer_params`` a prefill worker returns, shaped like vLLM's NIXL connector's
     (``request_finished`` in pull mode): the decode worker passes them back in its request."""
-    return {
+    params: dict[str, Any] = {
         "do_remote_prefill": True,
         "do_remote_decode": False,
         "remote_block_ids": [list(prompt_block_ids)],  # one list per KV-cache group; we have one group
@@ -630,6 +631,9 @@ def build_remote_prefill_params(
         "remote_num_tokens": request.prompt_tokens,
         "transfer_mode": "pull",
     }
+    if config.kv_sidecar_url:
+        params["tandem_kv_sidecar"] = config.kv_sidecar_url
+    return params
 
 
 def classify_kv_params(params: Mapping[str, Any] | None) -> KvMode:
