@@ -251,6 +251,40 @@ async def test_saturated_prefill_pool_overflows_to_a_free_mixed_replica(setup: S
     assert metric(text, "tandem_router_decisions_total", path="mixed", reason="prefill-saturated") == 1
 
 
+async def test_load_others_put_on_a_replica_steers_the_routers_picks(setup: Setup) -> None:
+    """Requests sent to a worker directly (another router, a client of the pool Service) show in
+    its queue gauges; once the router reads them it sends its own requests elsewhere."""
+    busy = await setup.worker("mixed", time_scale=1.0, engine_id="busy")  # slow: 1 model s per s
+    idle = await setup.worker("mixed", engine_id="idle")
+    router = await setup.start_router({"mixed": [busy, idle]}, disaggregation="never", loadPollSeconds=3600)
+    body = {"prompt": SHORT, "max_tokens": 400}
+    outside = [asyncio.create_task(_direct(setup, busy, body)) for _ in range(3)]
+    try:
+        await until(lambda: _running(setup, busy, 3))
+        await router.poll_loads()
+        by_address = {r.address: r for r in router.replicas.by_role["mixed"]}
+        assert by_address[busy].outside == 3 and by_address[idle].outside == 0
+        for _ in range(2):
+            status, _ = await setup.post("/v1/completions", {"prompt": SHORT, "max_tokens": 2})
+            assert status == 200
+        assert await setup.served(idle) == 2
+        assert await setup.served(busy) == 0  # the three outside requests are still running
+    finally:
+        for task in outside:
+            task.cancel()
+        await asyncio.gather(*outside, return_exceptions=True)
+
+
+async def _direct(setup: Setup, address: str, body: dict[str, Any]) -> int:
+    async with setup.session.post(f"http://{address}/v1/completions", json=body) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def _running(setup: Setup, address: str, n: int) -> bool:
+    return await setup.worker_metric(address, "vllm:num_requests_running") >= n
+
+
 # ------------------------------------------------------------------------------ failover
 
 

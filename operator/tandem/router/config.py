@@ -40,6 +40,7 @@ DEFAULT_PREFILL_SECONDS = 300.0
 DEFAULT_DECODE_SECONDS = 3600.0
 # A prefill replica runs a few prompts per iteration before its token budget (vLLM's
 # max_num_batched_tokens, 8192 by default) is full; past that a request only queues.
+DEFAULT_LOAD_POLL_SECONDS = 1.0  # how often the engines' queues are read (0: never)
 DEFAULT_PREFILL_INFLIGHT_PER_REPLICA = 4
 DEFAULT_MIXED_INFLIGHT_PER_REPLICA = 16
 
@@ -82,6 +83,7 @@ class RouterConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     tokenizer: str | None = None
+    load_poll_seconds: float = DEFAULT_LOAD_POLL_SECONDS
 
     @property
     def discovers(self) -> bool:
@@ -179,6 +181,9 @@ def parse_config(doc: Any) -> RouterConfig:
             lim, "mixedInflightPerReplica", DEFAULT_MIXED_INFLIGHT_PER_REPLICA, "limits."
         ),
     )
+    poll = doc.get("loadPollSeconds", DEFAULT_LOAD_POLL_SECONDS)
+    if isinstance(poll, bool) or not isinstance(poll, int | float) or not 0 <= poll <= 3600:
+        raise ConfigError(f"loadPollSeconds must be a number of seconds from 0 (off) to 3600, not {poll!r}")
     namespace = doc.get("namespace") or "default"
     tokenizer = doc.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str):
@@ -192,6 +197,7 @@ def parse_config(doc: Any) -> RouterConfig:
         timeouts=timeouts,
         limits=limits,
         tokenizer=tokenizer or None,
+        load_poll_seconds=float(poll),
     )
 
 

@@ -16,8 +16,9 @@ short ones, so a request goes
 The one replica of the mixed path comes from the mixed pool, else the decode pool (a decode worker
 serves whole requests too, and avoids the KV transfer), else the prefill pool.
 
-Replicas are picked by least outstanding work: fewest requests in flight, then fewest tokens in
-flight, then the one picked longest ago (round-robin among idle replicas). A replica that failed
+Replicas are picked by least outstanding work: fewest requests in flight (the router's own plus
+those the engine reports beyond them, `tandem.router.load`), then fewest tokens in flight, then the
+one picked longest ago (round-robin among idle replicas). A replica that failed
 recently (``failed_until > now``) is skipped unless every replica of the pool failed recently.
 """
 
@@ -53,6 +54,8 @@ class ReplicaState:
     inflight_tokens: int = 0  # their prompt (+ output) tokens
     last_pick: int = 0  # sequence number of the last time it was picked; 0 = never
     failed_until: float = 0.0  # monotonic seconds; skipped until then
+    outside: int = 0  # requests the engine reports beyond the router's own (tandem.router.load)
+    outside_at: float = 0.0  # monotonic seconds of that reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +89,7 @@ def pick_replica(
     for replica in replicas:
         if replica in exclude:
             continue
-        key = (replica.inflight, replica.inflight_tokens, replica.last_pick)
+        key = (replica.inflight + replica.outside, replica.inflight_tokens, replica.last_pick)
         if replica.failed_until > now:
             if fallback_key is None or key < fallback_key:
                 fallback, fallback_key = replica, key
@@ -107,7 +110,7 @@ def pick_single(pools: Pools, now: float, exclude: Collection[ReplicaState] = ()
 def prefill_saturated(least_loaded: ReplicaState, limit: int, now: float) -> bool:
     """The least loaded prefill replica (so every one) has ``limit`` requests in flight, or every
     prefill replica failed recently."""
-    return least_loaded.inflight >= limit or least_loaded.failed_until > now
+    return least_loaded.inflight + least_loaded.outside >= limit or least_loaded.failed_until > now
 
 
 def decide(prompt_tokens: int, pools: Pools, policy: Policy, now: float) -> Decision | None:
@@ -128,6 +131,6 @@ def decide(prompt_tokens: int, pools: Pools, policy: Policy, now: float) -> Deci
         return Decision(RoutePath.MIXED, Reason.BELOW_THRESHOLD, single)
     if prefill_saturated(prefill, policy.prefill_inflight_limit, now):
         mixed = pick_replica(pools.get("mixed", _EMPTY), now)
-        if mixed is not None and mixed.inflight < policy.mixed_inflight_limit:
+        if mixed is not None and mixed.inflight + mixed.outside < policy.mixed_inflight_limit:
             return Decision(RoutePath.MIXED, Reason.PREFILL_SATURATED, mixed)
     return Decision(RoutePath.SPLIT, Reason.ABOVE_THRESHOLD, decode, prefill)

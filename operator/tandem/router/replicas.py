@@ -61,6 +61,7 @@ class ReplicaTable:
                 "address": r.address,
                 "inflight": r.inflight,
                 "inflightTokens": r.inflight_tokens,
+                "outsideLoad": r.outside,
                 "failedUntil": r.failed_until,
             }
             for replicas in self.by_pool.values()

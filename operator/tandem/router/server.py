@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tandem.router.config import ConfigError, RouterConfig, load_config
+from tandem.router.config import DEFAULT_LOAD_POLL_SECONDS, ConfigError, RouterConfig, load_config
 from tandem.router.decide import (
     Decision,
     Policy,
@@ -61,6 +61,7 @@ from tandem.router.decide import (
     pick_single,
 )
 from tandem.router.discovery import KubeDiscovery, OnChange
+from tandem.router.load import STALE_INTERVALS, engine_queue, outside_load
 from tandem.router.metrics import CONTENT_TYPE, RouterMetrics
 from tandem.router.replicas import ReplicaTable
 from tandem.router.tokens import TokenCounter, load_counter
@@ -187,6 +188,7 @@ class Router:
         self._seq = 0
         self._last_text: bytes | None = None
         self._reload_task: asyncio.Task[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
         self._get_handlers: dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]] = {
             "/v1/models": self.handle_models,
             "/health": self.handle_health,
@@ -288,6 +290,43 @@ class Router:
             except Exception:  # keep reloading whatever happened once
                 logger.exception("Failed to reload the router config")
 
+    async def poll_loads(self) -> None:
+        """One reading of every replica's engine queue (`tandem.router.load`)."""
+        replicas = [r for rs in self.replicas.by_role.values() for r in rs]
+        await asyncio.gather(*(self._poll_load(r) for r in replicas))
+
+    async def _poll_load(self, replica: ReplicaState) -> None:
+        assert self.client is not None
+        timeout = min(1.0, max(0.1, self.config.load_poll_seconds))
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self.client.request(replica.address, "GET", "/metrics", {})
+                try:
+                    text = (await resp.read()).decode("utf-8", "replace")
+                finally:
+                    resp.close()
+        except (TimeoutError, UpstreamError):
+            return  # stale after STALE_INTERVALS: the router's own count alone
+        queue = engine_queue(text) if resp.status == 200 else None
+        if queue is not None:
+            replica.outside = outside_load(queue, replica.inflight)
+            replica.outside_at = monotonic()
+
+    async def _load_loop(self) -> None:
+        while True:
+            every = self.config.load_poll_seconds
+            await asyncio.sleep(every or DEFAULT_LOAD_POLL_SECONDS)
+            try:
+                if every:
+                    await self.poll_loads()
+                stale = monotonic() - STALE_INTERVALS * (every or DEFAULT_LOAD_POLL_SECONDS)
+                for replicas in self.replicas.by_role.values():
+                    for r in replicas:
+                        if r.outside and (not every or r.outside_at < stale):
+                            r.outside = 0
+            except Exception:  # keep polling whatever happened once
+                logger.exception("Failed to read the replicas' engine queues")
+
     # ------------------------------------------------------------------------------ lifecycle
 
     def build_server(self) -> web.Server:
@@ -312,6 +351,7 @@ class Router:
         if self.config_path is not None:
             self._last_text = await asyncio.to_thread(self.config_path.read_bytes)
             self._reload_task = asyncio.create_task(self._reload_loop())
+        self._load_task = asyncio.create_task(self._load_loop())
         logger.info(
             "Started router for %s: %d pools, %d static replicas, split threshold %d tokens (%s counts)",
             self.config.model,
@@ -323,10 +363,11 @@ class Router:
 
     async def close(self) -> None:
         """After serving: stop the reload loop and watches, close upstream connections."""
-        if self._reload_task is not None:
-            self._reload_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reload_task
+        for task in (self._reload_task, self._load_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.kube is not None:
             self.kube.stop()
         if self.client is not None:
