@@ -99,8 +99,13 @@ class PerfProfile:
         return overhead + batch * self.per_seq + tokens * self.per_token_comm + max(compute, read)
 
     def decode_step(self, batch: int, context: int) -> float:
-        """Seconds for one decode-only iteration (see :meth:`iteration`)."""
-        return self.iteration(0, 0.0, batch, context)
+        """Seconds for one decode-only iteration: :meth:`iteration` with no prefill tokens, written
+        out (the planner's mixed-pool search calls it hundreds of times per capacity)."""
+        compute = batch * self.per_token_compute
+        read = self.dense_read + context * self.per_ctx_read
+        if self.expert_read:
+            read += self.expert_read * (1.0 - self.expert_miss**batch)
+        return self.overhead_decode + batch * self.per_seq + batch * self.per_token_comm + max(compute, read)
 
 
 def _peak_flops(acc: Accelerator, model: ModelArch) -> float:

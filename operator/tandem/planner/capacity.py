@@ -161,40 +161,6 @@ def decode_capacity(
     return Capacity(tune.max_utilisation * batch / (osl * step), why)
 
 
-# (batch, context) pairs on which _decode_stepper's copy must match PerfProfile.decode_step
-_PROBES = tuple(
-    (b, c) for b in (1, 2, 3, 7, 16, 63, 64, 255, 256, 1024) for c in (0, 1, 999, 4097, 123457, 10**6)
-)
-
-
-@lru_cache(maxsize=256)
-def _decode_stepper(prof: PerfProfile) -> Callable[[int, int], float]:
-    """``prof.decode_step`` as a closure over the profile's coefficients: the mixed model's
-    search takes ~250 steps per call, and this copy of the arithmetic costs half the method
-    (two calls and attribute reads). Used only if it agrees with the method bit for bit on
-    :data:`_PROBES`, else the method itself."""
-    overhead, per_seq, per_token, comm = (
-        prof.overhead_decode,
-        prof.per_seq,
-        prof.per_token_compute,
-        prof.per_token_comm,
-    )
-    no_pairs = 0.0 * prof.per_pair_compute
-    dense, per_ctx, expert, miss = prof.dense_read, prof.per_ctx_read, prof.expert_read, prof.expert_miss
-
-    def step(batch: int, context: int) -> float:
-        # PerfProfile.iteration(0, 0.0, batch, context), operation for operation
-        compute = batch * per_token + no_pairs
-        read = dense + context * per_ctx
-        if expert:
-            read += expert * (1.0 - miss**batch)
-        return overhead + batch * per_seq + batch * comm + (read if read > compute else compute)
-
-    if all(step(b, c) == prof.decode_step(b, c) for b, c in _PROBES):
-        return step
-    return prof.decode_step
-
-
 def _mixed_ok(
     decode_step: Callable[[int, int], float],
     first_step: float,
@@ -247,7 +213,7 @@ def mixed_capacity(
     hi = rho_max / (length * pf_per_token)
     itl_target = itl_s * tune.itl_headroom / corr
     kv_cap = tune.kv_headroom * prof.kv_capacity
-    decode_step = _decode_stepper(prof)
+    decode_step = prof.decode_step
     first = decode_step(1, int(isl))
     if _mixed_ok(decode_step, first, hi, isl, osl, pf_per_token, itl_target, kv_cap):
         return Capacity(hi, "ttft")
