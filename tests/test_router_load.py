@@ -26,7 +26,7 @@ def test_sglang_names_and_timestamps() -> None:
 def test_no_queue_gauge_is_no_reading_and_garbage_is_skipped() -> None:
     assert engine_queue("# nothing here\nprocess_cpu_seconds_total 3\n") is None
     assert engine_queue("vllm:num_requests_waiting NaN\nvllm:num_requests_running -1\n") is None
-    assert engine_queue("vllm:num_requests_waiting{a=\"b\"} oops\nvllm:num_requests_running 2\n") == 2
+    assert engine_queue('vllm:num_requests_waiting{a="b"} oops\nvllm:num_requests_running 2\n') == 2
 
 
 def test_outside_load_is_what_the_router_did_not_send() -> None:
