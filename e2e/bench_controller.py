@@ -29,7 +29,7 @@ import yaml
 from e2e.bench_scale import service_doc  # index 0: B200 prefill, Gaudi 3 decode, H100 mixed
 from e2e.harness import cluster as cluster_mod
 from e2e.harness import fleet as fleet_mod
-from e2e.harness.common import REPO_ROOT, STATE_ROOT, wait_for
+from e2e.harness.common import REPO_ROOT, STATE_ROOT, wait_for, write_result
 from e2e.harness.operator import OperatorProcess, install_crds
 from tandem.builders import ServiceContext, desired_objects
 from tandem.models import InferenceServiceSpec
@@ -200,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
         removed = fleet_mod.unregister(cluster.api(), scale)
         print(f"Unregistered {removed} scale nodes", file=sys.stderr)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

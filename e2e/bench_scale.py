@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import yaml
 
-from e2e.harness.common import REPO_ROOT, STATE_ROOT, wait_for
+from e2e.harness.common import REPO_ROOT, STATE_ROOT, sim_service, wait_for, write_result
 
 SAMPLES = REPO_ROOT / "e2e" / "samples"
 SCALE_FLEET = REPO_ROOT / "e2e" / "fleets" / "scale-200.yaml"
@@ -46,20 +46,9 @@ def service_doc(name: str, index: int = 0) -> dict[str, Any]:
     prefill = "b200" if index < 320 else "h100"
     decode = "gaudi3" if index < 320 else "mi300x"
     mixed = "h100" if index < 440 else "mi300x"
-    return {
-        "apiVersion": "inference.tandem.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "preset": "llama-3.1-8b"},
-            "engine": "sim",
-            "pools": [
-                {"name": "prefill", "role": "prefill", "acceleratorPool": prefill},
-                {"name": "decode", "role": "decode", "acceleratorPool": decode},
-                {"name": "mixed", "role": "mixed", "acceleratorPool": mixed},
-            ],
-        },
-    }
+    return sim_service(
+        name, [("prefill", "prefill", prefill), ("decode", "decode", decode), ("mixed", "mixed", mixed)]
+    )
 
 
 def cpu_nodes(fleet_mod: Any, count: int) -> Any:
@@ -221,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 except httpx.HTTPError as exc:
                     result["metrics_when_aborted"] = f"unavailable: {type(exc).__name__}"
                 result["seconds_when_aborted"] = round(time.monotonic() - t0, 1)
-                return _write(args.out, result)
+                return write_result(args.out, result)
             result["seconds_to_ready"] = round(time.monotonic() - t0, 1)
             req1, rec1 = kube_requests(op), op.reconciles()
         result["api_requests_to_ready"] = req1 - req0
@@ -262,15 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             op.stop()
         if started_cluster and not args.keep_cluster:
             cluster_mod.down()
-    return _write(args.out, result)
-
-
-def _write(path: str, result: dict[str, Any]) -> int:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.harness.common import STATE_ROOT, wait_for
+from e2e.harness.common import STATE_ROOT, sim_service, wait_for
 from e2e.harness.faults import SideCluster, side_cluster
 from e2e.harness.operator import OperatorProcess, install_crds, wait_seconds
 from tandem.builders import ServiceContext, desired_objects
@@ -35,22 +35,10 @@ CHILD_KINDS = "deployments,services,configmaps,serviceaccounts,roles,rolebinding
 
 def service_doc(name: str, pools: int = 2) -> dict[str, Any]:
     """A small service: decode + mixed (and prefill with ``pools=3``), one device per pool."""
-    spec_pools = [
-        {"name": "decode", "role": "decode", "acceleratorPool": "gaudi3"},
-        {"name": "mixed", "role": "mixed", "acceleratorPool": "h100"},
-    ]
+    spec_pools = [("decode", "decode", "gaudi3"), ("mixed", "mixed", "h100")]
     if pools == 3:
-        spec_pools.insert(0, {"name": "prefill", "role": "prefill", "acceleratorPool": "b200"})
-    return {
-        "apiVersion": "inference.tandem.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "preset": "llama-3.1-8b"},
-            "engine": "sim",
-            "pools": spec_pools,
-        },
-    }
+        spec_pools.insert(0, ("prefill", "prefill", "b200"))
+    return sim_service(name, spec_pools)
 
 
 def get(cluster: Any, namespace: str | None, *what: str) -> list[dict[str, Any]]:

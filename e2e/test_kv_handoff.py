@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
-from e2e.harness.common import STATE_ROOT
+from e2e.harness.common import STATE_ROOT, sim_service
 from e2e.harness.fleet_agent import FleetAgent, wait_workers
 from e2e.harness.operator import OperatorProcess, install_crds
 from e2e.harness.prometheus import Prometheus
@@ -36,31 +36,14 @@ PREFILL_FORMAT = BlockFormat("NHD", 16)  # what the operator derives for MI300X 
 
 
 def service() -> dict[str, Any]:
-    return {
-        "apiVersion": "inference.tandem.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": SERVICE},
-        "spec": {
-            "model": {"name": MODEL, "preset": "llama-3.1-8b"},
-            "engine": "sim",
-            "pools": [
-                {
-                    "name": "prefill",
-                    "role": "prefill",
-                    "acceleratorPool": "mi300x",
-                    "replicas": {"min": 1, "max": 1},
-                },
-                {
-                    "name": "decode",
-                    "role": "decode",
-                    "acceleratorPool": "gaudi3",
-                    "replicas": {"min": 1, "max": 1},
-                },
-            ],
-            "autoscaling": {"mode": "off"},
-            "routing": {"disaggregation": "always"},
-        },
-    }
+    doc = sim_service(
+        SERVICE,
+        [("prefill", "prefill", "mi300x"), ("decode", "decode", "gaudi3")],
+        autoscaling={"mode": "off"},
+        routing={"disaggregation": "always"},
+    )
+    doc["spec"]["model"]["name"] = MODEL
+    return doc
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -8,6 +8,7 @@ never by name.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -132,3 +133,31 @@ def stop_process_groups(pgids: list[int], *, timeout: float = 10.0) -> None:
 def stop_process_group(pgid: int, *, timeout: float = 10.0) -> None:
     """SIGTERMs the process group ``pgid``, then SIGKILLs it if it outlives ``timeout``."""
     stop_process_groups([pgid], timeout=timeout)
+
+
+SIM_MODEL = {"name": "meta-llama/Llama-3.1-8B-Instruct", "preset": "llama-3.1-8b"}
+
+
+def sim_service(name: str, pools: list[tuple[str, str, str]], **spec: Any) -> dict[str, Any]:
+    """An ``engine: sim`` Llama-3.1-8B InferenceService with ``pools`` as (name, role,
+    AcceleratorPool) and any further spec fields."""
+    return {
+        "apiVersion": "inference.tandem.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name},
+        "spec": {
+            "model": dict(SIM_MODEL),
+            "engine": "sim",
+            "pools": [{"name": n, "role": r, "acceleratorPool": a} for n, r, a in pools],
+            **spec,
+        },
+    }
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> int:
+    """A benchmark's result as JSON at ``path`` (and on stdout); the exit code 0."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
