@@ -34,6 +34,7 @@ from tandem.planner import base_replicas
 from tandem.resolve import resolve
 
 SAMPLES = Path(__file__).parent / "samples"
+GIE_CRD = Path(__file__).parent / "crds" / "inferencepools.inference.networking.k8s.io.yaml"
 PSS = "pod-security.kubernetes.io"
 CANARY = "tandem-canary-5f0c9e1d"
 
@@ -190,6 +191,9 @@ def test_rbac_is_exactly_what_the_operator_uses_and_no_secret_is_touched(
     cluster = side.cluster
     assert cluster is not None
     install_crds(cluster)
+    # the Gateway API Inference Extension's InferencePool API: the operator owns one per role
+    cluster.kubectl("apply", "--server-side", "-f", str(GIE_CRD))
+    cluster.kubectl("wait", "--for=condition=established", "--timeout=60s", "-f", str(GIE_CRD))
     cluster.kubectl("apply", "--server-side", "-f", str(SAMPLES / "acceleratorpools.yaml"))
     ns, release = "rbac-audit", "rbac"
     cluster.kubectl("create", "namespace", ns, check=False)
@@ -257,6 +261,16 @@ def test_rbac_is_exactly_what_the_operator_uses_and_no_secret_is_touched(
                 timeout=120,
                 what="mixed pool pruned",
             )
+            # one InferencePool per role left (the mixed one pruned with its pool)
+            wait_for(
+                lambda: sorted(
+                    cluster.kubectl("get", "inferencepools", "-n", ns, "-o", "name").stdout.split()
+                )
+                == ["inferencepool.inference.networking.k8s.io/llama-decode",
+                    "inferencepool.inference.networking.k8s.io/llama-prefill"],
+                timeout=120,
+                what="InferencePools per remaining role",
+            )  # fmt: skip
             router_roles = json.loads(cluster.kubectl("get", "roles", "-n", ns, "-o", "json").stdout)["items"]
             cluster.kubectl("delete", "tisvc", "llama", "broken", "-n", ns, "--wait=true", "--timeout=60s")
             log_text = op.log_text()

@@ -51,6 +51,7 @@ NAMESPACED_RULES = {
     ("", "serviceaccounts"): {"list", "create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"list", "create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"list", "create", "patch", "delete"},
+    ("inference.networking.k8s.io", "inferencepools"): {"list", "create", "patch", "delete"},
     ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
     ("events.k8s.io", "events"): {"create"},
     ("", "events"): {"create"},
@@ -278,6 +279,8 @@ def test_rbac_is_least_privilege() -> None:
                 ("", "serviceaccounts"),
                 ("rbac.authorization.k8s.io", "roles"),
                 ("rbac.authorization.k8s.io", "rolebindings"),
+                # Gateway API Inference Extension interop: one InferencePool per role
+                ("inference.networking.k8s.io", "inferencepools"),
                 ("events.k8s.io", "events"),
                 ("", "events"),
                 ("kopf.dev", "clusterkopfpeerings"),

@@ -230,3 +230,43 @@ def test_inference_pools_golden(sample_service: dict[str, Any], sample_pools: di
         wanted = pool["spec"]["selector"]["matchLabels"]
         assert sum(all(p.get(k) == v for k, v in wanted.items()) for p in pods) == 1
     assert yaml.safe_load(json.dumps(objects)) == objects
+
+
+def test_inference_pools_are_desired_only_where_served_and_not_turned_off(
+    sample_service: dict[str, Any], sample_pools: dict[str, dict]
+) -> None:
+    ctx = make_ctx(sample_service["spec"], sample_pools)
+    kinds = lambda objs: [o["kind"] for o in objs]  # noqa: E731
+    assert "InferencePool" not in kinds(desired_objects(ctx))  # the API is not served
+    served = desired_objects(ctx, inference_pools=True)
+    assert kinds(served)[-3:] == ["InferencePool"] * 3  # after the router: nothing waits on them
+    spec = {
+        **sample_service["spec"],
+        "routing": {"inferencePool": {"endpointPicker": "llm-d-epp", "failureMode": "FailOpen"}},
+    }
+    custom = desired_objects(make_ctx(spec, sample_pools), inference_pools=True)
+    refs = [o["spec"]["endpointPickerRef"] for o in custom if o["kind"] == "InferencePool"]
+    assert {(r["name"], r["portNumber"], r["failureMode"]) for r in refs} == {("llm-d-epp", 9002, "FailOpen")}
+    off = {**sample_service["spec"], "routing": {"inferencePool": {"mode": "off"}}}
+    assert "InferencePool" not in kinds(desired_objects(make_ctx(off, sample_pools), inference_pools=True))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mode": "always"}, "mode"),
+        ({"endpointPicker": "Not_A_Name"}, "endpointPicker"),
+        ({"endpointPickerPort": 0}, "endpointPickerPort"),
+        ({"failureMode": "Retry"}, "failureMode"),
+    ],
+)
+def test_inference_pool_settings_are_validated(
+    sample_service: dict[str, Any], settings: dict[str, Any], message: str
+) -> None:
+    from pydantic import ValidationError
+
+    from tandem.models.inference_service import InferenceServiceSpec
+
+    spec = {**sample_service["spec"], "routing": {"inferencePool": settings}}
+    with pytest.raises(ValidationError, match=message):
+        InferenceServiceSpec.model_validate(spec)

@@ -39,6 +39,10 @@ class Settings:
     peering: PeeringSettings | None = None
 
 
+# How often API discovery is re-read for optional APIs (GIE's InferencePool).
+DISCOVERY_SECONDS = 60.0
+
+
 class Controller:
     def __init__(self, kube: Kube, settings: Settings | None = None) -> None:
         self.kube = kube
@@ -51,6 +55,8 @@ class Controller:
         self._pools_pending: asyncio.Task[None] | None = None
         self._pools_lock = asyncio.Lock()  # one cluster-wide pool-status update at a time
         self.reconciles = 0
+        self._gie = False  # the cluster serves GIE's InferencePool (inference_pools_served)
+        self._gie_checked: float | None = None
         # kopf pauses a standby replica's watches, not these tasks: they ask the gate
         self.gate = (
             PeeringGate(kube, self.settings.peering, self._peering_changed) if self.settings.peering else None
@@ -100,6 +106,23 @@ class Controller:
         else:
             self.services[key] = body
 
+    async def inference_pools_served(self) -> bool:
+        """Whether the cluster serves GIE's InferencePool (API discovery, re-read at most every
+        ``DISCOVERY_SECONDS``, so installing the CRD later is picked up; a failed read keeps the
+        last answer)."""
+        now = asyncio.get_running_loop().time()
+        if self._gie_checked is None or now - self._gie_checked >= DISCOVERY_SECONDS:
+            self._gie_checked = now
+            try:
+                served = await asyncio.to_thread(self.kube.serves, "InferencePool")
+            except Exception as exc:  # an optional API: never a reason to stop reconciling
+                log.warning("Could not discover the InferencePool API, keeping %s: %s", self._gie, exc)
+            else:
+                if served != self._gie:
+                    log.info("InferencePool API (inference.networking.k8s.io/v1) served: %s", served)
+                self._gie = served
+        return self._gie
+
     # reconciling
     async def reconcile(self, key: Key) -> Outcome | None:
         body = self.services.get(key)
@@ -119,6 +142,7 @@ class Controller:
                         pools=self.pools,
                         images=self.settings.images,
                         autoscale=self.autoscaler.current(key),
+                        inference_pools=await self.inference_pools_served(),
                     )
                 except Exception:
                     RECONCILES.labels("error").inc()

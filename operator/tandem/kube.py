@@ -33,6 +33,8 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "Node": ("/api/v1", "nodes", False),
     names.KIND_SERVICE: (f"/apis/{names.API_VERSION}", names.PLURAL_SERVICE, True),
     names.KIND_POOL: (f"/apis/{names.API_VERSION}", names.PLURAL_POOL, False),
+    # Gateway API Inference Extension; optional: owned only where the cluster serves it
+    "InferencePool": ("/apis/inference.networking.k8s.io/v1", "inferencepools", True),
 }
 OWNED_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Deployment")
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -163,6 +165,18 @@ class Kube:
             if not cont:
                 return items
 
+    def serves(self, kind: str) -> bool:
+        """Whether the apiserver serves ``kind``'s resource (API discovery of its group version):
+        False when the group version is unknown (404), e.g. a CRD that is not installed."""
+        prefix, plural, _ = KINDS[kind]
+        try:
+            doc = self.request("GET", prefix)
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in doc.get("resources", []))
+
     # writes
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply with Tandem's single field manager, taking fields back from hand edits."""
@@ -231,6 +245,7 @@ def _kind_of(path: str) -> str:
         "events",
         "inferenceservices",
         "acceleratorpools",
+        "inferencepools",
     ):
         if plural in parts:
             return plural

@@ -16,7 +16,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from tandem import names
-from tandem.builders import Images, ServiceContext, desired_objects, owned_labels, router_endpoint
+from tandem.builders import (
+    INFERENCE_POOL_KIND,
+    Images,
+    ServiceContext,
+    desired_objects,
+    owned_labels,
+    router_endpoint,
+)
 from tandem.builders.kv import PairProblem
 from tandem.builders.router import router_name
 from tandem.children import plan_changes
@@ -82,9 +89,11 @@ async def reconcile(
     images: Images,
     now: str | None = None,
     autoscale: Autoscale | None = None,
+    inference_pools: bool = False,
 ) -> Outcome:
     """``autoscale``: the planner's latest decision for this service (``autoscaling.mode: planner``),
-    applied through this same path: replicas, the router's split threshold, status fields."""
+    applied through this same path: replicas, the router's split threshold, status fields.
+    ``inference_pools``: the cluster serves GIE's InferencePool (owned, applied and pruned too)."""
     planned = autoscale or Autoscale(replicas={})
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
@@ -97,8 +106,9 @@ async def reconcile(
     # gather
     observed: list[dict[str, Any]] = []
     # one LIST per owned kind, concurrently: they are independent and dominate a no-op reconcile
+    kinds = (*OWNED_KINDS, INFERENCE_POOL_KIND) if inference_pools else OWNED_KINDS
     listed = await asyncio.gather(
-        *(asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name)) for kind in OWNED_KINDS),
+        *(asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name)) for kind in kinds),
         asyncio.to_thread(kube.list_objects, "Pod", namespace, {names.LABEL_SERVICE: name}),
     )
     pods = listed[-1]  # their KV sidecars' readiness
@@ -137,7 +147,8 @@ async def reconcile(
             replicas=base_replicas(spec, live_deployments, planned.replicas),
             images=images,
         )
-        to_apply, to_prune = plan_changes(desired_objects(ctx, planned.split_threshold), observed)
+        desired = desired_objects(ctx, planned.split_threshold, inference_pools=inference_pools)
+        to_apply, to_prune = plan_changes(desired, observed)
         router_live = await _apply_waves(kube, to_apply, outcome, live_deployments, router_live)
         outcome.problems += outcome.rejected
         for obj in to_prune:

@@ -89,11 +89,33 @@ class Autoscaling(Model):
     budget: Budget | None = None
 
 
+class InferencePoolSettings(Model):
+    """Gateway API Inference Extension interop: one ``InferencePool`` per role, so a GIE gateway
+    (an llm-d router, for instance) can route to the pools instead of Tandem's router."""
+
+    mode: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: emit InferencePools when the inference.networking.k8s.io/v1 API is served; "
+        "off: never (and remove the ones Tandem made).",
+    )
+    endpoint_picker: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL,
+        max_length=63,
+        description="Service of the Endpoint Picker the InferencePools refer to (default <service>-epp).",
+    )
+    endpoint_picker_port: int = Field(default=9002, ge=1, le=65535, description="Its gRPC port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        default="FailClose", description="What the gateway does when the Endpoint Picker does not answer."
+    )
+
+
 class Routing(Model):
     disaggregation: Literal["auto", "always", "never"] = "auto"
     min_prompt_tokens: int = Field(
         default=512, ge=0, description="Prompts shorter than this go to a mixed replica when one exists."
     )
+    inference_pool: InferencePoolSettings = Field(default_factory=InferencePoolSettings)
 
 
 class KvTransfer(Model):
