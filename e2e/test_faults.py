@@ -201,10 +201,13 @@ def test_two_replicas_only_one_acts_and_the_other_takes_over(
         reconciles = [op.reconciles() for op in ops]
         assert sorted(r > 0 for r in reconciles) == [False, True], reconciles  # exactly one acts
         active, standby = (ops[0], ops[1]) if reconciles[0] else (ops[1], ops[0])
-        assert standby.kube_writes() == 0
-        # and keeps not acting over several resync periods (its own loops, not only kopf's handlers)
+        # The replica that started first acts alone until the other's heartbeat appears (seconds
+        # on a loaded machine), and may write AcceleratorPool statuses meanwhile: correct, it was
+        # the only peer. From then on the standby writes nothing, over several resync periods (its
+        # own loops, not only kopf's handlers).
+        writes = standby.kube_writes()
         wait_seconds(3 * 2.0)
-        assert standby.reconciles() == 0 and standby.kube_writes() == 0
+        assert standby.reconciles() == 0 and standby.kube_writes() == writes
         active.kill()
         apply_docs(cluster, namespace, [service_doc("two")])
         wait_for(lambda: converged(cluster, namespace, {"one", "two"}), timeout=180, what="failover")
