@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from e2e.harness import gie
 from e2e.harness.chart import CHART_DIR, helm, service_account_kubeconfig
 from e2e.harness.common import STATE_ROOT, wait_for
 from e2e.harness.faults import SideCluster, side_cluster
@@ -34,7 +35,6 @@ from tandem.planner import base_replicas
 from tandem.resolve import resolve
 
 SAMPLES = Path(__file__).parent / "samples"
-GIE_CRD = Path(__file__).parent / "crds" / "inferencepools.inference.networking.k8s.io.yaml"
 PSS = "pod-security.kubernetes.io"
 CANARY = "tandem-canary-5f0c9e1d"
 
@@ -192,8 +192,7 @@ def test_rbac_is_exactly_what_the_operator_uses_and_no_secret_is_touched(
     assert cluster is not None
     install_crds(cluster)
     # the Gateway API Inference Extension's InferencePool API: the operator owns one per role
-    cluster.kubectl("apply", "--server-side", "-f", str(GIE_CRD))
-    cluster.kubectl("wait", "--for=condition=established", "--timeout=60s", "-f", str(GIE_CRD))
+    gie.install(cluster)
     cluster.kubectl("apply", "--server-side", "-f", str(SAMPLES / "acceleratorpools.yaml"))
     ns, release = "rbac-audit", "rbac"
     cluster.kubectl("create", "namespace", ns, check=False)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from helpers import check_golden, make_ctx
 from tandem import names
 from tandem.builders import ServiceContext, desired_objects
 from tandem.builders.engine import engine_args
@@ -16,22 +14,6 @@ from tandem.builders.kv import pool_profile
 from tandem.models import InferenceServiceSpec
 from tandem.planner import base_replicas
 from tandem.resolve import resolve
-
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def make_ctx(spec_doc: dict[str, Any], pools: dict[str, dict], name: str = "llama") -> ServiceContext:
-    spec = InferenceServiceSpec.model_validate(spec_doc)
-    resolution = resolve(spec, pools)
-    assert resolution.ok, resolution.problems
-    return ServiceContext(
-        name=name,
-        namespace="team-a",
-        uid="00000000-0000-0000-0000-000000000001",
-        spec=spec,
-        accelerator_pools=resolution.accelerator_pools,
-        replicas=base_replicas(spec, {}),
-    )
 
 
 def spec_for(engine: str, vendor_pool: str, role: str) -> dict[str, Any]:
@@ -43,16 +25,6 @@ def spec_for(engine: str, vendor_pool: str, role: str) -> dict[str, Any]:
         "engine": engine,
         "pools": pools,
     }
-
-
-def check_golden(name: str, objects: list[dict[str, Any]]) -> None:
-    path = GOLDEN / f"{name}.yaml"
-    text = yaml.safe_dump_all(objects, sort_keys=True)
-    if os.environ.get("UPDATE_GOLDEN") or not path.exists():
-        path.write_text(text)
-        if not os.environ.get("UPDATE_GOLDEN"):
-            pytest.fail(f"golden file {path.name} was missing and has been written; re-run")
-    assert text == path.read_text(), f"{path.name} differs; run UPDATE_GOLDEN=1 pytest if intended"
 
 
 CASES = [

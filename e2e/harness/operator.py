@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.harness.common import REPO_ROOT, free_port, wait_for
+from e2e.harness.common import REPO_ROOT, STATE_ROOT, free_port, wait_for
 
 CRDS_DIR = REPO_ROOT / "crds"
 PEERING_NAME = "tandem"
@@ -41,6 +41,19 @@ def install_crds(cluster: Any) -> None:
 
 
 class OperatorProcess:
+    @classmethod
+    def for_namespace(cls, cluster: Any, namespace: str, **kwargs: Any) -> OperatorProcess:
+        """A standalone operator watching only ``namespace`` of ``cluster``, logging to
+        .tandem/e2e/operator-<namespace>.log (a namespaced operator with peering would wait for a
+        namespaced KopfPeering)."""
+        return cls(
+            cluster.kubeconfig,
+            STATE_ROOT / "e2e" / f"operator-{namespace}.log",
+            namespaces=[namespace],
+            standalone=True,
+            **kwargs,
+        )
+
     def __init__(
         self,
         kubeconfig: Path | str,

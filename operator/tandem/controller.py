@@ -39,7 +39,8 @@ class Settings:
     peering: PeeringSettings | None = None
 
 
-# How often API discovery is re-read for optional APIs (GIE's InferencePool).
+# How often, at most, API discovery is re-read for optional APIs (GIE's InferencePool): once per
+# resync period, and at least this often when the resync is slower.
 DISCOVERY_SECONDS = 60.0
 
 
@@ -107,11 +108,12 @@ class Controller:
             self.services[key] = body
 
     async def inference_pools_served(self) -> bool:
-        """Whether the cluster serves GIE's InferencePool (API discovery, re-read at most every
-        ``DISCOVERY_SECONDS``, so installing the CRD later is picked up; a failed read keeps the
-        last answer)."""
+        """Whether the cluster serves GIE's InferencePool: API discovery, cached and re-read once
+        per resync period (at most ``DISCOVERY_SECONDS`` apart), so a CRD installed later is
+        picked up by the next resyncs; a failed read keeps the last answer and stops nothing."""
         now = asyncio.get_running_loop().time()
-        if self._gie_checked is None or now - self._gie_checked >= DISCOVERY_SECONDS:
+        interval = min(DISCOVERY_SECONDS, self.settings.resync_seconds)
+        if self._gie_checked is None or now - self._gie_checked >= interval:
             self._gie_checked = now
             try:
                 served = await asyncio.to_thread(self.kube.serves, "InferencePool")
@@ -147,6 +149,8 @@ class Controller:
                 except Exception:
                     RECONCILES.labels("error").inc()
                     raise
+            if self._gie and outcome.inference_pool_api == "absent":
+                self._gie_checked = None  # the API went away since discovery: look again next time
             RECONCILES.labels("problem" if outcome.problems else "ok").inc()
             for what in outcome.applied:
                 CHILD_WRITES.labels("apply", what.split(" ", 1)[0]).inc()

@@ -34,7 +34,13 @@ from tandem.models.inference_service import InferenceServiceSpec, InferenceServi
 from tandem.planner import base_replicas
 from tandem.resolve import Problem, Resolution, resolve
 from tandem.scaling import Autoscale, planner_status
-from tandem.status import compute_status, set_conditions, status_changed
+from tandem.status import (
+    InferencePoolApi,
+    compute_status,
+    inference_pools_condition,
+    set_conditions,
+    status_changed,
+)
 
 log = logging.getLogger("tandem.reconcile")
 
@@ -63,6 +69,11 @@ class Outcome:
     kv_problems: list[PairProblem] = field(default_factory=list)
     # children the apiserver refused (400/422): Ready=False/ChildRejected until the spec changes
     rejected: list[Problem] = field(default_factory=list)
+    # InferencePools the apiserver refused (name -> its message): reported, never fatal
+    inference_pool_failures: dict[str, str] = field(default_factory=dict)
+    # the InferencePool API as this reconcile found it ("absent" after the controller's discovery
+    # said served: the CRD went away, so the controller looks again)
+    inference_pool_api: InferencePoolApi = "absent"
 
 
 def _ready_reason(status: Mapping[str, Any] | InferenceServiceStatus | None) -> str | None:
@@ -93,7 +104,10 @@ async def reconcile(
 ) -> Outcome:
     """``autoscale``: the planner's latest decision for this service (``autoscaling.mode: planner``),
     applied through this same path: replicas, the router's split threshold, status fields.
-    ``inference_pools``: the cluster serves GIE's InferencePool (owned, applied and pruned too)."""
+    ``inference_pools``: API discovery says the cluster serves GIE's InferencePool; its objects are
+    then listed, applied and pruned with the other children (``routing.inferencePool.mode: off``
+    prunes them), and ``InferencePoolsEmitted`` reports the outcome. A failure to list them (the
+    API gone since discovery, RBAC without them) only keeps them out of this reconcile."""
     planned = autoscale or Autoscale(replicas={})
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
@@ -106,9 +120,9 @@ async def reconcile(
     # gather
     observed: list[dict[str, Any]] = []
     # one LIST per owned kind, concurrently: they are independent and dominate a no-op reconcile
-    kinds = (*OWNED_KINDS, INFERENCE_POOL_KIND) if inference_pools else OWNED_KINDS
     listed = await asyncio.gather(
-        *(asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name)) for kind in kinds),
+        *(asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name)) for kind in OWNED_KINDS),
+        _list_inference_pools(kube, namespace, name, outcome) if inference_pools else _none(),
         asyncio.to_thread(kube.list_objects, "Pod", namespace, {names.LABEL_SERVICE: name}),
     )
     pods = listed[-1]  # their KV sidecars' readiness
@@ -137,6 +151,7 @@ async def reconcile(
         (o for o in observed if o["kind"] == "Deployment" and o["metadata"]["name"] == router_name(name)),
         None,
     )
+    desired: list[dict[str, Any]] = []
     if spec is not None and resolution.ok:
         ctx = ServiceContext(
             name=name,
@@ -147,12 +162,19 @@ async def reconcile(
             replicas=base_replicas(spec, live_deployments, planned.replicas),
             images=images,
         )
-        desired = desired_objects(ctx, planned.split_threshold, inference_pools=inference_pools)
+        served = outcome.inference_pool_api == "served"
+        desired = desired_objects(ctx, planned.split_threshold, inference_pools=served)
         to_apply, to_prune = plan_changes(desired, observed)
         router_live = await _apply_waves(kube, to_apply, outcome, live_deployments, router_live)
         outcome.problems += outcome.rejected
         for obj in to_prune:
-            await asyncio.to_thread(kube.delete, obj["kind"], obj["metadata"]["name"], namespace)
+            try:
+                await asyncio.to_thread(kube.delete, obj["kind"], obj["metadata"]["name"], namespace)
+            except KubeError as exc:
+                if obj["kind"] != INFERENCE_POOL_KIND:
+                    raise
+                log.warning("Could not prune %s: %s", describe(obj), exc)  # optional: the resync retries
+                continue
             outcome.pruned.append(describe(obj))
             log.info("Pruned %s", describe(obj))
             pool = obj["metadata"]["labels"].get(names.LABEL_POOL)
@@ -200,7 +222,16 @@ async def reconcile(
             )
             outcome.kv_before = next((c.reason for c in previous.conditions if c.type == kv.type), None)
             outcome.kv_after = kv.reason
-            status = status.model_copy(update={"conditions": set_conditions(status.conditions, [kv], now)})
+            gie = inference_pools_condition(
+                mode=spec.routing.inference_pool.mode,
+                api=outcome.inference_pool_api,
+                emitted=[m["metadata"]["name"] for m in desired if m["kind"] == INFERENCE_POOL_KIND],
+                failed=outcome.inference_pool_failures,
+                generation=generation,
+            )
+            status = status.model_copy(
+                update={"conditions": set_conditions(status.conditions, [kv, gie], now)}
+            )
     outcome.ready_after = _ready_reason(status)
     if status_changed(raw_status, status):
         await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, status.to_wire())
@@ -215,12 +246,21 @@ async def _apply_waves(
     live_deployments: dict[str, dict[str, Any]],
     router_live: dict[str, Any] | None,
 ) -> dict[str, Any] | None:
-    """Applies in two concurrent waves: what the workers reference (identity, config, Services)
-    first, then the Deployments, so their pods never wait on a missing object. Records what was
-    applied in ``outcome`` and the fresh Deployments in ``live_deployments``; returns the router's."""
+    """Applies in concurrent waves: what the workers reference (identity, config, Services) first,
+    then the Deployments, so their pods never wait on a missing object, then the InferencePools,
+    which nothing of Tandem's needs. Records what was applied in ``outcome`` and the fresh
+    Deployments in ``live_deployments``; returns the router's.
+
+    An InferencePool the apiserver refuses, whatever the error (a GIE release whose schema
+    differs answers 500 "field not declared in schema"), is recorded in
+    ``outcome.inference_pool_failures`` and fails neither the reconcile nor ``Ready``: the
+    interop is optional and ``InferencePoolsEmitted`` carries the message."""
+    optional = [m for m in to_apply if m["kind"] == INFERENCE_POOL_KIND]
+    required = [m for m in to_apply if m["kind"] != INFERENCE_POOL_KIND]
     waves = [
-        [m for m in to_apply if m["kind"] != "Deployment"],
-        [m for m in to_apply if m["kind"] == "Deployment"],
+        [m for m in required if m["kind"] != "Deployment"],
+        [m for m in required if m["kind"] == "Deployment"],
+        optional,
     ]
     failure: BaseException | None = None
     for wave in waves:
@@ -228,6 +268,10 @@ async def _apply_waves(
             *(asyncio.to_thread(kube.apply, m) for m in wave), return_exceptions=True
         )
         for manifest, result in zip(wave, results, strict=True):
+            if isinstance(result, KubeError) and manifest["kind"] == INFERENCE_POOL_KIND:
+                outcome.inference_pool_failures[manifest["metadata"]["name"]] = _refusal(result)
+                log.warning("Could not apply %s: %s", describe(manifest), result)
+                continue
             if isinstance(result, KubeError) and result.status in (400, 422):
                 # the spec yields an object the apiserver refuses (its own validation, a webhook):
                 # retrying cannot help, the user has to change the spec; say so in the status
@@ -250,11 +294,40 @@ async def _apply_waves(
     return router_live
 
 
-def _rejection(manifest: Mapping[str, Any], err: KubeError) -> Problem:
+async def _none() -> list[dict[str, Any]]:
+    return []
+
+
+async def _list_inference_pools(
+    kube: Kube, namespace: str, service: str, outcome: Outcome
+) -> list[dict[str, Any]]:
+    """The service's InferencePools, with what the listing says of the API in ``outcome``: an
+    optional API never fails the reconcile of the rest. 404: no longer served (the CRD was
+    removed since discovery); 403: the operator's RBAC lacks them (a chart from before this
+    feature). Either way nothing is applied or pruned for it this time."""
+    try:
+        items = await asyncio.to_thread(
+            kube.list_objects, INFERENCE_POOL_KIND, namespace, owned_labels(service)
+        )
+    except KubeError as exc:
+        if exc.status not in (403, 404):
+            raise
+        outcome.inference_pool_api = "absent" if exc.status == 404 else "forbidden"
+        (log.info if exc.status == 404 else log.warning)(
+            "Could not list the InferencePools of %s/%s, leaving them out: %s", namespace, service, exc
+        )
+        return []
+    outcome.inference_pool_api = "served"
+    return items
+
+
+def _refusal(err: KubeError) -> str:
     message = str(err.body.get("message") or err.reason).strip()
-    if len(message) > 600:
-        message = message[:600] + "..."
-    return Problem("ChildRejected", f"the apiserver rejected {describe(manifest)}: {message}")
+    return message[:600] + "..." if len(message) > 600 else message
+
+
+def _rejection(manifest: Mapping[str, Any], err: KubeError) -> Problem:
+    return Problem("ChildRejected", f"the apiserver rejected {describe(manifest)}: {_refusal(err)}")
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from math import gcd
-from typing import Any
+from typing import Any, Literal
 
 from tandem import names
 from tandem.models.accelerator_pool import AcceleratorPoolSpec, AcceleratorPoolStatus
@@ -166,6 +166,74 @@ def compute_status(
             "endpoint": endpoint,
         }
     )
+
+
+# Whether Tandem owns Gateway API Inference Extension InferencePools for the service (and why not).
+INFERENCE_POOLS_CONDITION = "InferencePoolsEmitted"
+InferencePoolApi = Literal["served", "absent", "forbidden"]
+
+
+def inference_pools_condition(
+    *,
+    mode: str,
+    api: InferencePoolApi,
+    emitted: Sequence[str],
+    failed: Mapping[str, str] | None = None,
+    generation: int,
+) -> Condition:
+    """``InferencePoolsEmitted`` from ``spec.routing.inferencePool.mode``, what the operator knows
+    of the InferencePool API (``served``; ``absent``: not served; ``forbidden``: served, but the
+    operator may not list InferencePools), the InferencePools it wants (``emitted``) and the
+    ones the apiserver refused (``failed``: name -> its message). Reasons: ``Emitted`` (True),
+    ``Disabled``, ``APINotServed``, ``Forbidden``, ``ApplyFailed``. ``mode: off`` wins: the
+    user's choice explains the state whatever the cluster serves."""
+    if mode == "off":
+        return _cond(
+            INFERENCE_POOLS_CONDITION,
+            "False",
+            "Disabled",
+            "spec.routing.inferencePool.mode is off: Tandem owns no InferencePools for this service.",
+            generation,
+        )
+    if api == "absent":
+        return _cond(
+            INFERENCE_POOLS_CONDITION,
+            "False",
+            "APINotServed",
+            "The cluster does not serve the InferencePool API (inference.networking.k8s.io/v1); "
+            "install the Gateway API Inference Extension CRDs to get one InferencePool per role.",
+            generation,
+        )
+    if api == "forbidden":
+        return _cond(
+            INFERENCE_POOLS_CONDITION,
+            "False",
+            "Forbidden",
+            "The operator may not list InferencePools (inference.networking.k8s.io): grant it list, "
+            "create, patch and delete on inferencepools, or set spec.routing.inferencePool.mode to off.",
+            generation,
+        )
+    if failed:
+        refusals = "; ".join(f"{name}: {message.rstrip('.')}" for name, message in sorted(failed.items()))
+        return _cond(
+            INFERENCE_POOLS_CONDITION,
+            "False",
+            "ApplyFailed",
+            f"The apiserver refused {_inference_pools(list(failed))} ({refusals}).",
+            generation,
+        )
+    return _cond(
+        INFERENCE_POOLS_CONDITION,
+        "True",
+        "Emitted",
+        f"{_inference_pools(emitted)} {'selects' if len(emitted) == 1 else 'select'} this service's "
+        "worker pods by role.",
+        generation,
+    )
+
+
+def _inference_pools(names_: Sequence[str]) -> str:
+    return f"InferencePool{'' if len(names_) == 1 else 's'} {', '.join(sorted(names_))}"
 
 
 # Waiting reasons of a container that will not get better by waiting (kubelet's names).

@@ -20,11 +20,17 @@ PREFILL_INFLIGHT_PER_REPLICA = 4
 MIXED_INFLIGHT_PER_REPLICA = 16
 
 # Gateway API Inference Extension (GIE) interop: one InferencePool per role, so an llm-d router (or
-# any GIE gateway) can be used instead of Tandem's. API: kubernetes-sigs/gateway-api-inference-extension
-# api/v1/inferencepool_types.go (selector.matchLabels, targetPorts (exactly one), endpointPickerRef).
+# any GIE gateway) can be used instead of Tandem's. Shape checked against upstream
+# kubernetes-sigs/gateway-api-inference-extension api/v1/inferencepool_types.go and shared_types.go
+# (tags v1.0.0 to v1.6.0): spec.selector.matchLabels (1 to 64 labels); spec.targetPorts, a list of
+# {number} (exactly one in v1.0, up to 8 later: one is valid everywhere); spec.endpointPickerRef
+# {group, kind, name, port: {number}, failureMode: FailOpen | FailClose}, where a CEL rule requires
+# `port` when kind is Service. (`endpointPickerRef.portNumber` existed only in v1.0.0-rc.1; a
+# released v1 CRD rejects it.) endpointPickerRef is required up to v1.5 and optional since v1.6:
+# always written.
 INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
 INFERENCE_POOL_KIND = "InferencePool"
-DEFAULT_EPP_PORT = 9002  # GIE's default Endpoint Picker port
+DEFAULT_EPP_PORT = 9002  # the port GIE's Endpoint Picker serves its ext-proc gRPC on
 
 
 def router_name(service: str) -> str:
@@ -217,7 +223,7 @@ def build_inference_pools(
                             "group": "",
                             "kind": "Service",
                             "name": epp_service or child_name(ctx.name, "epp"),
-                            "portNumber": epp_port,
+                            "port": {"number": epp_port},  # not `portNumber` (see above)
                             "failureMode": failure_mode,
                         },
                     },

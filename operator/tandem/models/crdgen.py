@@ -87,8 +87,11 @@ def _object_defaults(original: Schema, out: Schema) -> None:
         had_default = "default" in original["properties"][key]
         if prop.get("type") != "object" or "properties" not in prop or had_default or prop.get("required"):
             continue
+        # copies: a nested object's default shared with its parent's would be a YAML anchor
         prop["default"] = {
-            k: v["default"] for k, v in prop["properties"].items() if v.get("default") is not None
+            k: copy.deepcopy(v["default"])
+            for k, v in prop["properties"].items()
+            if v.get("default") is not None
         }
 
 

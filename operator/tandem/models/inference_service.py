@@ -90,23 +90,33 @@ class Autoscaling(Model):
 
 
 class InferencePoolSettings(Model):
-    """Gateway API Inference Extension interop: one ``InferencePool`` per role, so a GIE gateway
-    (an llm-d router, for instance) can route to the pools instead of Tandem's router."""
+    """Gateway API Inference Extension interop: one InferencePool per role, so a GIE gateway (an
+    llm-d router, for instance) can route to the pools instead of Tandem's router. The fields
+    set the InferencePools' spec.endpointPickerRef (name, port.number, failureMode); Tandem does
+    not deploy the Endpoint Picker itself."""
 
     mode: Literal["auto", "off"] = Field(
         default="auto",
-        description="auto: emit InferencePools when the inference.networking.k8s.io/v1 API is served; "
-        "off: never (and remove the ones Tandem made).",
+        description="auto: own one InferencePool per role while the cluster serves the "
+        "inference.networking.k8s.io/v1 InferencePool API; off: none (and remove the ones Tandem made).",
     )
     endpoint_picker: str | None = Field(
         default=None,
         pattern=DNS_LABEL,
         max_length=63,
-        description="Service of the Endpoint Picker the InferencePools refer to (default <service>-epp).",
+        description="Name of the Endpoint Picker's Service, in the service's namespace (default "
+        "<service>-epp); a DNS label such as llm-d-epp.",
     )
-    endpoint_picker_port: int = Field(default=9002, ge=1, le=65535, description="Its gRPC port.")
+    endpoint_picker_port: int = Field(
+        default=9002,
+        ge=1,
+        le=65535,
+        description="The Endpoint Picker Service's port (1-65535; the GIE default is 9002).",
+    )
     failure_mode: Literal["FailOpen", "FailClose"] = Field(
-        default="FailClose", description="What the gateway does when the Endpoint Picker does not answer."
+        default="FailClose",
+        description="What the gateway does when the Endpoint Picker does not answer: FailClose drops "
+        "the request, FailOpen picks an endpoint itself.",
     )
 
 

@@ -1,0 +1,44 @@
+"""Helpers shared by the unit tests (pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tandem.builders import ServiceContext
+from tandem.models import InferenceServiceSpec
+from tandem.planner import base_replicas
+from tandem.resolve import resolve
+
+GOLDEN = Path(__file__).parent / "golden"
+UID = "00000000-0000-0000-0000-000000000001"
+
+
+def make_ctx(spec_doc: dict[str, Any], pools: dict[str, dict], name: str = "llama") -> ServiceContext:
+    """A resolved ServiceContext in namespace team-a (the spec must resolve against ``pools``)."""
+    spec = InferenceServiceSpec.model_validate(spec_doc)
+    resolution = resolve(spec, pools)
+    assert resolution.ok, resolution.problems
+    return ServiceContext(
+        name=name,
+        namespace="team-a",
+        uid=UID,
+        spec=spec,
+        accelerator_pools=resolution.accelerator_pools,
+        replicas=base_replicas(spec, {}),
+    )
+
+
+def check_golden(name: str, objects: list[dict[str, Any]]) -> None:
+    """Compares ``objects`` with tests/golden/<name>.yaml; ``UPDATE_GOLDEN=1`` rewrites the file."""
+    path = GOLDEN / f"{name}.yaml"
+    text = yaml.safe_dump_all(objects, sort_keys=True)
+    if os.environ.get("UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+        if not os.environ.get("UPDATE_GOLDEN"):
+            pytest.fail(f"golden file {path.name} was missing and has been written; re-run")
+    assert text == path.read_text(), f"{path.name} differs; run UPDATE_GOLDEN=1 pytest if intended"
