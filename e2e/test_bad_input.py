@@ -289,13 +289,7 @@ def tally() -> Iterator[Tally]:
 def operator(cluster: Any, namespace: str, diagnostics: Any) -> Iterator[OperatorProcess]:
     """The real operator, watching only this test's namespace; always stopped."""
     install_crds(cluster)
-    op = OperatorProcess(
-        cluster.kubeconfig,
-        STATE_ROOT / "e2e" / f"operator-{namespace}.log",
-        namespaces=[namespace],
-        resync_seconds=3.0,
-        standalone=True,
-    )
+    op = OperatorProcess.for_namespace(cluster, namespace, resync_seconds=3.0)
     diagnostics.add_log(op.log_path)
     try:
         yield op.start()

@@ -129,13 +129,7 @@ def test_kill_9_mid_reconcile_then_restart_converges_exactly(
     cluster: Any, namespace: str, crds: None, diagnostics: Any
 ) -> None:
     docs = [service_doc(f"svc-{i:02d}") for i in range(50)]
-    op = OperatorProcess(
-        cluster.kubeconfig,
-        STATE_ROOT / "e2e" / f"operator-{namespace}.log",
-        namespaces=[namespace],
-        resync_seconds=5.0,
-        standalone=True,
-    )
+    op = OperatorProcess.for_namespace(cluster, namespace, resync_seconds=5.0)
     diagnostics.add_log(op.log_path)
     names = {d["metadata"]["name"] for d in docs}
     try:

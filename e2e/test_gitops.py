@@ -52,13 +52,7 @@ def test_reapplied_manifest_shows_no_diff(cluster: Any, namespace: str, diagnost
     path.write_text(yaml.safe_dump(manifest(namespace)))
     flags = ["--server-side"] if mode == "server-side" else []
 
-    op = OperatorProcess(
-        cluster.kubeconfig,
-        STATE_ROOT / "e2e" / f"operator-{namespace}.log",
-        namespaces=[namespace],
-        resync_seconds=1.0,
-        standalone=True,
-    )
+    op = OperatorProcess.for_namespace(cluster, namespace, resync_seconds=1.0)
     diagnostics.add_log(op.log_path)
     with op:
         cluster.kubectl("apply", *flags, "-f", str(path))

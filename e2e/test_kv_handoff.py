@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
-from e2e.harness.common import STATE_ROOT, sim_service
+from e2e.harness.common import sim_service
 from e2e.harness.fleet_agent import FleetAgent, wait_workers
 from e2e.harness.operator import OperatorProcess, install_crds
 from e2e.harness.prometheus import Prometheus
@@ -71,12 +71,7 @@ def test_split_requests_move_real_kv_bytes_through_the_sidecars(
 ) -> None:
     install_crds(cluster)
     cluster.kubectl("apply", "--server-side", "-f", str(SAMPLES / "acceleratorpools.yaml"))
-    op = OperatorProcess(
-        cluster.kubeconfig,
-        STATE_ROOT / "e2e" / f"operator-{namespace}.log",
-        namespaces=[namespace],
-        standalone=True,
-    )
+    op = OperatorProcess.for_namespace(cluster, namespace)
     agent = FleetAgent(
         cluster.api(), namespace, SERVICE, prometheus, tmp_path / "fleet", kv_sidecars=True, kv_verify=True
     )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.harness.common import STATE_ROOT, wait_for
+from e2e.harness.common import wait_for
 from e2e.harness.operator import OperatorProcess, install_crds
 
 MULTUS = "k8s.v1.cni.cncf.io/networks"
@@ -51,12 +51,7 @@ def kv_pools(cluster: Any) -> Iterator[None]:
 
 @pytest.fixture
 def op(cluster: Any, namespace: str, kv_pools: None, diagnostics: Any) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(
-        cluster.kubeconfig,
-        STATE_ROOT / "e2e" / f"operator-{namespace}.log",
-        namespaces=[namespace],
-        standalone=True,
-    )
+    proc = OperatorProcess.for_namespace(cluster, namespace)
     diagnostics.add_log(proc.log_path)
     with proc:
         yield proc

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.harness.common import STATE_ROOT, wait_for
+from e2e.harness.common import wait_for
 from e2e.harness.fleet_agent import FleetAgent, wait_workers
 from e2e.harness.loadgen import LoadGenerator, LoadReport, Phase
 from e2e.harness.operator import OperatorProcess, install_crds, wait_seconds
@@ -121,13 +121,7 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
     prom = private_prometheus
     install_crds(cluster)
     cluster.kubectl("apply", "--server-side", "-f", str(SAMPLES / "acceleratorpools.yaml"))
-    op = OperatorProcess(
-        cluster.kubeconfig,
-        STATE_ROOT / "e2e" / f"operator-{namespace}.log",
-        namespaces=[namespace],
-        resync_seconds=5,
-        standalone=True,  # a namespaced operator with peering waits for a namespaced KopfPeering
-    )
+    op = OperatorProcess.for_namespace(cluster, namespace, resync_seconds=5)
     agent = FleetAgent(cluster.api(), namespace, SERVICE, prom, tmp_path / "fleet", time_scale=1.0)
     diagnostics.add_log(op.log_path)
     diagnostics.add_log(agent.router_log)

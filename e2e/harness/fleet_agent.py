@@ -392,17 +392,7 @@ class FleetAgent:
         cmd = [sys.executable, "-m", "tandem.router", "--config", str(self.router_config_path)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.router_port), "--reload-seconds", "0.5"]
         cmd += ["--log-level", "WARNING"]
-        logf = self.router_log.open("ab")
-        self.router_proc = subprocess.Popen(
-            cmd,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=REPO_ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        logf.close()
+        self.router_proc = self._spawn(cmd, self.router_log.name)
         log(f"Started the router for {self.namespace}/{self.service} on {self.router_url}")
 
 
