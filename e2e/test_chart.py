@@ -250,7 +250,8 @@ def ready(cluster: Any, namespace: str, name: str) -> dict[str, Any] | None:
     return svc if ok else None
 
 
-FORBIDDEN = re.compile(r"\b403\b|forbidden|Not enough permissions", re.IGNORECASE)
+# a 403 status, not the milliseconds of a log timestamp such as "13:26:53,403"
+FORBIDDEN = re.compile(r"(?<![,.])\b403\b|forbidden|Not enough permissions", re.IGNORECASE)
 
 
 def test_operator_runs_with_only_the_charts_permissions(
