@@ -36,7 +36,12 @@ def test_bench_writes_results_table_and_timelines(tmp_path: Path) -> None:
         assert metrics["cost_per_hour"] > 0
         assert isinstance(metrics["scale_actions"], int)
         assert metrics["cost_per_1k_good"] is None or metrics["cost_per_1k_good"] > 0
-    assert "| tandem |" in (out / "results.md").read_text()
+        warm = metrics["after_warmup"]
+        assert warm["from_s"] == 600.0 and 0.0 <= warm["slo_attainment"] <= 1.0
+        assert warm["cost_per_1k_good"] is None or warm["cost_per_1k_good"] > 0
+    assert set(results["traces"]["tiny"]["ratios_after_warmup"]) == {"colocated-hpa", "dynamo-sla", "oracle"}
+    md = (out / "results.md").read_text()
+    assert "| tandem |" in md and "After the first 600 s only" in md
     assert (out / "tiny.png").stat().st_size > 0
 
 

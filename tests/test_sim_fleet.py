@@ -94,6 +94,31 @@ def test_cost_and_device_hours() -> None:
     assert result.goodput == pytest.approx(result.slo_met / 3600)
 
 
+def test_cost_and_attainment_after_a_start() -> None:
+    trace = [TraceRequest(float(i), 500, 20) for i in range(3601)]
+    result = simulate(trace, disaggregated(1, 2), SLO(10, 1))
+    assert result.cost_from(0.0) == pytest.approx(result.cost)
+    assert result.cost_from(1800.0) == pytest.approx(result.cost / 2, rel=0.01)
+    attainment, per_1k = result.after(1800.0)
+    late = [r for r in result.requests if r.arrival >= 1800.0]
+    met = sum(r.meets(result.slo) for r in late)
+    assert attainment == pytest.approx(met / len(late))
+    assert per_1k == pytest.approx(result.cost_from(1800.0) / met * 1000)
+
+
+def test_the_bill_after_a_start_counts_replicas_added_later() -> None:
+    trace = synthetic(600, 5.0, 1000, 50, seed=3)
+    result = simulate(
+        trace, colocated(1), SLO(2, 0.1), autoscaler=_Recorder(target=3), config=SimConfig(30.0, 60.0)
+    )
+    end = result.simulated_seconds
+    start = end / 2
+    assert start > 30.0
+    # one replica from 0 s, two more from the 30 s decision: all three billed from ``start``
+    assert result.cost_from(start) == pytest.approx(3 * (end - start) / 3600 * 2 * H100.price_per_hour)
+    assert result.cost_from(start) < result.cost
+
+
 def test_long_prompts_tight_itl_disaggregation_beats_colocation_at_equal_cost() -> None:
     # DistServe (arXiv 2401.09670) / TaiChi (arXiv 2508.01989): loose TTFT, strict TPOT favours P/D.
     trace = synthetic(1200, 2.0, 6000, 200, seed=1)

@@ -141,6 +141,20 @@ class SimResult:
     events: int = 0
     # (t, split threshold) whenever an autoscaler that TunesRouting moved it (first: the start)
     split_thresholds: list[tuple[float, int]] = field(default_factory=list)
+    # one (created, stopped, USD per hour) per instance: its bill
+    spans: list[tuple[float, float, float]] = field(default_factory=list)
+
+    def cost_from(self, start: float) -> float:
+        """USD billed from ``start`` seconds to the end of the run."""
+        return sum(max(0.0, stop - max(start, t0)) / 3600.0 * price for t0, stop, price in self.spans)
+
+    def after(self, start: float) -> tuple[float, float]:
+        """(SLO attainment, USD per 1,000 SLO-met requests) of the requests arriving from
+        ``start`` seconds on, against the bill from then: the run once its start-up is over."""
+        late = [r for r in self.requests if r.arrival >= start]
+        met = sum(1 for r in late if r.meets(self.slo))
+        attainment = met / len(late) if late else 1.0
+        return attainment, (self.cost_from(start) / met * 1000.0 if met else math.inf)
 
     @property
     def completed(self) -> int:
@@ -424,6 +438,7 @@ class _Engine:
         self.dropped: list[_Req] = []
         self.last_tick = 0.0
         self.thresholds: list[tuple[float, int]] = [(0.0, self.router.split_threshold_tokens)]
+        self.spans: list[tuple[float, float, float]] = []  # filled by results()
 
     # ---------------------------------------------------------------- event plumbing
     def push(self, t: float, kind: int, obj: Any, version: int = 0) -> None:
@@ -888,12 +903,14 @@ class _Engine:
         device_hours = 0.0
         cost = 0.0
         timelines: dict[str, list[tuple[float, int, int]]] = {}
+        self.spans = []
         for pool in self.pools:
             for inst in pool.instances:
                 stop = inst.removed if inst.removed >= 0 else end
                 hours = max(0.0, stop - inst.created) / 3600.0 * pool.spec.tp
                 device_hours += hours
                 cost += hours * pool.spec.device_price
+                self.spans.append((inst.created, stop, pool.spec.tp * pool.spec.device_price))
             timelines[pool.spec.name] = pool.timeline
         return out, device_hours, cost, timelines
 
@@ -932,6 +949,7 @@ def simulate(
         timelines=timelines,
         events=engine.events,
         split_thresholds=engine.thresholds,
+        spans=engine.spans,
     )
 
 
