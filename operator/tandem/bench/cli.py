@@ -24,7 +24,8 @@ def trace_name(path: str) -> str:
 
 
 def _c1k(metrics: Mapping[str, Any], warm: bool) -> Any:
-    return (metrics.get("after_warmup") or {}).get("cost_per_1k_good") if warm else metrics.get("cost_per_1k_good")
+    source = (metrics.get("after_warmup") or {}) if warm else metrics
+    return source.get("cost_per_1k_good")
 
 
 def ratios(policies: Mapping[str, Mapping[str, Any]], warm: bool = False) -> dict[str, float | None]:
