@@ -43,11 +43,12 @@ def test_vllm_queries_render_with_fallbacks_and_windows() -> None:
     assert set(q) == {
         "waiting", "running", "kv_usage", "prompt_tokens_per_s", "generation_tokens_per_s", "requests_per_s",
         "mean_ttft_s", "mean_itl_s", "mean_prompt_tokens", "mean_output_tokens", "p90_ttft_s", "p90_itl_s",
-        "scrape_age_s", "prompt_tokens_buckets",
+        "scrape_age_s", "prompt_tokens_buckets", "ttft_buckets",
     }  # fmt: skip
     assert (
         q["prompt_tokens_buckets"] == f"sum by (pool, le) (rate(vllm:request_prompt_tokens_bucket{sel}[60s]))"
     )
+    assert q["ttft_buckets"] == f"sum by (pool, le) (rate(vllm:time_to_first_token_seconds_bucket{sel}[60s]))"
 
 
 def test_sglang_uses_its_own_names() -> None:
@@ -185,7 +186,7 @@ def test_prompt_length_buckets_parse_per_pool_sorted_by_bound() -> None:
     }
 
 
-def test_read_observation_carries_the_prompt_length_histogram() -> None:
+def test_read_observation_carries_the_prompt_length_and_ttft_histograms() -> None:
     class Buckets(FakeProm):
         def custom_query(
             self, query: str, params: dict[str, Any] | None = None, timeout: float | None = None
@@ -195,8 +196,14 @@ def test_read_observation_carries_the_prompt_length_histogram() -> None:
                     {"metric": {"pool": "p", "le": "512"}, "value": [1.0, "1"]},
                     {"metric": {"pool": "p", "le": "+Inf"}, "value": [1.0, "3"]},
                 ]
+            if "time_to_first_token_seconds_bucket" in query:
+                return [
+                    {"metric": {"pool": "q", "le": "1"}, "value": [1.0, "2"]},
+                    {"metric": {"pool": "q", "le": "+Inf"}, "value": [1.0, "4"]},
+                ]
             return super().custom_query(query, params, timeout)
 
     obs = read_observation(Buckets({}), "ns", "svc", ["p", "q"], 30)
     assert obs["p"].prompt_tokens_buckets == ((512.0, 1.0), (float("inf"), 3.0))
     assert obs["q"].prompt_tokens_buckets is None and obs["p"].complete
+    assert obs["q"].ttft_buckets == ((1.0, 2.0), (float("inf"), 4.0)) and obs["p"].ttft_buckets is None

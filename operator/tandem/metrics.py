@@ -169,6 +169,10 @@ class PromQL:
             "prompt_tokens_buckets": _either(
                 f"sum by (pool, le) (rate({x}_bucket{self.sel}[{self.window}]))" for x in n.prompt_len
             ),
+            # the TTFT histogram (first tokens/s per upper bound), for the SLO's error budget
+            "ttft_buckets": _either(
+                f"sum by (pool, le) (rate({x}_bucket{self.sel}[{self.window}]))" for x in n.ttft
+            ),
         }
 
 
@@ -240,7 +244,7 @@ def read_observation(
     """
     names = list(pools)
     values: dict[str, dict[str, float | None]] = {p: {} for p in names}
-    buckets: dict[str, tuple[tuple[float, float], ...] | None] = {}
+    buckets: dict[str, dict[str, tuple[tuple[float, float], ...] | None]] = {}
     complete = True
     unreachable = False
     for field_name, query in promql(engine, namespace, service, window_s).queries().items():
@@ -256,8 +260,8 @@ def read_observation(
             complete = False
             unreachable = _is_unreachable(err)
             continue
-        if field_name == "prompt_tokens_buckets":
-            buckets = parse_buckets(result if isinstance(result, list) else [])
+        if field_name in ("prompt_tokens_buckets", "ttft_buckets"):
+            buckets[field_name] = parse_buckets(result if isinstance(result, list) else [])
             continue
         parsed = parse_vector(result if isinstance(result, list) else [])
         for pool in names:
@@ -279,7 +283,8 @@ def read_observation(
             p90_ttft_s=v.get("p90_ttft_s"),
             p90_itl_s=v.get("p90_itl_s"),
             scrape_age_s=v.get("scrape_age_s"),
-            prompt_tokens_buckets=buckets.get(pool),
+            prompt_tokens_buckets=buckets.get("prompt_tokens_buckets", {}).get(pool),
+            ttft_buckets=buckets.get("ttft_buckets", {}).get(pool),
             complete=complete,
         )
     return out

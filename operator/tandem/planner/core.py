@@ -21,10 +21,16 @@ Per interval:
 6. **Tune the split threshold**: move it by one step towards the path that serves a
    request of the threshold's length more cheaply, and down whenever the mixed pools miss
    the ITL target.
-7. **Stabilise**: up at once; down only to the highest recommendation of the last
-   ``down_window_s`` (HPA's scale-down stabilisation); no change to a pool while its
+7. **Stabilise**, per role: up at once; down only to the cheapest of the running replicas
+   that hold the most capacity the role was recommended within the last ``down_window_s``
+   (HPA's scale-down stabilisation, counted for the role in reference units rather than per
+   pool, so that a burst sized on one pool and a lull sized on another do not hold both);
+   while the SLO's error budget is spent (first tokens within the TTFT target below the
+   attainment target over ``slo_window_s``), every pool keeps its own highest
+   recommendation of the window instead. Sizing prefers the replicas that run over a fleet
+   on other pools costing less than ``pool_hysteresis`` less. No change to a pool while its
    previous scale-up is still starting, and no scale-down of a role while any of its pools
-   is starting (the new capacity is not serving yet).
+   is starting or going up (the new capacity is not serving yet).
 8. **Budget**: remove the most expensive replicas until devices and cost per hour fit.
 """
 
@@ -94,6 +100,7 @@ class _Plan:
     infeasible: list[str] = field(default_factory=list)
     unmet: float = 0.0  # requests/s no allowed fleet serves within the SLO (per role)
     held: dict[str, str] = field(default_factory=dict)  # pool -> why it was held
+    running: Mapping[str, int] = field(default_factory=dict)  # pool -> replicas in force now
 
 
 def classes(spec: PlannerSpec) -> list[DemandClass]:
@@ -339,6 +346,52 @@ def update_corrections(
                 st.correction[pool.name] = (1 - t.correction_alpha) * old + t.correction_alpha * ratio
 
 
+# ------------------------------------------------------------------------- 4b. error budget
+
+
+def within(buckets: tuple[tuple[float, float], ...], target: float) -> tuple[float, float] | None:
+    """(rate within ``target``, total rate) from cumulative histogram buckets (upper bound,
+    cumulative rate), linear inside the bucket that holds the target (as
+    ``histogram_quantile`` assumes); None without a total."""
+    points = sorted((le, c) for le, c in buckets if math.isfinite(c))
+    if not points or points[-1][1] <= 0:
+        return None
+    total = points[-1][1]
+    lo_le, lo_c = 0.0, 0.0
+    for le, c in points:
+        if le >= target:
+            if not math.isfinite(le):
+                return lo_c, total
+            return lo_c + (target - lo_le) / (le - lo_le) * (c - lo_c), total
+        lo_le, lo_c = le, c
+    return total, total
+
+
+def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> None:
+    """Fold the interval's first tokens within the TTFT target (entry pools: prefill, mixed)
+    into the decayed counts ``st.slo_met`` / ``st.slo_seen``."""
+    met = seen = 0.0
+    for role in _entry_roles(spec):
+        for reading in _readings(spec, obs, role):
+            buckets = reading.metrics.ttft_buckets
+            got = within(buckets, spec.ttft_s) if buckets else None
+            if got is not None:
+                met += got[0]
+                seen += got[1]
+    dt = spec.interval_s if st.last_time is None else max(0.0, now - st.last_time)
+    decay = math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
+    st.slo_met = st.slo_met * decay + met * dt
+    st.slo_seen = st.slo_seen * decay + seen * dt
+
+
+def budget_spent(spec: PlannerSpec, st: PlannerState) -> bool:
+    """Whether the recent share of first tokens within the TTFT target is below the
+    attainment target (False while too few were seen to tell)."""
+    if st.slo_seen < spec.tuning.slo_min_requests:
+        return False
+    return st.slo_met / st.slo_seen < spec.attainment
+
+
 # ------------------------------------------------------------------------- 5. sizing
 
 
@@ -494,11 +547,39 @@ def size(
                 plan.targets.update({p.name: None for p in pools})
                 continue
             alloc, short = allocate(d.rate, pools, caps)
+            if not short and plan.running:
+                alloc = _prefer_running(spec, pools, caps, d.rate, alloc, plan.running)
             plan.targets.update(alloc)
             if short:
                 plan.limited = "max"
                 plan.unmet += max(0.0, d.rate - sum(n * caps[k].rps for k, n in alloc.items()))
     _keep_decode_for_prefill(spec, plan)
+
+
+def _prefer_running(
+    spec: PlannerSpec,
+    pools: list[PoolTarget],
+    caps: Mapping[str, Capacity],
+    rate: float,
+    fresh: dict[str, int],
+    running: Mapping[str, int],
+) -> dict[str, int]:
+    """The cheapest fleet within the replicas that run, instead of ``fresh``, when they serve
+    ``rate`` and cost at most ``pool_hysteresis`` more: otherwise a burst sized on one pool and
+    a lull sized on another keep alternating, and the scale-down window holds both."""
+    kept = [
+        replace(p, max_replicas=max(p.min_replicas, min(p.max_replicas, running.get(p.name, 0))))
+        for p in pools
+    ]
+    if sum(k.max_replicas * caps[k.name].rps for k in kept) < rate - 1e-9:
+        return fresh
+    sticky, short = allocate(rate, kept, caps)
+    price = {p.name: p.price_per_hour for p in pools}
+    cost_sticky = sum(n * price[k] for k, n in sticky.items())
+    cost_fresh = sum(n * price[k] for k, n in fresh.items())
+    if short or cost_sticky > cost_fresh * (1 + spec.tuning.pool_hysteresis) + 1e-9:
+        return fresh
+    return sticky
 
 
 def _keep_decode_for_prefill(spec: PlannerSpec, plan: _Plan) -> None:
@@ -537,7 +618,9 @@ def _splits(spec: PlannerSpec) -> bool:
     return spec.tune_split and {"prefill", "decode", "mixed"} <= roles
 
 
-def plan_threshold(spec: PlannerSpec, total: Total, st: PlannerState) -> tuple[int, dict[int, float]]:
+def plan_threshold(
+    spec: PlannerSpec, total: Total, st: PlannerState, running: Mapping[str, int] | None = None
+) -> tuple[int, dict[int, float]]:
     """The threshold to size the fleet for: the one whose whole fleet costs least per hour at
     the planned demand. A new threshold must save ``split_hysteresis`` of the current cost
     (integer replicas make costs jumpy). Returns (threshold, cost per candidate)."""
@@ -546,7 +629,7 @@ def plan_threshold(spec: PlannerSpec, total: Total, st: PlannerState) -> tuple[i
         return current, {}
     costs: dict[int, float] = {}
     for threshold in candidates(spec, current):
-        trial = _Plan()
+        trial = _Plan(running=running or {})
         size(spec, class_demand(spec, total, threshold), st, trial, report=False)
         costs[threshold] = fleet_cost(spec, trial)
     best = min(costs, key=lambda x: (costs[x], abs(math.log(x / current))))
@@ -620,44 +703,130 @@ def route_threshold(spec: PlannerSpec, obs: Observation, st: PlannerState, total
 # ------------------------------------------------------------------------- 7. stabilisation
 
 
-def _stabilise_pool(
-    spec: PlannerSpec, pool: PoolTarget, obs: Observation, st: PlannerState, now: float, plan: _Plan
-) -> int | None:
-    reading = obs.pools[pool.name]
-    rec = plan.targets.get(pool.name)
+# Reference shape for comparing replicas of one role across pools (capacity per replica).
+REF_ISL, REF_OSL = 1024.0, 128.0
+
+
+def units(spec: PlannerSpec, pool: PoolTarget) -> float:
+    """Capacity of one replica of ``pool`` at a fixed reference shape (requests/s): replicas of
+    one role on different pools compare in these units whatever the demand's shape is now."""
+    return capacity(
+        pool, spec.model, REF_ISL, REF_OSL, spec.ttft_s, spec.itl_s, spec.attainment, spec.tuning
+    ).rps
+
+
+def _window(history: list[tuple[float, Any]], now: float, window: float, add: Any) -> tuple[list[Any], bool]:
+    """``history`` pruned to the window (plus the newest entry older than it) with ``add``
+    appended (None: nothing); whether it spans the whole window."""
+    inside = [(t, v) for t, v in history if now - t < window]
+    older = [(t, v) for t, v in history if now - t >= window]
+    if add is not None:
+        inside.append((now, add))
+    return older[-1:] + inside, bool(older)
+
+
+def _cheapest_keep(
+    pools: list[PoolTarget],
+    lo: Mapping[str, int],
+    hi: Mapping[str, int],
+    weight: Mapping[str, float],
+    need: float,
+) -> dict[str, int] | None:
+    """Replicas per pool within [lo, hi] holding at least ``need`` units at the least cost per
+    hour (then the fewest replicas); None when the search is too large or nothing holds it."""
+    ranges = [range(lo[p.name], hi[p.name] + 1) for p in pools]
+    if math.prod(len(r) for r in ranges) > 4096:
+        return None
+    best: tuple[float, int, tuple[int, ...]] | None = None
+    for combo in itertools.product(*ranges):
+        held = sum(n * weight[p.name] for n, p in zip(combo, pools, strict=True))
+        if held < need - 1e-9:
+            continue
+        key = (sum(n * p.price_per_hour for n, p in zip(combo, pools, strict=True)), sum(combo), combo)
+        if best is None or key < best:
+            best = key
+    return None if best is None else {p.name: n for p, n in zip(pools, best[2], strict=True)}
+
+
+def _ups_and_downs(
+    pools: list[PoolTarget],
+    recs: Mapping[str, int | None],
+    covered: Mapping[str, bool],
+    obs: Observation,
+    plan: _Plan,
+) -> tuple[dict[str, int | None], list[PoolTarget]]:
+    """(targets of the pools going up at once, pools that may go down); the others are held
+    (``plan.held`` says why) or already where recommended."""
+    out: dict[str, int | None] = {p.name: None for p in pools}
+    downs: list[PoolTarget] = []
+    for p in pools:
+        reading = obs.pools[p.name]
+        rec, cur = recs[p.name], reading.replicas
+        if rec is None or rec == cur:
+            continue
+        if reading.starting > 0:
+            plan.held[p.name] = "starting"
+        elif rec > cur:
+            out[p.name] = rec
+        elif any(obs.pools[q.name].starting for q in pools):
+            plan.held[p.name] = "starting"
+        elif not covered[p.name]:
+            plan.held[p.name] = "stabilising"
+        else:
+            downs.append(p)
+    return out, downs
+
+
+def _stabilise_role(
+    spec: PlannerSpec, pools: list[PoolTarget], obs: Observation, st: PlannerState, now: float, plan: _Plan
+) -> dict[str, int | None]:
+    """Targets of one role's pools: up at once; down only while nothing of the role starts or
+    goes up, and only to the cheapest replicas among those that run which hold the most
+    capacity the role was recommended within the scale-down window (HPA's stabilisation,
+    counted per role in :func:`units`, so that it does not hold every pool's own peak)."""
     window = spec.tuning.down_window_s
-    past = st.recommendations.get(pool.name, [])
-    history = [(t, n) for t, n in past if now - t < window]
-    older = [(t, n) for t, n in past if now - t >= window]
-    covered = bool(older)  # recommendations span the whole window
-    if rec is not None:
-        history.append((now, rec))
-    st.recommendations[pool.name] = older[-1:] + history
-    cur = reading.replicas
-    if rec is None or rec == cur:
-        return None
-    if reading.starting > 0:
-        plan.held[pool.name] = "starting"
-        return None
-    if rec > cur:
-        return rec
-    if any(obs.pools[p.name].starting for p in spec.by_role(pool.role)):
-        plan.held[pool.name] = "starting"
-        return None
-    target = max(n for _, n in history)
-    if target >= cur or not covered:
-        plan.held[pool.name] = "stabilising"
-        return None
-    return target
+    recs = {p.name: plan.targets.get(p.name) for p in pools}
+    covered: dict[str, bool] = {}
+    for p in pools:
+        st.recommendations[p.name], covered[p.name] = _window(
+            st.recommendations.get(p.name, []), now, window, recs[p.name]
+        )
+    weight = {p.name: units(spec, p) for p in pools}
+    known = all(r is not None for r in recs.values())
+    role = pools[0].role
+    total = sum((recs[p.name] or 0) * weight[p.name] for p in pools) if known else None
+    st.role_units[role], role_covered = _window(st.role_units.get(role, []), now, window, total)
+    out, downs = _ups_and_downs(pools, recs, covered, obs, plan)
+    if not downs:
+        return out
+    if any(v is not None for v in out.values()):  # capacity moving in: none leaves until it serves
+        plan.held.update({p.name: "starting" for p in downs})
+        return out
+    keep = None
+    if known and role_covered and not budget_spent(spec, st):
+        need = max(u for t, u in st.role_units[role] if now - t < window)
+        lo = {p.name: recs[p.name] or 0 for p in pools}
+        hi = {p.name: obs.pools[p.name].replicas for p in pools}
+        keep = _cheapest_keep(pools, lo, hi, weight, need)
+    for p in downs:
+        if keep is not None:
+            target = keep[p.name]
+        else:  # per pool: the highest recommendation of the window
+            target = max(n for t, n in st.recommendations[p.name] if now - t < window)
+        if target >= obs.pools[p.name].replicas:
+            plan.held[p.name] = "stabilising"
+        else:
+            out[p.name] = target
+    return out
 
 
 def stabilise(
     spec: PlannerSpec, obs: Observation, st: PlannerState, now: float, plan: _Plan
 ) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
-    for pool in spec.pools:
-        out[pool.name] = _stabilise_pool(spec, pool, obs, st, now, plan)
-    return out
+    for role in dict.fromkeys(p.role for p in spec.pools):
+        out.update(_stabilise_role(spec, spec.by_role(role), obs, st, now, plan))
+    return {p.name: out[p.name] for p in spec.pools}
 
 
 # ------------------------------------------------------------------------- 8. bounds and budget
@@ -795,11 +964,13 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     total = plan_total(spec, observation, st, now)
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
     update_corrections(spec, observation, st, class_demand(spec, total, routed))
+    update_budget(spec, observation, st, now)
     held = held_total(spec, total, st, now)
-    planned, costs = plan_threshold(spec, held, st)
+    running = {name: r.replicas for name, r in observation.pools.items()}
+    planned, costs = plan_threshold(spec, held, st, running)
     st.plan_threshold = planned
     demand = class_demand(spec, total, planned)
-    plan = _Plan()
+    plan = _Plan(running=running)
     size(spec, demand, st, plan)
     threshold = route_threshold(spec, observation, st, held, planned)
     out = stabilise(spec, observation, st, now, plan)

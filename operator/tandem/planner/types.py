@@ -47,6 +47,9 @@ class PoolObservation:
     # sum by (le) (rate(vllm:request_prompt_tokens_bucket)): cumulative requests/s per upper
     # bound (prompt tokens) of the requests entering the pool; None: not collected
     prompt_tokens_buckets: tuple[tuple[float, float], ...] | None = None
+    # sum by (le) (rate(vllm:time_to_first_token_seconds_bucket)): cumulative first tokens/s
+    # per upper bound (seconds) the pool produced; None: not collected
+    ttft_buckets: tuple[tuple[float, float], ...] | None = None
 
     @staticmethod
     def empty(complete: bool = True) -> PoolObservation:
@@ -54,7 +57,7 @@ class PoolObservation:
 
     def numbers(self) -> dict[str, float | None]:
         """The numeric fields by name (for plausibility checks and signals)."""
-        skip = ("complete", "prompt_tokens_buckets")
+        skip = ("complete", "prompt_tokens_buckets", "ttft_buckets")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
@@ -137,6 +140,15 @@ class Tuning:
     # window still mixes the old routing in, and moving on it flapped (200 <-> 500 tokens each
     # interval in the closed-loop e2e).
     route_dwell_intervals: float = 3.0
+    # Pools of one role: replicas that run are kept in preference to a cheaper fleet on other
+    # pools unless that saves more than this fraction (a replica started elsewhere costs its
+    # start-up, and the scale-down window holds the old ones meanwhile).
+    pool_hysteresis: float = 0.25
+    # The error budget: the share of first tokens within the TTFT target over about this many
+    # seconds (entry pools' TTFT histograms). Below the attainment target, a role keeps every
+    # replica its pools were recommended within the scale-down window, not just their peak sum.
+    slo_window_s: float = 1800.0
+    slo_min_requests: float = 50.0
 
 
 @dataclass(frozen=True)
@@ -273,6 +285,8 @@ class PlannerState:
 
     # pool -> [(time, recommended replicas)] within the scale-down window
     recommendations: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    # role -> [(time, recommended capacity in reference units)] within the scale-down window
+    role_units: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     # pool -> time of the last change the planner made
     last_change: dict[str, float] = field(default_factory=dict)
     # pool -> online correction factor of the model's service times (1 = the model is right)
@@ -288,6 +302,9 @@ class PlannerState:
     route_changed: float | None = None  # when the router's threshold last moved
     last_time: float | None = None
     last_good: float | None = None  # the last decision made on good data (not a hold)
+    # first tokens within / of all, decayed over ``slo_window_s`` (the SLO's error budget)
+    slo_met: float = 0.0
+    slo_seen: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -306,6 +323,9 @@ class PlannerState:
                 recommendations={
                     k: [(float(t), int(n)) for t, n in v] for k, v in raw.get("recommendations", {}).items()
                 },
+                role_units={
+                    k: [(float(t), float(u)) for t, u in v] for k, v in raw.get("role_units", {}).items()
+                },
                 last_change={k: float(v) for k, v in raw.get("last_change", {}).items()},
                 correction={k: float(v) for k, v in raw.get("correction", {}).items()},
                 forecast={k: Trend(**v) for k, v in raw.get("forecast", {}).items()},
@@ -316,6 +336,8 @@ class PlannerState:
                 route_changed=raw.get("route_changed"),
                 last_time=raw.get("last_time"),
                 last_good=raw.get("last_good"),
+                slo_met=float(raw.get("slo_met", 0.0)),
+                slo_seen=float(raw.get("slo_seen", 0.0)),
             )
         except (TypeError, ValueError, AttributeError):
             return PlannerState()

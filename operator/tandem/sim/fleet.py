@@ -42,6 +42,7 @@ from tandem.sim.policies import (
     TunesRouting,
 )
 from tandem.sim.trace import TraceRequest
+from tandem.sim.worker_metrics import TTFT_BUCKETS
 
 DEFAULT_BUDGET: dict[str, int] = {"prefill": 8192, "mixed": 2048, "decode": 0}
 # Per-device NIC for P->D KV transfer: 400 Gb/s InfiniBand = 50 GB/s, one per device (DGX H100).
@@ -817,6 +818,7 @@ class _Engine:
             p90_ttft_s=ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))] if ttfts else None,
             scrape_age_s=0.0,
             prompt_tokens_buckets=tuple(cumulative),
+            ttft_buckets=_ttft_buckets(ttfts, w),
         )
 
     def on_tick(self, now: float) -> None:
@@ -913,6 +915,12 @@ class _Engine:
                 self.spans.append((inst.created, stop, pool.spec.tp * pool.spec.device_price))
             timelines[pool.spec.name] = pool.timeline
         return out, device_hours, cost, timelines
+
+
+def _ttft_buckets(ttfts: Sequence[float], window_s: float) -> tuple[tuple[float, float], ...]:
+    """Cumulative first tokens/s per vLLM TTFT bucket bound (``ttfts`` sorted), as
+    ``sum by (le) (rate(vllm:time_to_first_token_seconds_bucket))`` reads."""
+    return tuple((le, bisect.bisect_right(ttfts, le) / window_s) for le in (*TTFT_BUCKETS, math.inf))
 
 
 def simulate(

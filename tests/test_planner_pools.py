@@ -1,0 +1,159 @@
+"""The planner across pools of one role: keeping what runs, holding the role's peak capacity
+(not each pool's), and the SLO's error budget that decides between the two."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+from tests.test_planner import MODEL, metrics, target
+
+from tandem.planner import Observation, PlannerSpec, PlannerState, PoolReading, decide
+from tandem.planner.core import budget_spent, units, update_budget, within
+from tandem.planner.types import Tuning
+
+# One prefill pool, two decode pools of nearly the same price: Gaudi 3 a little cheaper, an
+# MI300X replica a little bigger.
+SPEC = PlannerSpec(
+    model=MODEL,
+    pools=(
+        target("prefill-mi300x", "prefill", "mi300x", lo=1),
+        target("decode-mi300x", "decode", "mi300x"),
+        target("decode-gaudi3", "decode", "gaudi3"),
+    ),
+    ttft_s=2.0,
+    itl_s=0.1,
+    interval_s=30.0,
+    tune_split=False,
+)
+TTFT_OK = ((1.0, 1.0), (2.5, 1.0), (math.inf, 1.0))  # every first token within 1 s, 1/s
+TTFT_LATE = ((1.0, 0.0), (2.5, 0.0), (math.inf, 1.0))  # every one later than 2.5 s
+
+
+def observe(
+    decode: tuple[int, int], rps: float = 0.5, ttft: tuple[tuple[float, float], ...] = TTFT_OK
+) -> Observation:
+    mi, ga = decode
+    return Observation(
+        {
+            "prefill-mi300x": PoolReading(1, 1, 0, metrics(rps, 2000, 1, ttft_buckets=ttft)),  # type: ignore[arg-type]
+            "decode-mi300x": PoolReading(mi, mi, 0, metrics(0.0, 2000, 100, running=rps * 3)),
+            "decode-gaudi3": PoolReading(ga, ga, 0, metrics(0.0, 2000, 100, running=rps * 3)),
+        }
+    )
+
+
+def test_within_reads_the_share_under_the_target_like_histogram_quantile() -> None:
+    buckets = ((1.0, 2.0), (2.5, 5.0), (math.inf, 6.0))
+    met, total = within(buckets, 2.0)  # type: ignore[misc]
+    assert total == 6.0 and met == pytest.approx(2.0 + 3.0 * (1.0 / 1.5))
+    assert within(buckets, 0.5) == (1.0, 6.0)  # linear from 0 inside the first bucket
+    assert within(buckets, 100.0) == (5.0, 6.0)  # beyond the last finite bound: only what is known
+    assert within(((1.0, 0.0), (math.inf, 0.0)), 2.0) is None  # nothing seen
+    assert within((), 2.0) is None
+
+
+def test_the_budget_is_spent_only_below_the_target_and_with_enough_requests() -> None:
+    st = PlannerState()
+    update_budget(SPEC, observe((1, 0), ttft=TTFT_LATE), st, 30.0)
+    assert st.slo_seen == pytest.approx(30.0) and st.slo_met == 0.0
+    assert not budget_spent(SPEC, st)  # 30 first tokens: fewer than slo_min_requests
+    update_budget(SPEC, observe((1, 0), ttft=TTFT_LATE), st, 60.0)
+    assert budget_spent(SPEC, st)
+    for i in range(3, 40):  # good intervals outweigh the bad ones as they decay
+        update_budget(SPEC, observe((1, 0)), st, 30.0 * i)
+    assert not budget_spent(SPEC, st) and st.slo_met / st.slo_seen > 0.9
+
+
+def test_units_compare_pools_of_one_role_whatever_the_demand() -> None:
+    mi, ga = units(SPEC, SPEC.pools[1]), units(SPEC, SPEC.pools[2])
+    assert mi > ga > 0
+
+
+def test_replicas_that_run_are_kept_over_a_slightly_cheaper_pool() -> None:
+    d = decide(SPEC, observe((1, 0)), PlannerState(), 30.0)
+    assert d.replicas["decode-gaudi3"] is None and d.replicas["decode-mi300x"] is None
+    strict = replace(SPEC, tuning=replace(Tuning(), pool_hysteresis=0.0))
+    d = decide(strict, observe((1, 0)), PlannerState(), 30.0)
+    assert d.replicas["decode-gaudi3"] == 1  # the cheapest fleet, started...
+    assert d.replicas["decode-mi300x"] is None  # ...while the running replica stays (it goes up)
+
+
+def _peak_then_lull(spec: PlannerSpec, now: float) -> PlannerState:
+    """A state whose window saw one MI300X decode replica recommended (a burst), then one Gaudi 3
+    (the lull), and which spans the whole window."""
+    w = units(spec, spec.pools[1])
+    g = units(spec, spec.pools[2])
+    window = spec.tuning.down_window_s
+    st = PlannerState()
+    st.recommendations = {
+        "prefill-mi300x": [(now - window - 30, 1), (now - 300, 1), (now - 60, 1)],
+        "decode-mi300x": [(now - window - 30, 0), (now - 300, 1), (now - 60, 0)],
+        "decode-gaudi3": [(now - window - 30, 1), (now - 300, 0), (now - 60, 1)],
+    }
+    st.role_units = {"decode": [(now - window - 30, g), (now - 300, w), (now - 60, g)]}
+    st.slo_met, st.slo_seen = 950.0, 1000.0
+    return st
+
+
+def test_a_role_holds_its_peak_capacity_until_it_leaves_the_window() -> None:
+    spec = replace(SPEC, tuning=replace(Tuning(), pool_hysteresis=0.0))  # the lull asks for Gaudi 3
+    now = 2000.0
+    st = _peak_then_lull(spec, now)
+    d = decide(spec, observe((1, 1)), st, now)
+    # Gaudi 3 alone is less than the peak's one MI300X: both stay while the peak is in the window
+    assert d.replicas["decode-mi300x"] is None and d.replicas["decode-gaudi3"] is None
+    assert d.reason == "StabilisingScaleDown"
+    for step in range(1, 12):  # every interval, until the peak (300 s ago) leaves the window
+        d = decide(spec, observe((1, 1)), d.state, now + 30.0 * step)
+        if d.replicas["decode-mi300x"] is not None:
+            break
+    assert d.replicas["decode-mi300x"] == 0 and d.replicas["decode-gaudi3"] is None
+    assert now + 30.0 * step - (now - 300) >= spec.tuning.down_window_s
+
+
+def _two_peaks(spec: PlannerSpec, now: float, met: float) -> PlannerState:
+    """The window saw two MI300X (one burst), later two Gaudi 3 (another), now one Gaudi 3."""
+    w = units(spec, spec.pools[1])
+    g = units(spec, spec.pools[2])
+    st = _peak_then_lull(spec, now)
+    st.recommendations["decode-mi300x"] = [(now - 700, 0), (now - 400, 2), (now - 200, 0), (now - 60, 0)]
+    st.recommendations["decode-gaudi3"] = [(now - 700, 1), (now - 400, 0), (now - 200, 2), (now - 60, 1)]
+    st.role_units = {"decode": [(now - 700, g), (now - 400, 2 * w), (now - 200, 2 * g), (now - 60, g)]}
+    st.slo_met = met
+    return st
+
+
+def test_the_role_keeps_the_cheapest_replicas_holding_its_peak_not_every_pools_peak() -> None:
+    spec = replace(SPEC, tuning=replace(Tuning(), pool_hysteresis=0.0))
+    now = 2000.0
+    assert 2 * units(spec, spec.pools[2]) >= units(spec, spec.pools[1])  # 1 MI300X + 2 Gaudi 3 hold it
+    d = decide(spec, observe((2, 2)), _two_peaks(spec, now, met=950.0), now)
+    assert d.replicas["decode-mi300x"] == 1 and d.replicas["decode-gaudi3"] is None
+
+
+def test_with_the_budget_spent_every_pool_keeps_its_own_peak() -> None:
+    spec = replace(SPEC, tuning=replace(Tuning(), pool_hysteresis=0.0))
+    now = 2000.0
+    d = decide(spec, observe((2, 2)), _two_peaks(spec, now, met=500.0), now)  # half the first tokens late
+    assert d.replicas["decode-mi300x"] is None and d.replicas["decode-gaudi3"] is None
+    assert d.reason == "StabilisingScaleDown"
+
+
+def test_no_replica_leaves_a_role_while_another_pool_of_it_goes_up() -> None:
+    spec = replace(SPEC, tuning=replace(Tuning(), pool_hysteresis=0.0))
+    now = 2000.0
+    st = _peak_then_lull(spec, now)
+    st.role_units = {"decode": [(now - 700, 0.0), (now - 60, 0.0)]}
+    st.recommendations["decode-mi300x"] = [(now - 700, 0), (now - 60, 0)]
+    d = decide(spec, observe((1, 0)), st, now)  # the lull asks for Gaudi 3, MI300X runs
+    assert d.replicas["decode-gaudi3"] == 1
+    assert d.replicas["decode-mi300x"] is None  # stays until Gaudi 3 serves
+
+
+def test_the_new_state_round_trips_through_json() -> None:
+    st = _peak_then_lull(SPEC, 2000.0)
+    back = PlannerState.from_json(st.to_json())
+    assert back.role_units == st.role_units and (back.slo_met, back.slo_seen) == (950.0, 1000.0)
+    assert PlannerState.from_json('{"recommendations": {}}').role_units == {}
