@@ -139,6 +139,9 @@ def test_with_the_budget_spent_every_pool_keeps_its_own_peak() -> None:
     d = decide(spec, observe((2, 2)), _two_peaks(spec, now, met=500.0), now)  # half the first tokens late
     assert d.replicas["decode-mi300x"] is None and d.replicas["decode-gaudi3"] is None
     assert d.reason == "StabilisingScaleDown"
+    assert d.signals["errorBudget"] == "spent" and 0.5 < float(d.signals["ttftWithinTarget"]) < 0.55
+    fresh = decide(spec, observe((2, 2)), PlannerState(), now)
+    assert fresh.signals["errorBudget"] == "unknown"  # 30 first tokens are too few to tell
 
 
 def test_no_replica_leaves_a_role_while_another_pool_of_it_goes_up() -> None:

@@ -894,6 +894,7 @@ def _hold(
 
 
 def _signals(
+    spec: PlannerSpec,
     demand: Mapping[str, Demand],
     plan: _Plan,
     st: PlannerState,
@@ -913,6 +914,13 @@ def _signals(
         sig[f"{pool}.correction"] = f"{st.correction.get(pool, 1.0):.3g}"
         target = plan.targets.get(pool)
         sig[f"{pool}.recommended"] = "-" if target is None else str(target)
+    if st.slo_seen > 0:  # the error budget: share of first tokens within the TTFT target
+        sig["ttftWithinTarget"] = f"{st.slo_met / st.slo_seen:.3g}"
+    sig["errorBudget"] = (
+        "unknown"
+        if st.slo_seen < spec.tuning.slo_min_requests
+        else ("spent" if budget_spent(spec, st) else "ok")
+    )
     sig["splitThreshold"] = str(threshold)
     sig["plannedSplitThreshold"] = str(planned)
     if planned in costs:
@@ -997,7 +1005,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
         changed_threshold,
         reason,
         message,
-        _signals(demand, plan, st, threshold, planned, costs),
+        _signals(spec, demand, plan, st, threshold, planned, costs),
         limited,
         st,
     )
