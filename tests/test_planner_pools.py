@@ -160,3 +160,14 @@ def test_the_new_state_round_trips_through_json() -> None:
     back = PlannerState.from_json(st.to_json())
     assert back.role_units == st.role_units and (back.slo_met, back.slo_seen) == (950.0, 1000.0)
     assert PlannerState.from_json('{"recommendations": {}}').role_units == {}
+
+
+def test_a_data_gap_restarts_the_roles_window_too() -> None:
+    spec = replace(SPEC, tuning=replace(Tuning(), pool_hysteresis=0.0))
+    now = 2000.0
+    st = _two_peaks(spec, now, met=950.0)
+    st.last_good = now - 600.0  # no good reading for ten minutes
+    d = decide(spec, observe((2, 2)), st, now)
+    assert all(v is None for k, v in d.replicas.items() if k.startswith("decode"))
+    assert d.state.role_units["decode"] == [(now, d.state.role_units["decode"][0][1])]
+    assert d.reason == "StabilisingScaleDown"

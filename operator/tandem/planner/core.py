@@ -968,6 +968,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     if st.last_good is not None and now - st.last_good > spec.tuning.gap_intervals * spec.interval_s:
         # what was recommended before the gap cannot vouch for it: the window starts again
         st.recommendations = {}
+        st.role_units = {}
     st.last_good = now
     total = plan_total(spec, observation, st, now)
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
