@@ -22,15 +22,17 @@ Per interval:
    request of the threshold's length more cheaply, and down whenever the mixed pools miss
    the ITL target.
 7. **Stabilise**, per role: up at once; down only to the cheapest of the running replicas
-   that hold the most capacity the role was recommended within the last ``down_window_s``
-   (HPA's scale-down stabilisation, counted for the role in reference units rather than per
-   pool, so that a burst sized on one pool and a lull sized on another do not hold both);
+   that hold the most capacity one decision recommended for the role within the last
+   ``down_window_s`` (HPA's scale-down stabilisation, counted for the role at today's
+   capacity per replica rather than per pool, so that a burst sized on one pool and a lull
+   sized on another do not hold both);
    while the SLO's error budget is spent (first tokens within the TTFT target below the
    attainment target over ``slo_window_s``), every pool keeps its own highest
    recommendation of the window instead. Sizing prefers the replicas that run over a fleet
    on other pools costing less than ``pool_hysteresis`` less. No change to a pool while its
    previous scale-up is still starting, and no scale-down of a role while any of its pools
-   is starting or going up (the new capacity is not serving yet).
+   is starting or going up (the new capacity is not serving yet), unless the budget stopped
+   that scale-up.
 8. **Budget**: remove the most expensive replicas until devices and cost per hour fit.
 """
 
@@ -353,7 +355,10 @@ def within(buckets: tuple[tuple[float, float], ...], target: float) -> tuple[flo
     """(rate within ``target``, total rate) from cumulative histogram buckets (upper bound,
     cumulative rate), linear inside the bucket that holds the target (as
     ``histogram_quantile`` assumes); None without a total."""
-    points = sorted((le, c) for le, c in buckets if math.isfinite(c))
+    points: list[tuple[float, float]] = []
+    for le, c in sorted((le, c) for le, c in buckets if math.isfinite(c)):
+        # rate() extrapolates each bucket's series on its own: cumulative counts can dip
+        points.append((le, max(c, points[-1][1]) if points else max(0.0, c)))
     if not points or points[-1][1] <= 0:
         return None
     total = points[-1][1]
@@ -378,7 +383,8 @@ def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: fl
             if got is not None:
                 met += got[0]
                 seen += got[1]
-    dt = spec.interval_s if st.last_time is None else max(0.0, now - st.last_time)
+    # the rates cover about one interval: a late decision does not stand for a longer span
+    dt = spec.interval_s if st.last_time is None else min(2 * spec.interval_s, max(0.0, now - st.last_time))
     decay = math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
     st.slo_met = st.slo_met * decay + met * dt
     st.slo_seen = st.slo_seen * decay + seen * dt
@@ -387,7 +393,7 @@ def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: fl
 def budget_spent(spec: PlannerSpec, st: PlannerState) -> bool:
     """Whether the recent share of first tokens within the TTFT target is below the
     attainment target (False while too few were seen to tell)."""
-    if st.slo_seen < spec.tuning.slo_min_requests:
+    if st.slo_seen <= 0 or st.slo_seen < spec.tuning.slo_min_requests:
         return False
     return st.slo_met / st.slo_seen < spec.attainment
 
@@ -703,44 +709,58 @@ def route_threshold(spec: PlannerSpec, obs: Observation, st: PlannerState, total
 # ------------------------------------------------------------------------- 7. stabilisation
 
 
-# Reference shape for comparing replicas of one role across pools (capacity per replica).
-REF_ISL, REF_OSL = 1024.0, 128.0
+def _in_window(t: float, now: float, window: float) -> bool:
+    return now - t < window or t >= now  # the decision being made is always in its own window
 
 
-def units(spec: PlannerSpec, pool: PoolTarget) -> float:
-    """Capacity of one replica of ``pool`` at a fixed reference shape (requests/s): replicas of
-    one role on different pools compare in these units whatever the demand's shape is now."""
-    return capacity(
-        pool, spec.model, REF_ISL, REF_OSL, spec.ttft_s, spec.itl_s, spec.attainment, spec.tuning
-    ).rps
-
-
-def _window(history: list[tuple[float, Any]], now: float, window: float, add: Any) -> tuple[list[Any], bool]:
+def _window(
+    history: list[tuple[float, int]], now: float, window: float, add: int | None
+) -> tuple[list[tuple[float, int]], bool]:
     """``history`` pruned to the window (plus the newest entry older than it) with ``add``
     appended (None: nothing); whether it spans the whole window."""
-    inside = [(t, v) for t, v in history if now - t < window]
-    older = [(t, v) for t, v in history if now - t >= window]
+    inside = [(t, v) for t, v in history if _in_window(t, now, window)]
+    older = [(t, v) for t, v in history if not _in_window(t, now, window)]
     if add is not None:
         inside.append((now, add))
     return older[-1:] + inside, bool(older)
+
+
+def window_peak(
+    spec: PlannerSpec, pools: list[PoolTarget], st: PlannerState, now: float, caps: Mapping[str, float]
+) -> float | None:
+    """The most capacity (requests/s of today's shape, ``caps`` per replica) the role was
+    recommended by one decision within the scale-down window. None when it cannot be told:
+    a pool has no capacity at today's shape, or a decision of the window did not recommend
+    every pool of the role."""
+    if any(not (math.isfinite(caps[p.name]) and caps[p.name] > 0) for p in pools):
+        return None
+    window = spec.tuning.down_window_s
+    by_time: dict[float, dict[str, int]] = {}
+    for p in pools:
+        for t, n in st.recommendations.get(p.name, []):
+            if _in_window(t, now, window):
+                by_time.setdefault(t, {})[p.name] = n
+    if not by_time or any(len(recs) != len(pools) for recs in by_time.values()):
+        return None
+    return max(sum(recs[p.name] * caps[p.name] for p in pools) for recs in by_time.values())
 
 
 def _cheapest_keep(
     pools: list[PoolTarget],
     lo: Mapping[str, int],
     hi: Mapping[str, int],
-    weight: Mapping[str, float],
+    caps: Mapping[str, float],
     need: float,
 ) -> dict[str, int] | None:
-    """Replicas per pool within [lo, hi] holding at least ``need`` units at the least cost per
-    hour (then the fewest replicas); None when the search is too large or nothing holds it."""
+    """Replicas per pool within [lo, hi] holding at least ``need`` requests/s at the least cost
+    per hour (then the fewest replicas); None when the search is too large or nothing holds it."""
     ranges = [range(lo[p.name], hi[p.name] + 1) for p in pools]
-    if math.prod(len(r) for r in ranges) > 4096:
+    if any(len(r) == 0 for r in ranges) or math.prod(len(r) for r in ranges) > 4096:
         return None
     best: tuple[float, int, tuple[int, ...]] | None = None
     for combo in itertools.product(*ranges):
-        held = sum(n * weight[p.name] for n, p in zip(combo, pools, strict=True))
-        if held < need - 1e-9:
+        held = sum(n * caps[p.name] for n, p in zip(combo, pools, strict=True))
+        if held < need * (1 - 1e-9):
             continue
         key = (sum(n * p.price_per_hour for n, p in zip(combo, pools, strict=True)), sum(combo), combo)
         if best is None or key < best:
@@ -777,42 +797,49 @@ def _ups_and_downs(
     return out, downs
 
 
-def _stabilise_role(
-    spec: PlannerSpec, pools: list[PoolTarget], obs: Observation, st: PlannerState, now: float, plan: _Plan
+def _role_targets(
+    spec: PlannerSpec,
+    pools: list[PoolTarget],
+    obs: Observation,
+    st: PlannerState,
+    now: float,
+    plan: _Plan,
+    covered: Mapping[str, bool],
+    *,
+    ups: bool = True,
 ) -> dict[str, int | None]:
-    """Targets of one role's pools: up at once; down only while nothing of the role starts or
-    goes up, and only to the cheapest replicas among those that run which hold the most
-    capacity the role was recommended within the scale-down window (HPA's stabilisation,
-    counted per role in :func:`units`, so that it does not hold every pool's own peak)."""
-    window = spec.tuning.down_window_s
+    """Targets of one role's pools (``ups=False``: as if none could go up, when the budget
+    stopped them). Up at once; down only while nothing of the role starts or goes up, and only
+    to the cheapest running replicas that hold the most capacity the role was recommended by
+    one decision within the scale-down window (HPA's stabilisation counted per role, so that
+    a burst sized on one pool and a lull sized on another do not hold both). While the SLO's
+    error budget is spent, or the peak cannot be valued, each pool keeps its own highest
+    recommendation of the window instead."""
     recs = {p.name: plan.targets.get(p.name) for p in pools}
-    covered: dict[str, bool] = {}
-    for p in pools:
-        st.recommendations[p.name], covered[p.name] = _window(
-            st.recommendations.get(p.name, []), now, window, recs[p.name]
-        )
-    weight = {p.name: units(spec, p) for p in pools}
-    known = all(r is not None for r in recs.values())
-    role = pools[0].role
-    total = sum((recs[p.name] or 0) * weight[p.name] for p in pools) if known else None
-    st.role_units[role], role_covered = _window(st.role_units.get(role, []), now, window, total)
+    if not ups:
+        recs = {
+            p.name: None if r is None else min(r, obs.pools[p.name].replicas)
+            for p, r in zip(pools, recs.values(), strict=True)
+        }
     out, downs = _ups_and_downs(pools, recs, covered, obs, plan)
     if not downs:
         return out
     if any(v is not None for v in out.values()):  # capacity moving in: none leaves until it serves
-        plan.held.update({p.name: "starting" for p in downs})
+        plan.held.update({p.name: "moving-in" for p in downs})
         return out
+    window = spec.tuning.down_window_s
+    caps = {p.name: plan.caps[p.name].rps if p.name in plan.caps else 0.0 for p in pools}
     keep = None
-    if known and role_covered and not budget_spent(spec, st):
-        need = max(u for t, u in st.role_units[role] if now - t < window)
-        lo = {p.name: recs[p.name] or 0 for p in pools}
-        hi = {p.name: obs.pools[p.name].replicas for p in pools}
-        keep = _cheapest_keep(pools, lo, hi, weight, need)
+    peak = None if budget_spent(spec, st) else window_peak(spec, pools, st, now, caps)
+    if peak is not None and all(r is not None for r in recs.values()):
+        cur = {p.name: obs.pools[p.name].replicas for p in pools}
+        lo = {p.name: (recs[p.name] or 0) if p in downs else cur[p.name] for p in pools}
+        keep = _cheapest_keep(pools, lo, cur, caps, peak)
     for p in downs:
         if keep is not None:
             target = keep[p.name]
         else:  # per pool: the highest recommendation of the window
-            target = max(n for t, n in st.recommendations[p.name] if now - t < window)
+            target = max(n for t, n in st.recommendations[p.name] if _in_window(t, now, window))
         if target >= obs.pools[p.name].replicas:
             plan.held[p.name] = "stabilising"
         else:
@@ -820,13 +847,58 @@ def _stabilise_role(
     return out
 
 
+def record(spec: PlannerSpec, st: PlannerState, now: float, plan: _Plan) -> dict[str, bool]:
+    """Add this decision's recommendations to the pools' windows; per pool, whether its window
+    is spanned (recommendations older than the window exist)."""
+    covered: dict[str, bool] = {}
+    for p in spec.pools:
+        st.recommendations[p.name], covered[p.name] = _window(
+            st.recommendations.get(p.name, []), now, spec.tuning.down_window_s, plan.targets.get(p.name)
+        )
+    return covered
+
+
+def roles(spec: PlannerSpec) -> list[list[PoolTarget]]:
+    return [spec.by_role(role) for role in dict.fromkeys(p.role for p in spec.pools)]
+
+
 def stabilise(
-    spec: PlannerSpec, obs: Observation, st: PlannerState, now: float, plan: _Plan
+    spec: PlannerSpec,
+    obs: Observation,
+    st: PlannerState,
+    now: float,
+    plan: _Plan,
+    covered: Mapping[str, bool],
 ) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
-    for role in dict.fromkeys(p.role for p in spec.pools):
-        out.update(_stabilise_role(spec, spec.by_role(role), obs, st, now, plan))
+    for pools in roles(spec):
+        out.update(_role_targets(spec, pools, obs, st, now, plan, covered))
     return {p.name: out[p.name] for p in spec.pools}
+
+
+def _after_budget(
+    spec: PlannerSpec,
+    obs: Observation,
+    st: PlannerState,
+    now: float,
+    plan: _Plan,
+    covered: Mapping[str, bool],
+    out: dict[str, int | None],
+) -> None:
+    """A role whose replicas were held for capacity moving in that the budget then cut: decide
+    its scale-down again as if nothing went up (else it never scales down while the budget
+    binds)."""
+    for pools in roles(spec):
+        if not any(plan.held.get(p.name) == "moving-in" for p in pools):
+            continue
+        if any((out.get(p.name) or 0) > obs.pools[p.name].replicas for p in pools):
+            continue  # something still goes up
+        for p in pools:
+            plan.held.pop(p.name, None)
+        again = _role_targets(spec, pools, obs, st, now, plan, covered, ups=False)
+        for p in pools:
+            if again[p.name] is not None and again[p.name] < obs.pools[p.name].replicas:  # type: ignore[operator]
+                out[p.name] = again[p.name]
 
 
 # ------------------------------------------------------------------------- 8. bounds and budget
@@ -947,7 +1019,7 @@ def _reason(
         return "ScaledDown", f"Scaled down: {moves}."
     if budget_cut:
         return "BudgetLimited", "The budget allows no more replicas."
-    if "starting" in plan.held.values():
+    if {"starting", "moving-in"} & set(plan.held.values()):
         return "WaitingForReplicas", "Holding while new replicas start: " + ", ".join(sorted(plan.held)) + "."
     if plan.held:
         return "StabilisingScaleDown", "Waiting out the scale-down window for " + ", ".join(
@@ -968,7 +1040,6 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     if st.last_good is not None and now - st.last_good > spec.tuning.gap_intervals * spec.interval_s:
         # what was recommended before the gap cannot vouch for it: the window starts again
         st.recommendations = {}
-        st.role_units = {}
     st.last_good = now
     total = plan_total(spec, observation, st, now)
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
@@ -982,11 +1053,13 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     plan = _Plan(running=running)
     size(spec, demand, st, plan)
     threshold = route_threshold(spec, observation, st, held, planned)
-    out = stabilise(spec, observation, st, now, plan)
+    covered = record(spec, st, now, plan)
+    out = stabilise(spec, observation, st, now, plan, covered)
     limited = clamp_bounds(spec, observation, out) or plan.limited
     budget_cut = apply_budget(spec, observation, out)
     if budget_cut:
         limited = "budget"
+        _after_budget(spec, observation, st, now, plan, covered, out)
     for name, value in out.items():
         if value is not None and value == observation.pools[name].replicas:
             out[name] = None

@@ -285,8 +285,6 @@ class PlannerState:
 
     # pool -> [(time, recommended replicas)] within the scale-down window
     recommendations: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
-    # role -> [(time, recommended capacity in reference units)] within the scale-down window
-    role_units: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     # pool -> time of the last change the planner made
     last_change: dict[str, float] = field(default_factory=dict)
     # pool -> online correction factor of the model's service times (1 = the model is right)
@@ -322,9 +320,6 @@ class PlannerState:
             return PlannerState(
                 recommendations={
                     k: [(float(t), int(n)) for t, n in v] for k, v in raw.get("recommendations", {}).items()
-                },
-                role_units={
-                    k: [(float(t), float(u)) for t, u in v] for k, v in raw.get("role_units", {}).items()
                 },
                 last_change={k: float(v) for k, v in raw.get("last_change", {}).items()},
                 correction={k: float(v) for k, v in raw.get("correction", {}).items()},
