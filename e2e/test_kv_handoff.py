@@ -83,6 +83,7 @@ def test_split_requests_move_real_kv_bytes_through_the_sidecars(
         agent.start()
         wait_workers(agent, {"prefill": 1, "decode": 1}, timeout=120)
         agent.wait_router()
+        agent.wait_router_replicas({"prefill": 1, "decode": 1})
         for path in sorted((tmp_path / "fleet").glob("sidecar-*.log")):
             diagnostics.add_log(path)
 

@@ -239,6 +239,22 @@ class FleetAgent:
 
         wait_for(healthy, timeout=timeout, what=f"the fleet agent's router (last error: {self.last_error})")
 
+    def wait_router_replicas(self, roles: dict[str, int], timeout: float = 60.0) -> None:
+        """Waits until the router knows at least ``roles[role]`` replicas of each role (its
+        config comes from the operator's ConfigMap, a step behind the workers being up)."""
+
+        def known() -> bool:
+            try:
+                replicas = httpx.get(f"{self.router_url}/router/state", timeout=2).json()["replicas"]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return False
+            seen: dict[str, int] = {}
+            for r in replicas:
+                seen[r["role"]] = seen.get(r["role"], 0) + 1
+            return all(seen.get(role, 0) >= n for role, n in roles.items())
+
+        wait_for(known, timeout=timeout, what=f"the router to know replicas {roles}")
+
     def workers_by_pool(self) -> dict[str, int]:
         """Workers that answer /health, per pool."""
         with self._lock:
