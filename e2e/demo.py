@@ -78,6 +78,7 @@ def planner_demo(cluster: Any, namespace: str, *, quick: bool) -> None:
         agent.start()
         wait_workers(agent, MINS, timeout=90)
         agent.wait_router()
+        agent.wait_router_replicas(MINS)  # pools named after their roles
         print(
             f"workers: {agent.workers_by_pool()} on loopback; router {agent.router_url}; "
             f"Prometheus {prom.url}"

@@ -135,6 +135,7 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
         agent.start()
         wait_workers(agent, MINS, timeout=90)
         agent.wait_router()
+        agent.wait_router_replicas(MINS)  # pools named after their roles
         watch.start()
 
         # steady chat load: the planner reads metrics and keeps every pool where it is
