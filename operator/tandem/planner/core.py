@@ -745,29 +745,6 @@ def window_peak(
     return max(sum(recs[p.name] * caps[p.name] for p in pools) for recs in by_time.values())
 
 
-def _cheapest_keep(
-    pools: list[PoolTarget],
-    lo: Mapping[str, int],
-    hi: Mapping[str, int],
-    caps: Mapping[str, float],
-    need: float,
-) -> dict[str, int] | None:
-    """Replicas per pool within [lo, hi] holding at least ``need`` requests/s at the least cost
-    per hour (then the fewest replicas); None when the search is too large or nothing holds it."""
-    ranges = [range(lo[p.name], hi[p.name] + 1) for p in pools]
-    if any(len(r) == 0 for r in ranges) or math.prod(len(r) for r in ranges) > 4096:
-        return None
-    best: tuple[float, int, tuple[int, ...]] | None = None
-    for combo in itertools.product(*ranges):
-        held = sum(n * caps[p.name] for n, p in zip(combo, pools, strict=True))
-        if held < need * (1 - 1e-9):
-            continue
-        key = (sum(n * p.price_per_hour for n, p in zip(combo, pools, strict=True)), sum(combo), combo)
-        if best is None or key < best:
-            best = key
-    return None if best is None else {p.name: n for p, n in zip(pools, best[2], strict=True)}
-
-
 def _ups_and_downs(
     pools: list[PoolTarget],
     recs: Mapping[str, int | None],
@@ -832,9 +809,18 @@ def _role_targets(
     keep = None
     peak = None if budget_spent(spec, st) else window_peak(spec, pools, st, now, caps)
     if peak is not None and all(r is not None for r in recs.values()):
-        cur = {p.name: obs.pools[p.name].replicas for p in pools}
-        lo = {p.name: (recs[p.name] or 0) if p in downs else cur[p.name] for p in pools}
-        keep = _cheapest_keep(pools, lo, cur, caps, peak)
+        # the cheapest fleet holding the peak, each pool between what it must keep and what runs
+        running = [
+            replace(
+                p,
+                min_replicas=(recs[p.name] or 0) if p in downs else obs.pools[p.name].replicas,
+                max_replicas=obs.pools[p.name].replicas,
+            )
+            for p in pools
+        ]
+        keep, short = allocate(peak, running, plan.caps)
+        if short:
+            keep = None
     for p in downs:
         if keep is not None:
             target = keep[p.name]
