@@ -85,6 +85,31 @@ def test_router_threshold_splits_long_prompts_only() -> None:
     assert {r.path for r in capped.requests} == {"split", "mixed"}
 
 
+def test_router_spills_split_requests_to_mixed_while_prefill_is_saturated() -> None:
+    """Tandem's router sends a split request to a mixed replica while every prefill replica has
+    its in-flight limit (``tandem.router.decide``); the simulator models the same rule."""
+    fleet = FleetSpec(
+        MODEL,
+        (
+            PoolSpec("prefill", "prefill", H100, 2, 1),
+            PoolSpec("decode", "decode", H100, 2, 1),
+            PoolSpec("mixed", "mixed", H100, 2, 1),
+        ),
+    )
+    burst = [TraceRequest(0.01 * i, 4000, 10) for i in range(12)]
+    plain = simulate(burst, fleet, SLO(10, 1), router=RouterPolicy(1024))
+    assert {r.path for r in plain.requests} == {"split"}
+    spill = simulate(burst, fleet, SLO(10, 1), router=RouterPolicy(1024, prefill_inflight_limit=4))
+    paths = [r.path for r in spill.requests]
+    assert paths[:4] == ["split"] * 4  # the prefill replica takes four before it counts as saturated
+    assert "mixed" in paths[4:]
+    # a full mixed replica takes no spill
+    full = simulate(
+        burst, fleet, SLO(10, 1), router=RouterPolicy(1024, prefill_inflight_limit=4, mixed_inflight_limit=2)
+    )
+    assert [r.path for r in full.requests].count("mixed") == 2
+
+
 def test_cost_and_device_hours() -> None:
     trace = [TraceRequest(float(i), 500, 20) for i in range(3601)]
     result = simulate(trace, disaggregated(1, 2), SLO(10, 1))

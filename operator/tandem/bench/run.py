@@ -6,7 +6,9 @@ below holds >= 32k tokens of KV at TP1), SLO = the CRD defaults (TTFT 2 s, mean 
 replica start-up. Dynamic policies start from one replica per pool they use.
 
 * ``tandem``: Tandem's planner on heterogeneous pools: prefill on MI300X/H100/B200, decode
-  on MI300X/Gaudi 3/H200, mixed on MI300X/H100 (max 8 replicas each, min 0).
+  on MI300X/Gaudi 3/H200, mixed on MI300X/H100 (max 8 replicas each, min 0), behind
+  Tandem's router as the simulator models it (the planner's split threshold, and a split
+  request spilling to a mixed replica while every prefill replica has its in-flight limit).
 * ``colocated-hpa``, ``dynamo-sla``, ``saturation``, ``static``: one SKU
   (``baseline_accelerator``, H100 by default: the part those stacks are documented on).
 * ``oracle``: the cheapest static fleet that meets the attainment target on the whole
@@ -27,6 +29,7 @@ from tandem.perf.models import ModelArch, get_model
 from tandem.planner.baselines import ColocatedHpa, DynamoSla, Saturation, dynamo_replicas
 from tandem.planner.policy import TandemPolicy, planner_spec_for_fleet
 from tandem.planner.types import Tuning
+from tandem.router.config import DEFAULT_MIXED_INFLIGHT_PER_REPLICA, DEFAULT_PREFILL_INFLIGHT_PER_REPLICA
 from tandem.sim.fleet import SLO, FleetSpec, PoolSpec, SimConfig, SimResult, simulate
 from tandem.sim.plan import Offer, Planner
 from tandem.sim.policies import AutoscalePolicy, RouterPolicy
@@ -137,11 +140,28 @@ def _run(
     cfg: BenchConfig,
     policy: AutoscalePolicy | None,
     name: str,
+    router: RouterPolicy | None = None,
 ) -> PolicyRun:
     result = simulate(
-        trace, fleet, cfg.slo, router=RouterPolicy(cfg.split_threshold), autoscaler=policy, config=cfg.sim
+        trace,
+        fleet,
+        cfg.slo,
+        router=router or RouterPolicy(cfg.split_threshold),
+        autoscaler=policy,
+        config=cfg.sim,
     )
     return PolicyRun(name, result, fleet, result.split_thresholds)
+
+
+def tandem_router(cfg: BenchConfig) -> RouterPolicy:
+    """Tandem's router as the simulator models it: the threshold, and the spill of split
+    requests to a mixed replica while every prefill replica is saturated, at the router's
+    default limits. (No baseline has both paths, so the spill applies to Tandem alone.)"""
+    return RouterPolicy(
+        cfg.split_threshold,
+        prefill_inflight_limit=DEFAULT_PREFILL_INFLIGHT_PER_REPLICA,
+        mixed_inflight_limit=DEFAULT_MIXED_INFLIGHT_PER_REPLICA,
+    )
 
 
 def run_tandem(trace: Sequence[TraceRequest], cfg: BenchConfig) -> PolicyRun:
@@ -153,7 +173,7 @@ def run_tandem(trace: Sequence[TraceRequest], cfg: BenchConfig) -> PolicyRun:
         split_threshold=cfg.split_threshold,
         tuning=cfg.tuning,
     )
-    return _run(trace, fleet, cfg, TandemPolicy(spec, keep_decisions=False), "tandem")
+    return _run(trace, fleet, cfg, TandemPolicy(spec, keep_decisions=False), "tandem", tandem_router(cfg))
 
 
 def run_hpa(trace: Sequence[TraceRequest], cfg: BenchConfig) -> PolicyRun:

@@ -342,6 +342,10 @@ class _Inst:
     def idle(self) -> bool:
         return not (self.busy or self.pq or self.running or self.dwait or self.inbound)
 
+    def inflight(self) -> int:
+        """Requests a router would count as outstanding here: queued, prefilling, decoding."""
+        return len(self.pq) + len(self.dwait) + len(self.running) + self.inbound
+
 
 class _Segment:
     """Closed-form timing of k decode steps at fixed batch B with growing context.
@@ -506,6 +510,14 @@ class _Engine:
             limit = self.router.max_prefill_queue_tokens
             if use_split and limit is not None and min(x.pq_tokens for x in prefill) > limit:
                 use_split = False
+            cap = self.router.prefill_inflight_limit
+            if (
+                use_split
+                and cap is not None
+                and min(len(x.pq) for x in prefill) >= cap
+                and min(x.inflight() for x in mixed) < self.router.mixed_inflight_limit
+            ):
+                use_split = False  # the router's "prefill-saturated" spill
         if not use_split and not mixed:
             # no ready instance on the preferred path: fall back to anything that will serve
             mixed = [

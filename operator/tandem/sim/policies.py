@@ -126,12 +126,17 @@ class RouterPolicy:
 
     When both paths exist, a prompt of at least ``split_threshold_tokens`` goes split,
     unless every prefill instance already queues more than ``max_prefill_queue_tokens``
-    (then it prefills on a mixed instance, like Dynamo's conditional disaggregation).
+    (then it prefills on a mixed instance, like Dynamo's conditional disaggregation), or
+    every prefill instance holds ``prefill_inflight_limit`` requests while a mixed instance
+    holds fewer than ``mixed_inflight_limit`` (Tandem's router, `tandem.router.decide`, with
+    the router config's ``limits.prefillInflightPerReplica`` / ``mixedInflightPerReplica``).
     With only one kind of pool the request takes the path that exists.
     """
 
     split_threshold_tokens: int = 1024
     max_prefill_queue_tokens: int | None = None
+    prefill_inflight_limit: int | None = None
+    mixed_inflight_limit: int = 16
 
 
 def make_policy(name: str) -> AutoscalePolicy:
