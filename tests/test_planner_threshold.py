@@ -57,6 +57,36 @@ def test_lognormal_fallback_keeps_the_observed_mean() -> None:
     assert median is not None and median < 1500.0  # right-skewed
 
 
+def test_length_points_keep_the_mass_and_mean_of_their_range() -> None:
+    dist = lognormal(1200.0, 0.8)
+    whole = dist.points()
+    assert sum(w for _, w in whole) == pytest.approx(1.0)
+    assert sum(n * w for n, w in whole) == pytest.approx(dist.mean(), rel=1e-6)
+    frac, above, below = dist.share(1000)
+    long, short = dist.points(1000), dist.points(0, 1000)
+    assert sum(n * w for n, w in long) == pytest.approx(above, rel=1e-6)
+    assert sum(n * w for n, w in short) == pytest.approx(below, rel=1e-6)
+    assert min(n for n, _ in long) >= 1000 * dist.scale
+    assert max(n for n, _ in short) < 1000 * dist.scale
+    bounded = from_buckets([(le, 0.0 if le < 200 else 1.0) for le in BUCKETS], None)
+    assert bounded is not None and bounded.points(5000) == ()
+
+
+def test_prefill_work_is_averaged_over_the_prompt_lengths() -> None:
+    """Prefill time is convex in the prompt (attention is quadratic): log-normal prompts of
+    mean 1,200 cost more per request than 1,200-token prompts (the simulator saturates a
+    MI300X prefill replica ~20% below the mean's rate), and a one-point spread changes nothing."""
+    tune = Tuning()
+    spread = lognormal(1200.0, 0.8).points()
+    for role in ("prefill", "mixed"):
+        pool = target("p", role, "mi300x")
+        at_mean = capacity(pool, MODEL, 1200, 150, 2.0, 0.1, 0.9, tune).rps
+        averaged = capacity(pool, MODEL, 1200, 150, 2.0, 0.1, 0.9, tune, spread=spread).rps
+        point = capacity(pool, MODEL, 1200, 150, 2.0, 0.1, 0.9, tune, spread=((1200.0, 1.0),)).rps
+        assert averaged < 0.9 * at_mean
+        assert point == pytest.approx(at_mean)
+
+
 def test_short_prompts_on_few_replicas_plan_no_split_path() -> None:
     """Mixed and decode pools are paid for (min 1); a trickle of long prompts costs less on
     the mixed pool than on a new prefill replica: the planner splits nothing."""

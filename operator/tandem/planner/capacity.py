@@ -30,6 +30,7 @@ from functools import lru_cache
 from tandem.perf.catalog import Accelerator
 from tandem.perf.model import PerfProfile, build_profile, kv_transfer_seconds
 from tandem.perf.models import ModelArch
+from tandem.planner.lengths import Spread
 from tandem.planner.types import PoolTarget, Tuning
 
 # Token budget of one iteration when the pool does not set one (the simulator's defaults,
@@ -77,6 +78,21 @@ def prompt_seconds(prof: PerfProfile, length: int, budget: int) -> tuple[float, 
     return total, total
 
 
+def work_seconds(prof: PerfProfile, length: int, budget: int, spread: Spread = ()) -> tuple[float, float]:
+    """`prompt_seconds` averaged over the prompt lengths of ``spread`` ((length, probability)
+    pairs, see `LengthDist.points`), or at ``length`` when there is none: with heavy-tailed
+    prompts the long ones cost more than the mean length says (bench: a MI300X prefill of
+    log-normal prompts of mean 1,200 tokens saturates ~20% below the mean's rate)."""
+    if not spread:
+        return prompt_seconds(prof, length, budget)
+    batched = alone = 0.0
+    for tokens, weight in spread:
+        b, a = prompt_seconds(prof, max(1, round(tokens)), budget)
+        batched += weight * b
+        alone += weight * a
+    return batched, alone
+
+
 def wait_quantile(rho: float, service_s: float, q: float) -> float:
     """M/M/1 waiting-time quantile: P(W > t) = rho * exp(-(1-rho) t / S)."""
     if rho <= q:
@@ -109,14 +125,16 @@ def prefill_capacity(
     tune: Tuning,
     corr: float = 1.0,
     typical: float | None = None,
+    spread: Spread = (),
 ) -> Capacity:
-    """``isl``: mean prompt (the work per request); ``typical``: the median prompt, whose
-    latency must meet the target (the attainment is over all requests, so with heavy-tailed
-    lengths the longest prompts may miss while the mass of them meets it)."""
+    """``isl``: mean prompt; ``spread``: the prompt lengths (the work per request is averaged
+    over them; default: the mean's); ``typical``: the median prompt, whose latency must meet
+    the target (the attainment is over all requests, so with heavy-tailed lengths the
+    longest prompts may miss while the mass of them meets it)."""
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill"]
-    per_req_s = prompt_seconds(prof, length, budget)[0] * corr
+    per_req_s = work_seconds(prof, length, budget, spread)[0] * corr
     short = max(1, round(min(isl, typical or isl)))
     single_s = prompt_seconds(prof, short, budget)[1] * corr
     link = NIC_GBS_PER_DEVICE * pool.tp
@@ -198,12 +216,13 @@ def mixed_capacity(
     tune: Tuning,
     corr: float = 1.0,
     typical: float | None = None,
+    spread: Spread = (),
 ) -> Capacity:
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     osl = max(1.0, osl)
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["mixed"]
-    pf_per_token = prompt_seconds(prof, length, budget)[0] * corr / length
+    pf_per_token = work_seconds(prof, length, budget, spread)[0] * corr / length
     single_s = length * pf_per_token
     short = max(1, round(min(isl, typical or isl)))
     base_s = prompt_seconds(prof, short, budget)[1] * corr
@@ -238,13 +257,15 @@ def capacity(
     tune: Tuning,
     corr: float = 1.0,
     typical: float | None = None,
+    spread: Spread = (),
 ) -> Capacity:
     """Per-replica capacity of ``pool`` for requests of mean shape (isl, osl); ``typical``
-    is the median prompt (the latency target is met at it; default: the mean).
+    is the median prompt (the latency target is met at it; default: the mean); ``spread``
+    the prompt lengths the prefill work is averaged over (default: the mean's).
 
     Memoised: a decision prices the same pool at the same shape for several thresholds
     (sizing, routing, the final plan), and the mixed model's search costs ~0.5 ms."""
-    return _capacity(pool, model, isl, osl, ttft_s, itl_s, attainment, tune, corr, typical)
+    return _capacity(pool, model, isl, osl, ttft_s, itl_s, attainment, tune, corr, typical, spread)
 
 
 @lru_cache(maxsize=4096)
@@ -259,22 +280,26 @@ def _capacity(
     tune: Tuning,
     corr: float,
     typical: float | None,
+    spread: Spread,
 ) -> Capacity:
     q = max(1e-3, 1.0 - attainment)
     if pool.role == "prefill":
-        return prefill_capacity(pool, model, isl, ttft_s, q, tune, corr, typical)
+        return prefill_capacity(pool, model, isl, ttft_s, q, tune, corr, typical, spread)
     if pool.role == "decode":
         return decode_capacity(pool, model, isl, osl, itl_s, tune, corr)
-    return mixed_capacity(pool, model, isl, osl, ttft_s, itl_s, q, tune, corr, typical)
+    return mixed_capacity(pool, model, isl, osl, ttft_s, itl_s, q, tune, corr, typical, spread)
 
 
-def predicted_ttft(pool: PoolTarget, model: ModelArch, isl: float, rate_per_replica: float) -> float | None:
+def predicted_ttft(
+    pool: PoolTarget, model: ModelArch, isl: float, rate_per_replica: float, spread: Spread = ()
+) -> float | None:
     """Model mean TTFT (corr = 1) of a prefill or mixed replica at ``rate_per_replica``
-    (M/M/1 mean wait); ``None`` when the model says the replica is saturated."""
+    (M/M/1 mean wait), averaged over ``spread``'s prompt lengths (default: at the mean);
+    ``None`` when the model says the replica is saturated."""
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
-    per_req_s, single_s = prompt_seconds(prof, length, budget)
+    per_req_s, single_s = work_seconds(prof, length, budget, spread)
     rho = rate_per_replica * per_req_s
     if rho >= 0.95:
         return None
@@ -288,9 +313,10 @@ def predicted_itl(pool: PoolTarget, model: ModelArch, isl: float, osl: float, ba
     return prof.decode_step(b, int(b * (isl + max(1.0, osl) / 2)))
 
 
-def prefill_seconds_per_token(pool: PoolTarget, model: ModelArch, isl: float) -> float:
-    """Model prefill time per prompt token of a replica at its batching budget (corr = 1)."""
+def prefill_seconds_per_token(pool: PoolTarget, model: ModelArch, isl: float, spread: Spread = ()) -> float:
+    """Model prefill time per prompt token of a replica at its batching budget (corr = 1),
+    averaged over ``spread``'s prompt lengths (default: at the mean)."""
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
-    return prompt_seconds(prof, length, budget)[0] / length
+    return work_seconds(prof, length, budget, spread)[0] / length

@@ -90,6 +90,7 @@ class Demand:
     isl: float  # mean prompt tokens (sets the work)
     osl: float
     typical: float | None = None  # median prompt tokens (sets the latency the target is met at)
+    spread: lengths.Spread = ()  # the prompt lengths (the prefill work is averaged over them)
 
 
 @dataclass
@@ -257,7 +258,8 @@ def class_demand(spec: PlannerSpec, total: Total, threshold: int) -> dict[str, D
     names = [c.name for c in classes(spec)]
     mean = _mean(total.lengths) or DEFAULT_ISL
     if len(names) < 2:
-        return {n: Demand(total.rate, total.observed, mean, total.osl) for n in names}
+        spread = _points(total.lengths, 0, None)
+        return {n: Demand(total.rate, total.observed, mean, total.osl, spread=spread) for n in names}
     frac, above, below, median_above, median_below = _shares(total.lengths, threshold)
     return {
         "split": Demand(
@@ -266,6 +268,7 @@ def class_demand(spec: PlannerSpec, total: Total, threshold: int) -> dict[str, D
             above or max(mean, threshold),
             total.osl,
             median_above,
+            _points(total.lengths, threshold, None) if above else (),
         ),
         "mixed": Demand(
             total.rate * (1 - frac),
@@ -273,6 +276,7 @@ def class_demand(spec: PlannerSpec, total: Total, threshold: int) -> dict[str, D
             below or min(mean, threshold),
             total.osl,
             median_below,
+            _points(total.lengths, 0, threshold) if below else (),
         ),
     }
 
@@ -282,6 +286,11 @@ def class_demand(spec: PlannerSpec, total: Total, threshold: int) -> dict[str, D
 @lru_cache(maxsize=256)
 def _mean(dist: LengthDist) -> float:
     return dist.mean()
+
+
+@lru_cache(maxsize=2048)
+def _points(dist: LengthDist, low: int, high: int | None) -> lengths.Spread:
+    return dist.points(low, math.inf if high is None else high)
 
 
 @lru_cache(maxsize=2048)
@@ -306,7 +315,7 @@ def _ratio(spec: PlannerSpec, pool: PoolTarget, reading: PoolReading, demand: De
     if pool.role == "prefill":
         if m.mean_ttft_s is None or per_replica * spec.interval_s < MIN_SAMPLES:
             return None
-        pred = predicted_ttft(pool, spec.model, demand.isl, per_replica)
+        pred = predicted_ttft(pool, spec.model, demand.isl, per_replica, demand.spread)
         return m.mean_ttft_s / pred if pred else None
     if m.mean_itl_s is None or not m.running:
         return None
@@ -315,7 +324,7 @@ def _ratio(spec: PlannerSpec, pool: PoolTarget, reading: PoolReading, demand: De
         rho_p = (
             (m.prompt_tokens_per_s or 0.0)
             / reading.ready
-            * prefill_seconds_per_token(pool, spec.model, demand.isl)
+            * prefill_seconds_per_token(pool, spec.model, demand.isl, demand.spread)
         )
         pred_itl /= max(0.05, 1 - min(0.95, rho_p))
     return m.mean_itl_s / pred_itl if pred_itl > 0 else None
@@ -404,7 +413,7 @@ def budget_spent(spec: PlannerSpec, st: PlannerState) -> bool:
 def _cap(spec: PlannerSpec, pool: PoolTarget, d: Demand, st: PlannerState) -> Capacity:
     return capacity(
         pool, spec.model, d.isl, d.osl, spec.ttft_s, spec.itl_s, spec.attainment, spec.tuning,
-        st.correction.get(pool.name, 1.0), d.typical,
+        st.correction.get(pool.name, 1.0), d.typical, d.spread,
     )  # fmt: skip
 
 

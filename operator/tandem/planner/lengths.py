@@ -23,6 +23,7 @@ from dataclasses import dataclass
 BUCKETS: tuple[float, ...] = (*(float(m * 10**e) for e in range(6) for m in (1, 2, 5)), 1e5, 2e5)
 DEFAULT_SIGMA = 1.0
 TOP = 1e9  # stands for the +Inf bucket where infinity cannot be stored (JSON)
+Spread = tuple[tuple[float, float], ...]  # (prompt length, probability) pairs
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,28 @@ class LengthDist:
                 return float(self.scale * a * (b / a) ** (half / m))
             half -= m
         return self.scale * parts[-1][1]
+
+    def points(self, low: float = 0.0, high: float = math.inf, per_bucket: int = 2) -> Spread:
+        """The distribution restricted to ``[low, high)`` as (length, weight) pairs whose
+        weights sum to 1: each bucket cut into ``per_bucket`` sub-ranges of equal log width
+        (equal mass, the bucket being log-uniform), each stood for by its mean length, scaled
+        like the means. Prefill time is convex in the prompt length (attention is quadratic),
+        so the work of a class is the mean of the time over these points, not the time of
+        the mean length (Jensen's inequality); empty when the range holds no mass."""
+        out: list[tuple[float, float]] = []
+        for lo, hi, m in zip(self.lows, self.highs, self.mass, strict=True):
+            a, b = max(lo, low), min(hi, high)
+            if m <= 0 or b <= a:
+                continue
+            mass = m * math.log(b / a) / math.log(hi / lo)
+            step = (b / a) ** (1.0 / per_bucket)
+            for k in range(per_bucket):
+                x, y = a * step**k, a * step ** (k + 1)
+                out.append((self.scale * (y - x) / math.log(y / x), mass / per_bucket))
+        total = sum(w for _, w in out)
+        if total <= 0:
+            return ()
+        return tuple((length, w / total) for length, w in out if w > 0)
 
     def share(self, threshold: float) -> tuple[float, float | None, float | None]:
         """(fraction of requests with prompt >= threshold, their mean length, the others' mean)."""
