@@ -15,7 +15,7 @@ from tandem.perf.catalog import ACCELERATORS, get_accelerator
 from tandem.perf.models import MODEL_PRESETS, get_model
 from tandem.planner import Observation, PlannerState, PoolTarget, Tuning, decide
 from tandem.planner.capacity import Capacity, capacity, profile
-from tandem.planner.core import _cheapest_combo, allocate
+from tandem.planner.core import Total, _cheapest_combo, allocate, plan_threshold
 from tandem.planner.lengths import BUCKETS, from_buckets, lognormal
 from tandem.sim.fleet import SLO, FleetSpec, PoolSpec, SimConfig, simulate
 from tandem.sim.policies import PoolState
@@ -85,6 +85,30 @@ def test_prefill_work_is_averaged_over_the_prompt_lengths() -> None:
         point = capacity(pool, MODEL, 1200, 150, 2.0, 0.1, 0.9, tune, spread=((1200.0, 1.0),)).rps
         assert averaged < 0.9 * at_mean
         assert point == pytest.approx(at_mean)
+
+
+def test_a_new_threshold_waits_for_confirmation_while_the_fleet_serves_the_current_one() -> None:
+    """Short prompts planned on the split path: mixed-only is a third cheaper. While the fleet
+    that runs serves the current threshold, the change needs split_confirm_intervals decisions
+    in a row (a crossing of two plans' costs for one interval started replicas the window
+    then held); when the current plan must grow anyway, it changes at once."""
+    total = Total(2.0, 2.0, lognormal(300.0, 0.8), 100.0)
+    serving = {p.name: p.max_replicas for p in TUNED.pools}
+    st = replace(PlannerState(), plan_threshold=1, split_threshold=1)
+    first, costs = plan_threshold(TUNED, total, st, serving)
+    assert first == 1 and st.plan_beaten == 1
+    assert min(costs.values()) < 0.9 * costs[1]
+    second, _ = plan_threshold(TUNED, total, st, serving)
+    assert second > 1 and st.plan_beaten == 0
+    # the cheaper plan lost its lead for one decision: the count starts again
+    st = replace(PlannerState(), plan_threshold=1, split_threshold=1)
+    plan_threshold(TUNED, total, st, serving)
+    plan_threshold(TUNED, Total(2.0, 2.0, lognormal(3000.0, 0.8), 100.0), st, serving)
+    assert st.plan_beaten == 0
+    assert plan_threshold(TUNED, total, st, serving)[0] == 1
+    # nothing runs: the current plan must start replicas anyway, so it starts the right ones
+    st = replace(PlannerState(), plan_threshold=1, split_threshold=1)
+    assert plan_threshold(TUNED, total, st, {})[0] > 1
 
 
 def test_short_prompts_on_few_replicas_plan_no_split_path() -> None:

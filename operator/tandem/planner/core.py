@@ -638,7 +638,9 @@ def plan_threshold(
 ) -> tuple[int, dict[int, float]]:
     """The threshold to size the fleet for: the one whose whole fleet costs least per hour at
     the planned demand. A new threshold must save ``split_hysteresis`` of the current cost
-    (integer replicas make costs jumpy). Returns (threshold, cost per candidate)."""
+    (integer replicas make costs jumpy) in ``split_confirm_intervals`` decisions in a row
+    (counted in ``st.plan_beaten``), or ``split_jump`` of it at once. Returns (threshold,
+    cost per candidate)."""
     current = st.plan_threshold or st.split_threshold or spec.split_threshold
     if not _splits(spec):
         return current, {}
@@ -648,8 +650,20 @@ def plan_threshold(
         size(spec, class_demand(spec, total, threshold), st, trial, report=False)
         costs[threshold] = fleet_cost(spec, trial)
     best = min(costs, key=lambda x: (costs[x], abs(math.log(x / current))))
-    if costs[best] >= costs[current] * (1 - spec.tuning.split_hysteresis):
+    t = spec.tuning
+    if costs[best] >= costs[current] * (1 - t.split_hysteresis):
+        st.plan_beaten = 0
         return current, costs
+    st.plan_beaten += 1
+    in_force = sum((running or {}).get(p.name, 0) * p.price_per_hour for p in spec.pools)
+    if (
+        st.plan_beaten < t.split_confirm_intervals
+        and costs[best] > costs[current] * (1 - t.split_jump)
+        and costs[current] <= in_force + 1e-9
+    ):
+        # what runs serves the current threshold: wait for the saving to be confirmed
+        return current, costs
+    st.plan_beaten = 0
     return best, costs
 
 

@@ -135,6 +135,13 @@ class Tuning:
     max_split_tokens: int = 8192
     extreme_splits: bool = True
     split_hysteresis: float = 0.1
+    # ... and only once it has saved that in this many decisions in a row (or saves
+    # ``split_jump`` of the cost at once: the current fleet cannot serve the demand). A new
+    # threshold starts replicas on another path while the window holds the old ones; on the
+    # bursts trace the cost of the two plans crossed every interval (integer replicas), and
+    # each crossing started a prefill and a decode replica that the window then held ~20 min.
+    split_confirm_intervals: int = 2
+    split_jump: float = 0.5
     route_spill_load: float = 0.8
     # The router's threshold stays at least this many intervals after it moved: the metrics
     # window still mixes the old routing in, and moving on it flapped (200 <-> 500 tokens each
@@ -297,6 +304,7 @@ class PlannerState:
     prompt_lengths: list[tuple[float, float]] = field(default_factory=list)
     split_threshold: int | None = None  # what the router uses now
     plan_threshold: int | None = None  # the threshold the fleet is being sized for
+    plan_beaten: int = 0  # decisions in a row in which another threshold was cheaper
     route_changed: float | None = None  # when the router's threshold last moved
     last_time: float | None = None
     last_good: float | None = None  # the last decision made on good data (not a hold)
@@ -328,6 +336,7 @@ class PlannerState:
                 prompt_lengths=[(float(b), float(c)) for b, c in raw.get("prompt_lengths", [])],
                 split_threshold=raw.get("split_threshold"),
                 plan_threshold=raw.get("plan_threshold"),
+                plan_beaten=int(raw.get("plan_beaten", 0)),
                 route_changed=raw.get("route_changed"),
                 last_time=raw.get("last_time"),
                 last_good=raw.get("last_good"),
