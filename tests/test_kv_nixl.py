@@ -112,6 +112,30 @@ def test_layer_by_layer_pull_waits_for_each_layer(prefill: KvSidecar) -> None:
     prefill.release("paced")
 
 
+def test_layers_ready_together_go_in_one_read(prefill: KvSidecar, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull that starts after the prefill finished reads the layers COALESCE at a time (a READ
+    has a fixed cost), and still lands every layer, in order, byte-exact."""
+    decode = make(BlockFormat("NHD", 16), PROMPT // 16 + 8, "decode")
+    record = prefill.produce("coalesced", PROMPT)
+    prefill.fill(record)
+    sizes: list[int] = []
+    real = decode.transport.read
+
+    def counting(peer: str, local: Any, remote: Any, notify: bytes = b"") -> Any:
+        sizes.append(sum(n for _, n in local))
+        return real(peer, local, remote, notify)
+
+    monkeypatch.setattr(decode.transport, "read", counting)
+    result = decode.pull(prefill.info(), RemoteRequest.from_dict(record.to_dict()))
+    layer_bytes = LLAMA_8B.request_bytes(PROMPT) // LLAMA_8B.layers
+    data = [n for n in sizes if n >= layer_bytes]  # the rest are 8-byte progress polls
+    assert data == [KvSidecar.COALESCE * layer_bytes] * (LLAMA_8B.layers // KvSidecar.COALESCE)
+    assert len(result.layer_done_at) == LLAMA_8B.layers
+    assert result.layer_done_at == sorted(result.layer_done_at)
+    check_exact(decode, result.block_ids, record.seed, PROMPT)
+    prefill.release("coalesced")
+
+
 def test_odd_prompt_length_and_fragmented_blocks(prefill: KvSidecar) -> None:
     decode = make(BlockFormat("HND", 128), 12, "decode")
     hole = decode.blocks.allocate(3)  # fragment the decode pool: the pull cannot get one run

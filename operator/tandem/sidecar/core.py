@@ -396,8 +396,9 @@ class KvSidecar:
         """Read a prompt's KV from ``peer`` layer by layer into new local blocks, translating the
         block format when the peer's differs; returns when the last layer is in place.
 
-        Each layer is read as soon as the peer's progress word says it exists; up to `WINDOW` layers
-        are in flight at once (two when translating: one per staging buffer)."""
+        Each layer is read as soon as the peer's progress word says it exists, layers ready together
+        in one READ; up to `WINDOW` READs are in flight at once (two when translating: one per
+        staging buffer)."""
         g = self.config.geometry
         if peer.geometry != g:
             raise SidecarError(f"peer {peer.name} has KV geometry {peer.geometry}, this sidecar {g}")
@@ -441,12 +442,21 @@ class KvSidecar:
         return result
 
     WINDOW = 4
+    COALESCE = 8
 
     def _pull_layers(self, job: _PullJob, word: int) -> None:
+        """Read every layer of ``job``, each once the peer's progress word says it exists. Layers
+        that are ready together go in one READ (up to `COALESCE` of them; one at a time when
+        translating, a layer per staging buffer): a READ has a fixed cost (posting, completion,
+        polling), and a pull that fell behind the prefill, or started after it, catches up in
+        fewer, larger ones."""
+        layers = self.config.geometry.layers
         window = 2 if job.translate else self.WINDOW
-        inflight: deque[tuple[int, Transfer]] = deque()
+        batch = 1 if job.translate else self.COALESCE
+        inflight: deque[tuple[range, Transfer]] = deque()
         known = 0
-        for layer in range(self.config.geometry.layers):
+        layer = 0
+        while layer < layers:
             polls = 0
             while known <= layer:
                 # Layers in flight: finish the oldest instead of polling (each poll is a round trip
@@ -461,8 +471,15 @@ class KvSidecar:
                 polls += 1
             if len(inflight) == window:
                 self._land(job, *inflight.popleft())
-            lo, ro = self._layer_regions(job, layer)
-            inflight.append((layer, self.transport.read(job.agent, lo, ro)))
+            span = range(layer, min(known, layer + batch, layers))
+            lo: list[Region] = []
+            ro: list[Region] = []
+            for each in span:
+                a, b = self._layer_regions(job, each)
+                lo += a
+                ro += b
+            inflight.append((span, self.transport.read(job.agent, lo, ro)))
+            layer = span.stop
         while inflight:
             self._land(job, *inflight.popleft())
 
@@ -479,11 +496,12 @@ class KvSidecar:
             ]
         return paired_regions(local_regions, remote_regions)
 
-    def _land(self, job: _PullJob, layer: int, transfer: Transfer) -> None:
+    def _land(self, job: _PullJob, span: range, transfer: Transfer) -> None:
         wait(transfer, timeout=max(1.0, job.deadline - time.monotonic()))
-        if job.translate:
-            self._translate(layer, job.peer.fmt, len(job.remote_ids), job.remote.num_tokens, job.local_ids)
-        job.done_at.append(time.monotonic())
+        for layer in span:
+            if job.translate:
+                self._translate(layer, job.peer.fmt, len(job.remote_ids), job.remote.num_tokens, job.local_ids)
+            job.done_at.append(time.monotonic())
 
     @contextmanager
     def _maybe(self, lock: threading.Lock, take: bool) -> Iterator[None]:
