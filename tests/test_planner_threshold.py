@@ -62,7 +62,7 @@ def test_length_points_keep_the_mass_and_mean_of_their_range() -> None:
     whole = dist.points()
     assert sum(w for _, w in whole) == pytest.approx(1.0)
     assert sum(n * w for n, w in whole) == pytest.approx(dist.mean(), rel=1e-6)
-    frac, above, below = dist.share(1000)
+    _, above, below = dist.share(1000)
     long, short = dist.points(1000), dist.points(0, 1000)
     assert sum(n * w for n, w in long) == pytest.approx(above, rel=1e-6)
     assert sum(n * w for n, w in short) == pytest.approx(below, rel=1e-6)

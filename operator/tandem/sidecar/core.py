@@ -500,7 +500,9 @@ class KvSidecar:
         wait(transfer, timeout=max(1.0, job.deadline - time.monotonic()))
         for layer in span:
             if job.translate:
-                self._translate(layer, job.peer.fmt, len(job.remote_ids), job.remote.num_tokens, job.local_ids)
+                self._translate(
+                    layer, job.peer.fmt, len(job.remote_ids), job.remote.num_tokens, job.local_ids
+                )
             job.done_at.append(time.monotonic())
 
     @contextmanager

@@ -506,18 +506,7 @@ class _Engine:
         split_ok = bool(prefill) and self.has_decode()
         use_split = split_ok
         if split_ok and mixed:
-            use_split = req.prompt >= self.router.split_threshold_tokens
-            limit = self.router.max_prefill_queue_tokens
-            if use_split and limit is not None and min(x.pq_tokens for x in prefill) > limit:
-                use_split = False
-            cap = self.router.prefill_inflight_limit
-            if (
-                use_split
-                and cap is not None
-                and min(len(x.pq) for x in prefill) >= cap
-                and min(x.inflight() for x in mixed) < self.router.mixed_inflight_limit
-            ):
-                use_split = False  # the router's "prefill-saturated" spill
+            use_split = self.splits(req, prefill, mixed)
         if not use_split and not mixed:
             # no ready instance on the preferred path: fall back to anything that will serve
             mixed = [
@@ -556,6 +545,22 @@ class _Engine:
                 self.start(best, now)
         elif best.seg_k:
             self.truncate(best, now)
+
+    def splits(self, req: _Req, prefill: list[_Inst], mixed: list[_Inst]) -> bool:
+        """Whether a request that could take either path goes split: at or above the threshold,
+        unless every prefill instance is saturated (queued tokens, or the router's in-flight
+        limit while a mixed instance has room: its "prefill-saturated" spill)."""
+        if req.prompt < self.router.split_threshold_tokens:
+            return False
+        limit = self.router.max_prefill_queue_tokens
+        if limit is not None and min(x.pq_tokens for x in prefill) > limit:
+            return False
+        cap = self.router.prefill_inflight_limit
+        return not (
+            cap is not None
+            and min(len(x.pq) for x in prefill) >= cap
+            and min(x.inflight() for x in mixed) < self.router.mixed_inflight_limit
+        )
 
     def has_decode(self) -> bool:
         return any(
