@@ -313,3 +313,24 @@ async def test_prefill_and_decode_sim_workers_hand_off_real_kv(
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+def test_kv_bench_measures_what_its_goals_name() -> None:
+    """``make bench-kv`` in one short run: every measure is there, and the exposure goal's unit
+    is one layer's READ alone (transfer + setup), measured, not the whole pull over the layers."""
+    from tandem.sidecar import bench
+
+    report = bench.run(runs=1, threads=2)
+    tput, exposed = report["throughput"], report["exposed"]
+    reads = tput["one_layer_read_seconds"]
+    assert len(reads) == 20 and all(t > 0 for t in reads)
+    assert exposed["one_layer_transfer_seconds"] == tput["one_layer_read_seconds_median"]
+    assert report["exposed_over_one_layer"] == pytest.approx(
+        exposed["exposed_pipelined_seconds"] / tput["one_layer_read_seconds_median"]
+    )
+    assert report["kv_bytes"] == 256 * MiB == tput["bytes"]
+    assert report["throughput_ratio_vs_memcpy"] == pytest.approx(
+        min(tput["memcpy_seconds"]) / min(tput["transfer_seconds"])
+    )
+    assert report["translate_us_per_block"] > 0
+    assert set(report["goals"]) == {"throughput_ratio_vs_memcpy", "exposed_over_one_layer"}

@@ -8,10 +8,10 @@ prompt (256 MiB), measuring:
   best-of-N, the medians are in ``throughput`` (goal: ratio >= 0.7);
 - **exposed latency**: the prefill is simulated layer by layer for the time Tandem's performance
   model gives (H100, TP 1, 2,048 tokens); the time from its last layer to the decode side holding
-  every layer, layer-pipelined vs pulled after the prefill, over one layer's pull (transfer +
-  setup: the median interval between layers landing in the throughput run) (goal: pipelined <= 1.5;
-  reachable only where a layer's pull is faster than its compute, see ``transfer_bound``; the same
-  with a prefill 1.25x the measured pull is in ``exposed_link_matched``);
+  every layer, layer-pipelined vs pulled after the prefill, over one layer's READ alone (transfer +
+  setup: the median of single-layer READs, ``one_layer_read_seconds_median``) (goal: pipelined
+  <= 1.5; reachable only where a layer's READ is faster than its compute, see ``transfer_bound``;
+  the same with a prefill of 1.25x one READ per layer is in ``exposed_link_matched``);
 - **translation cost**: NHD/16-token blocks -> HND/128-token blocks (NVIDIA -> Gaudi), per source block.
 
 Both agents share a host, so UCX reads with CMA (``process_vm_readv``, one CPU copy; TCP carries
@@ -41,10 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from tandem.sidecar.core import KvSidecar, MiB, RemoteRequest, SidecarConfig
+from tandem.sidecar.core import KvSidecar, MiB, RemoteRequest, SidecarConfig, paired_regions
+from tandem.sidecar.core import runs as block_runs
 from tandem.sidecar.layout import BlockFormat, KvGeometry, translate_blocks
 from tandem.sidecar.probe import UcxLogTap, classify_lanes, enable_ucx_selection_log
-from tandem.sidecar.transport import NixlTransport
+from tandem.sidecar.transport import NixlTransport, wait
 
 LLAMA_8B = KvGeometry(layers=32, kv_heads=8, head_dim=128, dtype_bytes=2)
 PROMPT = 2048
@@ -118,11 +119,32 @@ def bench_throughput(p: KvSidecar, d: KvSidecar, runs: int, threads: int) -> dic
         # context only: the same bytes copied by as many threads as the pull uses
         "memcpy_parallel_seconds": parallel,
         "ratio_of_best_vs_memcpy_parallel": min(parallel) / min(pulls) if parallel else None,
-        # one layer's pull: the whole pull over the layers (several layers are in flight at once,
-        # so the gaps between landings understate it)
+        # the whole pull over the layers (several layers are in flight at once, and layers that
+        # are ready together share a READ, so this is less than one layer's READ alone)
         "one_layer_seconds": pull_s / LLAMA_8B.layers,
         "landing_interval_seconds_median": statistics.median(intervals),
     }
+
+
+def bench_one_layer(p: KvSidecar, d: KvSidecar, runs: int) -> dict[str, Any]:
+    """One layer's READ alone (8 MiB; post to completion, so transfer + setup: the goal's unit),
+    each layer of a prompt in turn into the decode pool, ``4 * runs`` times."""
+    record = p.produce("one-layer", PROMPT)
+    p.fill(record)
+    info = p.info()
+    agent = d.connect(info)
+    block = NVIDIA.block_bytes(LLAMA_8B)
+    ids = record.block_ids[: NVIDIA.blocks_for(PROMPT)]
+    local = [(int(d.pool.ctypes.data), len(ids) * block)]  # nothing else uses the pool meanwhile
+    times = []
+    for i in range(4 * max(runs, 5)):
+        remote = [(info.block_address(i % LLAMA_8B.layers, s), n * block) for s, n in block_runs(ids)]
+        lo, ro = paired_regions(local, remote)
+        t = time.perf_counter()
+        wait(d.transport.read(agent, lo, ro))
+        times.append(time.perf_counter() - t)
+    p.release("one-layer")
+    return {"one_layer_read_seconds": times, "one_layer_read_seconds_median": statistics.median(times)}
 
 
 def _paced_pull(
@@ -213,12 +235,12 @@ def run(runs: int, threads: int = 2, tap: UcxLogTap | None = None) -> dict[str, 
     d = _sidecar("bench-decode", NVIDIA, 2 * NVIDIA.blocks_for(PROMPT) + 8, threads)
     started = time.monotonic()
     tput = bench_throughput(p, d, runs, threads)
-    exposed = bench_exposed(p, d, simulated_prefill_seconds(), tput["one_layer_seconds"], runs)
-    # the same with a prefill 1.25x longer than the measured pull: what pipelining hides once the
-    # link keeps up with the compute (a faster fabric, or a slower accelerator)
-    link_matched = bench_exposed(
-        p, d, 1.25 * tput["one_layer_seconds"] * LLAMA_8B.layers, tput["one_layer_seconds"], runs
-    )
+    tput.update(bench_one_layer(p, d, runs))
+    one_layer = tput["one_layer_read_seconds_median"]
+    exposed = bench_exposed(p, d, simulated_prefill_seconds(), one_layer, runs)
+    # the same with a prefill 1.25x longer than one layer's READ per layer: what pipelining hides
+    # once the link keeps up with the compute (a faster fabric, or a slower accelerator)
+    link_matched = bench_exposed(p, d, 1.25 * one_layer * LLAMA_8B.layers, one_layer, runs)
     translate = bench_translate(max(runs, 5))
     configs = tap.snapshot() if tap is not None else []
     reads = [c for c in configs if c.worker == d.config.name and c.read_tls]
