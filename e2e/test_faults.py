@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -197,8 +198,12 @@ def test_two_replicas_only_one_acts_and_the_other_takes_over(
         active, standby = (ops[0], ops[1]) if reconciles[0] else (ops[1], ops[0])
         # The replica that started first acts alone until the other's heartbeat appears (seconds
         # on a loaded machine), and may write AcceleratorPool statuses meanwhile: correct, it was
-        # the only peer. From then on the standby writes nothing, over several resync periods (its
-        # own loops, not only kopf's handlers).
+        # the only peer. Its own loops learn that they stand by from their next peering poll, up
+        # to a second after kopf paused (CI once counted a status write in that second). From
+        # then on the standby writes nothing, over several resync periods (its own loops, not
+        # only kopf's handlers).
+        wait_for(lambda: stands_by(standby), timeout=60, what="the standby's own loops stand by")
+        wait_seconds(2.0)  # a write already under way when the verdict changed
         writes = standby.kube_writes()
         wait_seconds(3 * 2.0)
         assert standby.reconciles() == 0 and standby.kube_writes() == writes
@@ -210,6 +215,13 @@ def test_two_replicas_only_one_acts_and_the_other_takes_over(
     finally:
         for op in ops:
             op.stop()
+
+
+def stands_by(op: OperatorProcess) -> bool:
+    """The replica's own peering loop (``tandem.peering``) has not acted, or last logged that it
+    stands by."""
+    verdicts = re.findall(r"this replica \(priority -?\d+\) (acts|stands by)", op.log_text())
+    return not verdicts or verdicts[-1] == "stands by"
 
 
 @pytest.fixture(scope="module")
