@@ -103,12 +103,36 @@ def test_a_new_threshold_waits_for_confirmation_while_the_fleet_serves_the_curre
     # the cheaper plan lost its lead for one decision: the count starts again
     st = replace(PlannerState(), plan_threshold=1, split_threshold=1)
     plan_threshold(TUNED, total, st, serving)
-    plan_threshold(TUNED, Total(2.0, 2.0, lognormal(3000.0, 0.8), 100.0), st, serving)
-    assert st.plan_beaten == 0
+    plan_threshold(TUNED, Total(0.5, 0.5, lognormal(6000.0, 0.8), 100.0), st, serving)
+    assert st.plan_beaten == 0 and st.plan_candidate is None
     assert plan_threshold(TUNED, total, st, serving)[0] == 1
     # nothing runs: the current plan must start replicas anyway, so it starts the right ones
     st = replace(PlannerState(), plan_threshold=1, split_threshold=1)
     assert plan_threshold(TUNED, total, st, {})[0] > 1
+
+
+def test_two_different_thresholds_winning_in_turn_confirm_neither() -> None:
+    """The count is per threshold: one that wins a decision after another one won the previous
+    has won once (found by review: "split nothing" won at 2 req/s, then a partial split at
+    6 req/s was adopted at once)."""
+    serving = {p.name: p.max_replicas for p in TUNED.pools}
+    st = replace(PlannerState(), plan_threshold=4096, split_threshold=4096)
+    first, costs = plan_threshold(TUNED, Total(2.0, 2.0, lognormal(800.0, 0.8), 100.0), st, serving)
+    assert first == 4096 and st.plan_beaten == 1
+    leader = st.plan_candidate
+    second, costs = plan_threshold(TUNED, Total(6.0, 6.0, lognormal(800.0, 0.8), 100.0), st, serving)
+    assert min(costs.values()) < 0.9 * costs[4096]  # another threshold is cheaper again ...
+    assert st.plan_candidate != leader  # ... but not the same one
+    assert second == 4096 and st.plan_beaten == 1
+    # the state keeps the count across decisions (it lives in an annotation)
+    again = PlannerState.from_json(st.to_json())
+    assert (again.plan_candidate, again.plan_beaten) == (st.plan_candidate, 1)
+
+
+def test_a_hold_on_bad_data_restarts_the_confirmation() -> None:
+    state = replace(PlannerState(), plan_threshold=1, split_threshold=1, plan_candidate=5000, plan_beaten=1)
+    held = decide(TUNED, Observation({}), state, 30.0)
+    assert held.state.plan_beaten == 0 and held.state.plan_candidate is None
 
 
 def test_short_prompts_on_few_replicas_plan_no_split_path() -> None:

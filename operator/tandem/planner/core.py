@@ -639,8 +639,8 @@ def plan_threshold(
     """The threshold to size the fleet for: the one whose whole fleet costs least per hour at
     the planned demand. A new threshold must save ``split_hysteresis`` of the current cost
     (integer replicas make costs jumpy) in ``split_confirm_intervals`` decisions in a row
-    (counted in ``st.plan_beaten``), or ``split_jump`` of it at once. Returns (threshold,
-    cost per candidate)."""
+    (the same threshold, ``st.plan_candidate``, counted in ``st.plan_beaten``), or
+    ``split_jump`` of it at once. Returns (threshold, cost per candidate)."""
     current = st.plan_threshold or st.split_threshold or spec.split_threshold
     if not _splits(spec):
         return current, {}
@@ -652,9 +652,12 @@ def plan_threshold(
     best = min(costs, key=lambda x: (costs[x], abs(math.log(x / current))))
     t = spec.tuning
     if costs[best] >= costs[current] * (1 - t.split_hysteresis):
-        st.plan_beaten = 0
+        _unconfirmed(st)
         return current, costs
-    st.plan_beaten += 1
+    if best == st.plan_candidate:
+        st.plan_beaten += 1
+    else:  # a different threshold leads: its count starts now
+        st.plan_candidate, st.plan_beaten = best, 1
     in_force = sum((running or {}).get(p.name, 0) * p.price_per_hour for p in spec.pools)
     if (
         st.plan_beaten < t.split_confirm_intervals
@@ -663,8 +666,12 @@ def plan_threshold(
     ):
         # what runs serves the current threshold: wait for the saving to be confirmed
         return current, costs
-    st.plan_beaten = 0
+    _unconfirmed(st)
     return best, costs
+
+
+def _unconfirmed(st: PlannerState) -> None:
+    st.plan_candidate, st.plan_beaten = None, 0
 
 
 def _pressure(spec: PlannerSpec, obs: Observation, role: Role) -> float:
@@ -971,6 +978,7 @@ def _hold(
     out: dict[str, int | None] = {p.name: None for p in spec.pools}
     limited = clamp_bounds(spec, obs, out)
     st.last_time = now
+    _unconfirmed(st)  # a threshold's lead must be confirmed on good data, in a row
     return Decision(out, None, reason, message, {"held": "all"}, limited, st)
 
 
@@ -1049,6 +1057,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     if st.last_good is not None and now - st.last_good > spec.tuning.gap_intervals * spec.interval_s:
         # what was recommended before the gap cannot vouch for it: the window starts again
         st.recommendations = {}
+        _unconfirmed(st)
     st.last_good = now
     total = plan_total(spec, observation, st, now)
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold

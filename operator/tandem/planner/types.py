@@ -304,7 +304,8 @@ class PlannerState:
     prompt_lengths: list[tuple[float, float]] = field(default_factory=list)
     split_threshold: int | None = None  # what the router uses now
     plan_threshold: int | None = None  # the threshold the fleet is being sized for
-    plan_beaten: int = 0  # decisions in a row in which another threshold was cheaper
+    plan_candidate: int | None = None  # the threshold that was cheaper than the planned one ...
+    plan_beaten: int = 0  # ... in this many decisions in a row
     route_changed: float | None = None  # when the router's threshold last moved
     last_time: float | None = None
     last_good: float | None = None  # the last decision made on good data (not a hold)
@@ -336,6 +337,7 @@ class PlannerState:
                 prompt_lengths=[(float(b), float(c)) for b, c in raw.get("prompt_lengths", [])],
                 split_threshold=raw.get("split_threshold"),
                 plan_threshold=raw.get("plan_threshold"),
+                plan_candidate=raw.get("plan_candidate"),
                 plan_beaten=int(raw.get("plan_beaten", 0)),
                 route_changed=raw.get("route_changed"),
                 last_time=raw.get("last_time"),
