@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tandem.perf import get_accelerator, get_model, prefill_seconds
-from tandem.sim.fleet import SLO, FleetSpec, PoolSpec, SimConfig, simulate
+from tandem.sim.fleet import SLO, FleetSpec, PoolSpec, SimConfig, _Engine, _Req, simulate
 from tandem.sim.policies import PoolState, QueuePolicy, RouterPolicy, StaticPolicy
 from tandem.sim.trace import TraceRequest, load_trace, scale_rate, synthetic, window
 
@@ -108,6 +108,35 @@ def test_router_spills_split_requests_to_mixed_while_prefill_is_saturated() -> N
         burst, fleet, SLO(10, 1), router=RouterPolicy(1024, prefill_inflight_limit=4, mixed_inflight_limit=2)
     )
     assert [r.path for r in full.requests].count("mixed") == 2
+
+
+def test_a_spilled_request_goes_to_a_mixed_replica_with_room() -> None:
+    """Like the router, the spill only goes to a mixed replica under its in-flight limit, even
+    when a full one has the shortest prefill queue (found by review)."""
+    fleet = FleetSpec(
+        MODEL,
+        (
+            PoolSpec("prefill", "prefill", H100, 1, 1),
+            PoolSpec("decode", "decode", H100, 1, 1),
+            PoolSpec("mixed", "mixed", H100, 2, 2),
+        ),
+    )
+    engine = _Engine([], fleet, RouterPolicy(1024, prefill_inflight_limit=4), None, SimConfig(), None)
+    prefill = engine.pools[0].instances[0]
+    full, busy = engine.pools[2].instances
+    for i in range(4):  # the prefill replica is at its limit
+        prefill.pq.append(_Req(100 + i, TraceRequest(0.0, 4000, 10)))
+        prefill.pq_tokens += 4000
+    prefill.busy = True
+    full.running.extend((10**6, 200 + i, _Req(200 + i, TraceRequest(0.0, 100, 10))) for i in range(20))
+    full.busy = True  # 20 decoding, nothing queued: the shortest queue, but over the limit of 16
+    busy.pq.append(_Req(300, TraceRequest(0.0, 8000, 10)))
+    busy.pq_tokens = 8000
+    busy.busy = True
+    request = _Req(0, TraceRequest(0.0, 4000, 10))
+    engine.route(request, 0.0)
+    assert request.path == "mixed"
+    assert request in busy.pq and full.inflight() == 20
 
 
 def test_cost_and_device_hours() -> None:

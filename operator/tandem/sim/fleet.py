@@ -506,7 +506,9 @@ class _Engine:
         split_ok = bool(prefill) and self.has_decode()
         use_split = split_ok
         if split_ok and mixed:
-            use_split = self.splits(req, prefill, mixed)
+            targets = self.mixed_targets(req, prefill, mixed)
+            use_split = targets is None
+            mixed = targets or mixed
         if not use_split and not mixed:
             # no ready instance on the preferred path: fall back to anything that will serve
             mixed = [
@@ -546,21 +548,21 @@ class _Engine:
         elif best.seg_k:
             self.truncate(best, now)
 
-    def splits(self, req: _Req, prefill: list[_Inst], mixed: list[_Inst]) -> bool:
-        """Whether a request that could take either path goes split: at or above the threshold,
-        unless every prefill instance is saturated (queued tokens, or the router's in-flight
-        limit while a mixed instance has room: its "prefill-saturated" spill)."""
+    def mixed_targets(self, req: _Req, prefill: list[_Inst], mixed: list[_Inst]) -> list[_Inst] | None:
+        """Where a request that could take either path goes: None to split (at or above the
+        threshold), else the mixed instances to choose from: all of them below the threshold or
+        while every prefill instance queues too many tokens, and only those with room for the
+        router's "prefill-saturated" spill (every prefill instance at its in-flight limit)."""
         if req.prompt < self.router.split_threshold_tokens:
-            return False
+            return mixed
         limit = self.router.max_prefill_queue_tokens
         if limit is not None and min(x.pq_tokens for x in prefill) > limit:
-            return False
+            return mixed
         cap = self.router.prefill_inflight_limit
-        return not (
-            cap is not None
-            and min(len(x.pq) for x in prefill) >= cap
-            and min(x.inflight() for x in mixed) < self.router.mixed_inflight_limit
-        )
+        if cap is not None and min(len(x.pq) for x in prefill) >= cap:
+            room = [x for x in mixed if x.inflight() < self.router.mixed_inflight_limit]
+            return room or None
+        return None
 
     def has_decode(self) -> bool:
         return any(
