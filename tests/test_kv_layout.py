@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from itertools import product
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +38,7 @@ from tandem.sidecar.probe import (
     parse_ucx_line,
     with_read_protocol,
 )
-from tandem.sidecar.transport import NixlTransport, Region
+from tandem.sidecar.transport import NixlTransport, Region, TransportError
 
 GEOM = KvGeometry(layers=3, kv_heads=4, head_dim=8, dtype_bytes=2)
 FORMATS = [BlockFormat(layout, bs) for layout in ("NHD", "HND") for bs in (4, 16, 32, 12)]
@@ -303,3 +304,68 @@ def test_sim_worker_selects_the_sidecar_fetcher_by_flag() -> None:
     assert fetcher.peer_url({"remote_host": "10.0.0.5"}) == "http://10.0.0.5:8200"
     default, _ = parse_settings(["--role", "decode"])
     assert isinstance(SimWorker(default).engine.fetcher, ModelledKvFetcher)
+
+
+class _Failed:
+    def done(self) -> bool:
+        raise TransportError("NIXL transfer failed")
+
+
+class _Pending:
+    """Done after ``polls`` more calls of done(); never when ``polls`` is None."""
+
+    def __init__(self, polls: int | None) -> None:
+        self.polls = polls
+
+    def done(self) -> bool:
+        if self.polls is None:
+            return False
+        self.polls -= 1
+        return self.polls < 0
+
+
+class ScriptedTransport(CopyTransport):
+    """Progress-word READs copy; data READs copy too but report what ``script`` says, in order."""
+
+    def __init__(self, name: str, script: list[Any]) -> None:
+        super().__init__(name)
+        self.script = script
+
+    def read(self, peer: str, local: Sequence[Region], remote: Sequence[Region], notify: bytes = b"") -> Any:
+        done = super().read(peer, local, remote, notify)
+        if sum(n for _, n in local) <= 8:
+            return done
+        return self.script.pop(0) if self.script else done
+
+
+def _failing_pull(script: list[Any], settle_s: float) -> tuple[KvSidecar, list[str], int]:
+    g = KvGeometry(layers=8, kv_heads=2, head_dim=16)
+    tp, td = CopyTransport("p"), ScriptedTransport("d", script)
+    td.registry["p"] = tp
+    events: list[str] = []
+    p = KvSidecar(SidecarConfig("p", g, BlockFormat("NHD", 16), 20, staging_bytes=1 << 20), tp)
+    d = KvSidecar(
+        SidecarConfig("d", g, BlockFormat("NHD", 16), 20, staging_bytes=1 << 20),
+        td,
+        observer=lambda event, _: events.append(event),
+    )
+    d.COALESCE = 1  # one READ per layer: four in flight when the first one fails
+    d.SETTLE_SECONDS = settle_s
+    record = p.produce("r", 150)
+    p.fill(record)
+    with pytest.raises(TransportError):
+        d.pull(p.info(), RemoteRequest.from_dict(record.to_dict()))
+    return d, events, len(record.block_ids)
+
+
+def test_a_failed_pull_waits_out_its_reads_before_freeing_the_blocks() -> None:
+    late = _Pending(3)
+    d, events, _ = _failing_pull([_Failed(), late, _Done(), _Done()], settle_s=5.0)
+    assert late.polls is not None and late.polls < 0  # waited for until it ended
+    assert d.blocks.num_free == 20 and "stranded" not in events
+
+
+def test_a_failed_pull_whose_reads_do_not_end_withholds_its_blocks() -> None:
+    d, events, used = _failing_pull([_Failed(), _Pending(None), _Done(), _Done()], settle_s=0.05)
+    assert d.blocks.num_free == 20 - used  # never handed to another request
+    assert events.count("stranded") == 1

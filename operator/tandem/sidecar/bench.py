@@ -128,7 +128,7 @@ def bench_throughput(p: KvSidecar, d: KvSidecar, runs: int, threads: int) -> dic
 
 def bench_one_layer(p: KvSidecar, d: KvSidecar, runs: int) -> dict[str, Any]:
     """One layer's READ alone (8 MiB; post to completion, so transfer + setup: the goal's unit),
-    each layer of a prompt in turn into the decode pool, ``4 * runs`` times."""
+    each layer of a prompt in turn into the decode pool, ``4 * max(runs, 5)`` times."""
     record = p.produce("one-layer", PROMPT)
     p.fill(record)
     info = p.info()

@@ -17,6 +17,7 @@ but the last layer hides behind the prefill's compute.
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from tandem.sidecar.layout import BlockFormat, Bytes, KvGeometry, pattern_tokens
 from tandem.sidecar.transport import KvTransport, Region, Transfer, TransportError, wait
 
 MiB = 1 << 20
+log = logging.getLogger(__name__)
 
 
 class SidecarError(RuntimeError):
@@ -163,6 +165,7 @@ class _PullJob:
     translate: bool
     deadline: float
     done_at: list[float] = field(default_factory=list)
+    inflight: deque[tuple[range, Transfer]] = field(default_factory=deque)  # READs posted, not landed
 
 
 class BlockAllocator:
@@ -426,7 +429,14 @@ class KvSidecar:
         start = time.monotonic()
         try:
             with self._scratch_word() as word, self._maybe(self._staging_lock, job.translate):
-                self._pull_layers(job, word)
+                try:
+                    self._pull_layers(job, word)
+                except (SidecarError, TransportError):
+                    # READs already posted may still write into the blocks (and the staging
+                    # buffer, whose lock is held until here): wait them out before freeing
+                    if not self._settle(job):
+                        self._strand(job)
+                    raise
             self.transport.notify(agent, b"done:" + remote.request_id.encode())
         except (SidecarError, TransportError):
             self.blocks.free(job.local_ids)
@@ -443,6 +453,36 @@ class KvSidecar:
 
     WINDOW = 4
     COALESCE = 8
+    SETTLE_SECONDS = 10.0
+
+    def _settle(self, job: _PullJob) -> bool:
+        """Wait up to `SETTLE_SECONDS` for the READs of a failed pull to end (done or failed);
+        whether none of them can still write into its blocks."""
+        deadline = time.monotonic() + self.SETTLE_SECONDS
+        while job.inflight:
+            try:
+                if not job.inflight[0][1].done():
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.001)
+                    continue
+            except TransportError:
+                pass  # it failed: it writes no more
+            job.inflight.popleft()
+        return True
+
+    def _strand(self, job: _PullJob) -> None:
+        """A failed pull's READs did not end: its blocks stay allocated (never handed to another
+        request while a READ may still land in them), and the observer hears of it."""
+        log.error(
+            "pull of %s from %s: %d READs did not end after the failure; %d blocks withheld",
+            job.remote.request_id,
+            job.peer.name,
+            len(job.inflight),
+            len(job.local_ids),
+        )
+        self.observer("stranded", {"blocks": len(job.local_ids)})
+        job.local_ids = []
 
     def _pull_layers(self, job: _PullJob, word: int) -> None:
         """Read every layer of ``job``, each once the peer's progress word says it exists. Layers
@@ -453,7 +493,7 @@ class KvSidecar:
         layers = self.config.geometry.layers
         window = 2 if job.translate else self.WINDOW
         batch = 1 if job.translate else self.COALESCE
-        inflight: deque[tuple[range, Transfer]] = deque()
+        inflight = job.inflight
         known = 0
         layer = 0
         while layer < layers:
