@@ -10,7 +10,7 @@ import pytest
 from tests.test_planner import MODEL, metrics, target
 
 from tandem.planner import Observation, PlannerSpec, PlannerState, PoolReading, decide
-from tandem.planner.core import budget_spent, update_budget, within
+from tandem.planner.core import _keep_decode_for_prefill, _Plan, budget_spent, update_budget, within
 from tandem.planner.types import Tuning
 
 # One prefill pool, two decode pools of nearly the same price: Gaudi 3 a little cheaper, an
@@ -191,3 +191,19 @@ def test_the_new_state_round_trips_through_json() -> None:
 def test_a_dipping_histogram_never_reads_above_all() -> None:
     met, total = within(((1.0, 5.0), (2.5, 5.2), (math.inf, 4.9)), 2.0)  # type: ignore[misc]
     assert met <= total == 5.2
+
+
+def test_a_prefill_plan_keeps_a_decode_replica_on_a_pool_that_may_run_one() -> None:
+    """Prefill needs somewhere to send its KV: the cheapest decode pool whose max allows a
+    replica gets one (a cheaper pool capped at 0 used to be asked, and the clamp left none)."""
+    spec = replace(
+        SPEC,
+        pools=(
+            target("prefill-mi300x", "prefill", "mi300x"),
+            target("decode-gaudi3", "decode", "gaudi3", hi=0),
+            target("decode-mi300x", "decode", "mi300x"),
+        ),
+    )
+    plan = _Plan(targets={"prefill-mi300x": 2, "decode-gaudi3": 0, "decode-mi300x": 0})
+    _keep_decode_for_prefill(spec, plan)
+    assert plan.targets == {"prefill-mi300x": 2, "decode-gaudi3": 0, "decode-mi300x": 1}

@@ -600,10 +600,10 @@ def _prefer_running(
 def _keep_decode_for_prefill(spec: PlannerSpec, plan: _Plan) -> None:
     """A running prefill pool needs somewhere to send its KV caches."""
     prefill = sum(plan.targets.get(p.name) or 0 for p in spec.by_role("prefill"))
-    decode = spec.by_role("decode")
+    decode = [p for p in spec.by_role("decode") if p.max_replicas > 0]  # one that may run at all
     if prefill and decode and not sum(plan.targets.get(p.name) or 0 for p in decode):
         cheapest = min(decode, key=lambda p: (p.price_per_hour, p.name))
-        plan.targets[cheapest.name] = max(1, min(cheapest.max_replicas, 1))
+        plan.targets[cheapest.name] = 1
 
 
 # ------------------------------------------------------------------------- 6. split threshold
