@@ -318,6 +318,22 @@ def test_online_correction_raises_capacity_needs_when_latency_is_worse_than_mode
     )
 
 
+def test_an_unmeasured_pool_takes_its_roles_correction_not_one() -> None:
+    # MI300X prefill measured 2.5x slower than modelled; the H100 prefill pool never ran.
+    slow = fleet(split_rps=1.0, replicas=(2, 0, 1, 1), mean_ttft_s=5.0)
+    d = run([(30.0 * i, slow) for i in range(1, 6)])
+    measured = d.state.correction["prefill-mi300x"]
+    assert measured > 1.5 and "prefill-h100" not in d.state.correction
+    assert float(d.signals["prefill-h100.correction"]) == pytest.approx(measured, rel=1e-2)
+    # so the H100 pool is priced at the same error, not at the model's word: what the planner
+    # learned from a burst on one pool does not send the next scale-up to the other
+    fast = run([(30.0 * i, fleet(split_rps=1.0, replicas=(2, 0, 1, 1))) for i in range(1, 6)])
+    h100 = "prefill-h100.capacityRps"
+    assert float(d.signals[h100]) < 0.8 * float(fast.signals[h100])
+    # roles do not mix: the decode pool keeps its own (unmeasured here: 1)
+    assert float(d.signals["decode-mi300x.correction"]) == pytest.approx(1.0)
+
+
 def test_split_threshold_moves_down_when_the_mixed_pool_misses_itl() -> None:
     obs = fleet(mixed_rps=2.0)
     bad = Observation(
