@@ -111,6 +111,30 @@ def test_a_new_threshold_waits_for_confirmation_while_the_fleet_serves_the_curre
     assert plan_threshold(TUNED, total, st, {})[0] > 1
 
 
+def test_a_threshold_cheaper_only_at_the_held_peak_does_not_start_replicas_in_a_lull() -> None:
+    """The held demand is the window's peak (12 req/s), where a partial split is cheaper;
+    today's 1.5 req/s is served by the mixed replicas that run, and costs more split. The
+    planner keeps the threshold: switching would start prefill replicas beside the mixed ones
+    the window holds anyway (synthetic-bursts: they ran ~10 minutes after each burst and
+    served nothing)."""
+    nothing = TUNED.model.max_model_len + 1
+    peak = Total(12.0, 12.0, lognormal(1200.0, 0.8), 150.0)
+    lull = Total(1.5, 1.5, lognormal(1200.0, 0.8), 150.0)
+    running = {"mixed-mi300x": 5, "decode-mi300x": 1, "prefill-mi300x": 0, "prefill-h100": 0}
+    st = replace(PlannerState(), plan_threshold=nothing, split_threshold=nothing)
+    for _ in range(3):
+        threshold, costs = plan_threshold(TUNED, peak, st, running, lull)
+        assert threshold == nothing and st.plan_beaten == 0
+    assert min(costs.values()) < 0.9 * costs[nothing]  # the split is cheaper at the peak
+    # sustained (today's demand is the peak): it is adopted once confirmed
+    st = replace(PlannerState(), plan_threshold=nothing, split_threshold=nothing)
+    plan_threshold(TUNED, peak, st, running, peak)
+    assert plan_threshold(TUNED, peak, st, running, peak)[0] < nothing
+    # what runs cannot serve today's demand at the current threshold: no reason to wait
+    st = replace(PlannerState(), plan_threshold=nothing, split_threshold=nothing)
+    assert plan_threshold(TUNED, peak, st, {}, lull)[0] < nothing
+
+
 def test_two_different_thresholds_winning_in_turn_confirm_neither() -> None:
     """The count is per threshold: one that wins a decision after another one won the previous
     has won once (found by review: "split nothing" won at 2 req/s, then a partial split at

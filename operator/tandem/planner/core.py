@@ -647,8 +647,40 @@ def _splits(spec: PlannerSpec) -> bool:
     return spec.tune_split and {"prefill", "decode", "mixed"} <= roles
 
 
+def _trial(
+    spec: PlannerSpec, total: Total, st: PlannerState, threshold: int, running: Mapping[str, int] | None
+) -> _Plan:
+    trial = _Plan(running=running or {})
+    size(spec, class_demand(spec, total, threshold), st, trial, report=False)
+    return trial
+
+
+def _served_by(plan: _Plan, running: Mapping[str, int]) -> bool:
+    """Whether the replicas that run cover ``plan``."""
+    return plan.unmet <= 0 and all((n or 0) <= running.get(k, 0) for k, n in plan.targets.items())
+
+
+def _stay(
+    spec: PlannerSpec, now: Total, st: PlannerState, current: int, best: int, running: Mapping[str, int]
+) -> bool:
+    """Whether to keep ``current`` although ``best`` is cheaper at the held demand: the
+    replicas that run serve today's demand at ``current``, and ``best`` costs more at it.
+    The held demand is a past peak: a switch for it starts replicas on the other path now
+    while the window holds the old ones anyway (synthetic-bursts: after each burst a prefill
+    and a decode replica started beside the 3 mixed ones held, and served nothing)."""
+    here = _trial(spec, now, st, current, running)
+    return (
+        _served_by(here, running)
+        and fleet_cost(spec, _trial(spec, now, st, best, running)) > fleet_cost(spec, here) + 1e-9
+    )
+
+
 def plan_threshold(
-    spec: PlannerSpec, total: Total, st: PlannerState, running: Mapping[str, int] | None = None
+    spec: PlannerSpec,
+    total: Total,
+    st: PlannerState,
+    running: Mapping[str, int] | None = None,
+    now: Total | None = None,
 ) -> tuple[int, dict[int, float]]:
     """The threshold to size the fleet for: the one whose whole fleet costs least per hour at
     the planned demand. A new threshold must save ``split_hysteresis`` of the current cost
@@ -658,14 +690,12 @@ def plan_threshold(
     current = st.plan_threshold or st.split_threshold or spec.split_threshold
     if not _splits(spec):
         return current, {}
-    costs: dict[int, float] = {}
-    for threshold in candidates(spec, current):
-        trial = _Plan(running=running or {})
-        size(spec, class_demand(spec, total, threshold), st, trial, report=False)
-        costs[threshold] = fleet_cost(spec, trial)
+    costs = {x: fleet_cost(spec, _trial(spec, total, st, x, running)) for x in candidates(spec, current)}
     best = min(costs, key=lambda x: (costs[x], abs(math.log(x / current))))
     t = spec.tuning
-    if costs[best] >= costs[current] * (1 - t.split_hysteresis):
+    if costs[best] >= costs[current] * (1 - t.split_hysteresis) or (
+        now is not None and now.rate < total.rate and _stay(spec, now, st, current, best, running or {})
+    ):
         _unconfirmed(st)
         return current, costs
     if best == st.plan_candidate:
@@ -1079,7 +1109,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     update_budget(spec, observation, st, now)
     held = held_total(spec, total, st, now)
     running = {name: r.replicas for name, r in observation.pools.items()}
-    planned, costs = plan_threshold(spec, held, st, running)
+    planned, costs = plan_threshold(spec, held, st, running, total)
     st.plan_threshold = planned
     demand = class_demand(spec, total, planned)
     plan = _Plan(running=running)
