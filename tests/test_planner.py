@@ -20,6 +20,7 @@ from tandem.planner import (
     PoolTarget,
     decide,
 )
+from tandem.planner.core import down_window
 from tandem.planner.lengths import BUCKETS
 
 MODEL = get_model("llama-3.1-70b", "fp8")
@@ -342,3 +343,32 @@ def test_split_threshold_moves_down_when_the_mixed_pool_misses_itl() -> None:
     d = run([(30.0, bad)], TUNED)
     assert d.split_threshold is not None and d.split_threshold < SPEC.split_threshold
     assert d.state.split_threshold == d.split_threshold
+
+
+def test_the_scale_down_window_shortens_only_while_the_error_budget_is_mostly_unspent() -> None:
+    """Half the window (HPA's 300 s instead of 600 s) once the planner has watched a whole window, while at
+    least half the error budget is unspent and demand has not fallen below half the window's
+    peak (a burst's fleet is held for the next burst: synthetic-bursts' first burst found
+    one replica when the initial fleet went after 300 s)."""
+    spec, now = SPEC, 2000.0
+    t = spec.tuning
+    watched = {"mixed-mi300x": [(now - 700.0, 2), (now - 30.0, 2)]}
+    steady = [(now - 60, 3.0), (now, 3.0)]
+    good = replace(PlannerState(), recommendations=watched, slo_met=980.0, slo_seen=1000.0, demand=steady)
+    assert down_window(spec, good, now) == 300.0 == t.down_window_s * t.spare_window_share
+    shown = decide(spec, fleet(mixed_rps=3.0, replicas=(0, 0, 1, 2)), good, now + 30.0)
+    assert shown.signals["scaleDownWindowSeconds"] == "300"
+    # not yet watched for a whole window (a new service, or after a gap)
+    young = replace(good, recommendations={"mixed-mi300x": [(now - 400.0, 2)]})
+    assert down_window(spec, young, now) == t.down_window_s
+    # more than half the error budget spent (1 - 0.9 = 10 %; 6 % missed)
+    assert down_window(spec, replace(good, slo_met=940.0), now) == t.down_window_s
+    # too few first tokens seen to tell
+    assert down_window(spec, replace(good, slo_met=9.0, slo_seen=10.0), now) == t.down_window_s
+    # demand fell to a quarter of the window's peak: a burst's fleet waits for the next one
+    burst = replace(good, demand=[(now - 300, 12.0), (now, 3.0)])
+    assert down_window(spec, burst, now) == t.down_window_s
+    # a user's window is halved, not replaced
+    short = replace(spec, tuning=replace(t, down_window_s=120.0))
+    seen = replace(good, recommendations={"mixed-mi300x": [(now - 200.0, 2)]})
+    assert down_window(short, seen, now) == 60.0

@@ -85,7 +85,8 @@ def _peak_then_lull(spec: PlannerSpec, now: float) -> PlannerState:
         "decode-mi300x": [(now - window - 30, 0), (now - 300, 1), (now - 60, 0)],
         "decode-gaudi3": [(now - window - 30, 1), (now - 300, 0), (now - 60, 1)],
     }
-    st.slo_met, st.slo_seen = 950.0, 1000.0
+    # within the target, but most of the error budget spent: the whole window holds
+    st.slo_met, st.slo_seen = 930.0, 1000.0
     st.last_good = now - 30
     return st
 
@@ -122,7 +123,7 @@ def test_the_role_keeps_the_cheapest_replicas_holding_its_peak_not_every_pools_p
     caps = decide(spec, observe((2, 2)), PlannerState(), 30.0).signals
     mi, ga = float(caps["decode-mi300x.capacityRps"]), float(caps["decode-gaudi3.capacityRps"])
     assert mi + 2 * ga >= 2 * mi > 2 * ga  # 1 MI300X + 2 Gaudi 3 hold the peak; 2 Gaudi 3 do not
-    d = decide(spec, observe((2, 2)), _two_peaks(spec, now, met=950.0), now)
+    d = decide(spec, observe((2, 2)), _two_peaks(spec, now, met=930.0), now)
     assert d.replicas["decode-mi300x"] == 1 and d.replicas["decode-gaudi3"] is None
 
 
@@ -184,7 +185,7 @@ def test_a_zero_scale_down_window_never_fails() -> None:
 def test_the_new_state_round_trips_through_json() -> None:
     st = _peak_then_lull(SPEC, 2000.0)
     back = PlannerState.from_json(st.to_json())
-    assert back.recommendations == st.recommendations and (back.slo_met, back.slo_seen) == (950.0, 1000.0)
+    assert back.recommendations == st.recommendations and (back.slo_met, back.slo_seen) == (930.0, 1000.0)
     assert PlannerState.from_json('{"role_units": {"decode": [[1, 2]]}}') == PlannerState()
 
 

@@ -25,7 +25,8 @@ Per interval:
    that hold the most capacity one decision recommended for the role within the last
    ``down_window_s`` (HPA's scale-down stabilisation, counted for the role at today's
    capacity per replica rather than per pool, so that a burst sized on one pool and a lull
-   sized on another do not hold both);
+   sized on another do not hold both; halved while most of the error budget is unspent and
+   demand has not fallen far below the window's peak, see `down_window`);
    while the SLO's error budget is spent (first tokens within the TTFT target below the
    attainment target over ``slo_window_s``), every pool keeps its own highest
    recommendation of the window instead. Sizing prefers the replicas that run over a fleet
@@ -247,9 +248,10 @@ def held_total(spec: PlannerSpec, total: Total, st: PlannerState, now: float) ->
     """The demand the fleet is held for: the highest planned rate of the scale-down window
     (updates ``st.demand``). Choosing the threshold and routing by it, not by the last
     interval, keeps a lull between bursts from re-planning the fleet."""
-    window = spec.tuning.down_window_s
-    st.demand = [(t, r) for t, r in st.demand if now - t < window] + [(now, total.rate)]
-    held = max(r for _, r in st.demand)
+    full = spec.tuning.down_window_s
+    st.demand = [(t, r) for t, r in st.demand if now - t < full] + [(now, total.rate)]
+    window = down_window(spec, st, now)
+    held = max(r for t, r in st.demand if now - t < window or t >= now)
     return Total(held, held, total.lengths, total.osl)
 
 
@@ -397,6 +399,30 @@ def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: fl
     decay = math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
     st.slo_met = st.slo_met * decay + met * dt
     st.slo_seen = st.slo_seen * decay + seen * dt
+
+
+def down_window(spec: PlannerSpec, st: PlannerState, now: float) -> float:
+    """The scale-down window in force: ``down_window_s``, cut to ``spare_window_share`` of it
+    once the planner has watched a whole window, while at least ``spare_budget_share`` of the
+    error budget is unspent (first tokens within the TTFT target over ``slo_window_s``, enough
+    of them seen) and today's demand is at least ``spare_peak_share`` of the window's peak (a
+    burst's fleet still waits for the next burst). Holding a
+    burst's fleet for the long window buys attainment; with the budget mostly unspent it
+    buys nothing (synthetic-bursts: 0.98 attainment while 3-4 mixed replicas sat out each
+    window after a burst). Spending the budget lengthens the window again."""
+    t = spec.tuning
+    watched = any(
+        not _in_window(at, now, t.down_window_s) for recs in st.recommendations.values() for at, _ in recs
+    )
+    if not watched or st.slo_seen < t.slo_min_requests or not st.demand:
+        return t.down_window_s
+    missed = 1.0 - st.slo_met / st.slo_seen
+    peak = max(r for _, r in st.demand)
+    if missed <= (1.0 - t.spare_budget_share) * (1.0 - spec.attainment) and st.demand[-1][1] >= (
+        t.spare_peak_share * peak
+    ):
+        return t.down_window_s * t.spare_window_share
+    return t.down_window_s
 
 
 def budget_spent(spec: PlannerSpec, st: PlannerState) -> bool:
@@ -808,7 +834,7 @@ def window_peak(
     every pool of the role."""
     if any(not (math.isfinite(caps[p.name]) and caps[p.name] > 0) for p in pools):
         return None
-    window = spec.tuning.down_window_s
+    window = down_window(spec, st, now)
     by_time: dict[float, dict[str, int]] = {}
     for p in pools:
         for t, n in st.recommendations.get(p.name, []):
@@ -878,7 +904,7 @@ def _role_targets(
     if any(v is not None for v in out.values()):  # capacity moving in: none leaves until it serves
         plan.held.update({p.name: "moving-in" for p in downs})
         return out
-    window = spec.tuning.down_window_s
+    window = down_window(spec, st, now)
     caps = {p.name: plan.caps[p.name].rps if p.name in plan.caps else 0.0 for p in pools}
     keep = None
     peak = None if budget_spent(spec, st) else window_peak(spec, pools, st, now, caps)
@@ -908,13 +934,16 @@ def _role_targets(
 
 
 def record(spec: PlannerSpec, st: PlannerState, now: float, plan: _Plan) -> dict[str, bool]:
-    """Add this decision's recommendations to the pools' windows; per pool, whether its window
-    is spanned (recommendations older than the window exist)."""
+    """Add this decision's recommendations to the pools' windows (kept for the whole
+    ``down_window_s``); per pool, whether the window in force (`down_window`) is spanned
+    (recommendations older than it exist)."""
     covered: dict[str, bool] = {}
+    window = down_window(spec, st, now)
     for p in spec.pools:
-        st.recommendations[p.name], covered[p.name] = _window(
+        st.recommendations[p.name], _ = _window(
             st.recommendations.get(p.name, []), now, spec.tuning.down_window_s, plan.targets.get(p.name)
         )
+        covered[p.name] = any(not _in_window(t, now, window) for t, _ in st.recommendations[p.name])
     return covered
 
 
@@ -1034,6 +1063,7 @@ def _signals(
     threshold: int,
     planned: int,
     costs: Mapping[int, float],
+    now: float,
 ) -> dict[str, str]:
     sig: dict[str, str] = {}
     for name, d in demand.items():
@@ -1054,6 +1084,7 @@ def _signals(
         if st.slo_seen < spec.tuning.slo_min_requests
         else ("spent" if budget_spent(spec, st) else "ok")
     )
+    sig["scaleDownWindowSeconds"] = f"{down_window(spec, st, now):.0f}"
     sig["splitThreshold"] = str(threshold)
     sig["plannedSplitThreshold"] = str(planned)
     if planned in costs:
@@ -1141,7 +1172,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
         changed_threshold,
         reason,
         message,
-        _signals(spec, demand, plan, st, threshold, planned, costs),
+        _signals(spec, demand, plan, st, threshold, planned, costs, now),
         limited,
         st,
     )

@@ -106,6 +106,13 @@ class Tuning:
     # taking ~2 min to start, releasing capacity in a gap loses the next burst
     # (bench/out/planner: 180 s -> 0.65 attainment, 600 s -> 0.90).
     down_window_s: float = 600.0
+    # The window shrinks to this share of itself (HPA's 300 s by default) while at least
+    # ``spare_budget_share`` of the SLO's error budget is unspent and demand is at least
+    # ``spare_peak_share`` of the window's peak (core.down_window): held capacity buys no
+    # attainment then (synthetic-diurnal: 0.975 with the fleet trailing the decline).
+    spare_window_share: float = 0.5
+    spare_budget_share: float = 0.5
+    spare_peak_share: float = 0.5
     up_window_s: float = 0.0  # scale up at once
     # Seconds from a decision until new replicas serve (image pull, weights); sets the
     # forecast horizon. llm-d's WVA quotes 2-7 min pod starts; the simulator default is 120 s.
