@@ -146,6 +146,14 @@ def test_apply_runs_each_pool_on_its_vendor(cluster: Any, namespace: str, op: Op
 def test_noop_reconcile_writes_nothing(cluster: Any, namespace: str, op: OperatorProcess) -> None:
     apply(cluster, sample(), namespace)
     wait_ready(cluster, namespace, "llama")
+
+    # The write counter is the operator's, across namespaces: an earlier test's service still
+    # being deleted (its finalizer removed as its namespace goes) counted 7 writes here once.
+    def alone() -> bool:
+        services = get(cluster, None, "tisvc", "-A")["items"]
+        return all(o["metadata"]["namespace"] == namespace for o in services)
+
+    wait_for(alone, timeout=60, what="other tests' InferenceServices gone")
     wait_seconds(RESYNC * 2)  # let the last status writes and their watch events settle
 
     def versions() -> dict[str, str]:
