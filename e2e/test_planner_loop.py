@@ -162,10 +162,12 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
             scaled_up, timeout=RATE_WINDOW + 3 * INTERVAL + 10, what="prefill to grow relative to decode"
         )
         assert up.target_ratio is not None and up.ratio == up.target_ratio
-        # the error budget is read from the real Prometheus (the pools' TTFT histograms)
+        # the error budget is read from the real Prometheus: the router's histogram of first
+        # tokens as the (streaming) clients see them
         signals = ((watch.latest and watch.latest.decision) or {}).get("signals") or {}
         assert 0.0 <= float(signals.get("ttftWithinTarget", "nan")) <= 1.0, signals
         assert signals.get("errorBudget") in ("ok", "spent"), signals
+        assert signals.get("errorBudgetSource") == "router", signals
         reasons = watch.decision_reasons(shift)
         assert {"ScaledUp", "Rebalanced"} & set(reasons), reasons
         wait_workers(agent, {k: v for k, v in up.replicas.items()}, timeout=60)

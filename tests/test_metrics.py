@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tandem.metrics import parse_vector, promql, read_observation, selector
+from tandem.planner.types import CLIENT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "prometheus"
 
@@ -43,8 +44,11 @@ def test_vllm_queries_render_with_fallbacks_and_windows() -> None:
     assert set(q) == {
         "waiting", "running", "kv_usage", "prompt_tokens_per_s", "generation_tokens_per_s", "requests_per_s",
         "mean_ttft_s", "mean_itl_s", "mean_prompt_tokens", "mean_output_tokens", "p90_ttft_s", "p90_itl_s",
-        "scrape_age_s", "prompt_tokens_buckets", "ttft_buckets",
+        "scrape_age_s", "prompt_tokens_buckets", "ttft_buckets", "client_ttft_buckets",
     }  # fmt: skip
+    assert q["client_ttft_buckets"] == (
+        f"sum by (le) (rate(tandem_router_time_to_first_token_seconds_bucket{sel}[60s]))"
+    )
     assert (
         q["prompt_tokens_buckets"] == f"sum by (pool, le) (rate(vllm:request_prompt_tokens_bucket{sel}[60s]))"
     )
@@ -196,6 +200,11 @@ def test_read_observation_carries_the_prompt_length_and_ttft_histograms() -> Non
                     {"metric": {"pool": "p", "le": "512"}, "value": [1.0, "1"]},
                     {"metric": {"pool": "p", "le": "+Inf"}, "value": [1.0, "3"]},
                 ]
+            if "tandem_router_time_to_first_token_seconds_bucket" in query:  # no pool label
+                return [
+                    {"metric": {"le": "2.5"}, "value": [1.0, "5"]},
+                    {"metric": {"le": "+Inf"}, "value": [1.0, "6"]},
+                ]
             if "time_to_first_token_seconds_bucket" in query:
                 return [
                     {"metric": {"pool": "q", "le": "1"}, "value": [1.0, "2"]},
@@ -207,3 +216,6 @@ def test_read_observation_carries_the_prompt_length_and_ttft_histograms() -> Non
     assert obs["p"].prompt_tokens_buckets == ((512.0, 1.0), (float("inf"), 3.0))
     assert obs["q"].prompt_tokens_buckets is None and obs["p"].complete
     assert obs["q"].ttft_buckets == ((1.0, 2.0), (float("inf"), 4.0)) and obs["p"].ttft_buckets is None
+    # the router's histogram, as clients see it, under its own key
+    assert obs[CLIENT].ttft_buckets == ((2.5, 5.0), (float("inf"), 6.0)) and obs[CLIENT].complete
+    assert CLIENT not in read_observation(FakeProm({}), "ns", "svc", ["p"], 30)  # no router: no entry

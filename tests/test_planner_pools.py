@@ -66,6 +66,24 @@ def test_the_budget_is_spent_only_below_the_target_and_with_enough_requests() ->
     assert not budget_spent(SPEC, st) and st.slo_met / st.slo_seen > 0.9
 
 
+def test_the_budget_counts_the_routers_first_tokens_when_it_reports_them() -> None:
+    """The prefill engine's TTFT ends before the KV hand-off and the decode replica's first
+    token; the router sees what clients see. Its histogram wins when it has any, and the
+    engines' count again when it has none (not scraped, or no streaming request)."""
+    engines_fine = observe((1, 0))  # the prefill engine: every first token within 1 s
+    clients_late = replace(engines_fine, client_ttft_buckets=TTFT_LATE)
+    st = PlannerState()
+    update_budget(SPEC, clients_late, st, 30.0)
+    assert st.slo_seen == pytest.approx(30.0) and st.slo_met == 0.0
+    decided = decide(SPEC, clients_late, PlannerState(), 30.0).signals
+    assert decided["errorBudgetSource"] == "router" and decided["ttftWithinTarget"] == "0"
+    silent = replace(engines_fine, client_ttft_buckets=((1.0, 0.0), (math.inf, 0.0)))
+    st = PlannerState()
+    update_budget(SPEC, silent, st, 30.0)
+    assert st.slo_met == pytest.approx(30.0)  # the engines' count
+    assert decide(SPEC, silent, PlannerState(), 30.0).signals["errorBudgetSource"] == "pools"
+
+
 def test_replicas_that_run_are_kept_over_a_slightly_cheaper_pool() -> None:
     d = decide(SPEC, observe((1, 0)), PlannerState(), 30.0)
     assert d.replicas["decode-gaudi3"] is None and d.replicas["decode-mi300x"] is None

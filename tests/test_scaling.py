@@ -20,6 +20,7 @@ from tandem.planner import (
     decide,
     planner_spec,
 )
+from tandem.planner.types import CLIENT
 from tandem.scaling import (
     METRICS_AVAILABLE,
     PROMETHEUS_UNAVAILABLE,
@@ -121,6 +122,11 @@ def test_pool_readings_need_every_deployment_and_mark_missing_metrics_incomplete
     assert (obs.pools["p"].replicas, obs.pools["p"].ready, obs.pools["p"].starting) == (2, 1, 1)
     assert obs.pools["p"].metrics is full
     assert obs.pools["d"].metrics.complete is False  # no data is never zero load
+    assert obs.client_ttft_buckets is None and CLIENT not in obs.pools
+    router = PoolObservation(*[None] * 8, ttft_buckets=((2.0, 3.0), (float("inf"), 4.0)))
+    seen = pool_readings(s, {"p": dep(1), "d": dep(1), "x": dep(1)}, {"p": full, CLIENT: router})
+    assert seen is not None and seen.client_ttft_buckets == ((2.0, 3.0), (float("inf"), 4.0))
+    assert set(seen.pools) == {"p", "d", "x"}  # the router's reading is no pool
 
 
 def test_missing_metrics_hold_every_pool_and_clear_metrics_available(sample_pools: dict[str, dict]) -> None:

@@ -409,6 +409,10 @@ class FleetAgent:
         cmd += ["--host", "127.0.0.1", "--port", str(self.router_port), "--reload-seconds", "0.5"]
         cmd += ["--log-level", "WARNING"]
         self.router_proc = self._spawn(cmd, self.router_log.name)
+        # scraped like the workers, without pool and role: the planner reads its client-side TTFT
+        name, address = f"{self.namespace}.{self.service}.router", f"127.0.0.1:{self.router_port}"
+        self.prometheus.add_targets(name, [address], {"namespace": self.namespace, "service": self.service})
+        self._registered[name] = (address,)  # removed at stop() with the workers' targets
         log(f"Started the router for {self.namespace}/{self.service} on {self.router_url}")
 
 

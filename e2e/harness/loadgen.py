@@ -7,8 +7,10 @@ misses in the report, so an
 overloaded service cannot make the generator grow without bound). Arrivals are evenly spaced,
 so two runs send the same requests.
 
-A request meets the SLO when its end-to-end latency is within ``ttft + max_tokens * itl``
-(non-streaming: the first token and every later one within their targets at worst).
+Requests stream (``stream: true``), as chat clients do, so the router's histogram of first
+tokens as clients see them fills (the planner's error budget reads it). A request meets the
+SLO when its stream ends with ``[DONE]`` within ``ttft + max_tokens * itl`` (the first token
+and every later one within their targets at worst); ``Sample.ttft`` is its first chunk.
 Prompts are filler text of ``4 * tokens`` bytes: the router and the simulated worker count
 ``ceil(bytes / 4)`` tokens.
 """
@@ -40,6 +42,7 @@ class Sample:
     latency: float
     ok: bool
     within_slo: bool
+    ttft: float | None = None  # seconds to the first chunk of the stream
 
 
 @dataclass
@@ -116,6 +119,7 @@ class LoadGenerator:
                     "model": self.model,
                     "prompt": prompt_text(phase.prompt_tokens),
                     "max_tokens": phase.max_tokens,
+                    "stream": True,
                 }
                 slo = self.ttft_s + phase.max_tokens * self.itl_s
                 start = time.monotonic()
@@ -148,14 +152,20 @@ class LoadGenerator:
         key = object()
         self._in_flight[key] = sent
         ok = False
+        first: float | None = None
         try:
             async with session.post(self.url, json=body) as resp:
-                await resp.read()
-                ok = resp.status == 200
+                tail = b""
+                async for chunk in resp.content.iter_any():
+                    if first is None and chunk:
+                        first = time.monotonic() - sent
+                    tail = (tail + chunk)[-64:]
+                # a stream that broke ends with an error event, not [DONE]
+                ok = resp.status == 200 and b"data: [DONE]" in tail
         except (aiohttp.ClientError, TimeoutError):
             ok = False
         latency = time.monotonic() - sent
-        self.report.samples.append(Sample(phase, sent, latency, ok, ok and latency <= slo))
+        self.report.samples.append(Sample(phase, sent, latency, ok, ok and latency <= slo, first))
         self._in_flight.pop(key, None)
 
     def in_flight_sent_before(self, t: float) -> int:

@@ -30,10 +30,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
-from tandem.planner.types import PoolObservation
+from tandem.planner.types import CLIENT, PoolObservation
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ ENGINES: dict[str, Names] = {
 }
 # Tandem's simulated worker (tandem.sim.worker) exports vLLM's names.
 ENGINES["sim"] = ENGINES["vllm"]
+# The router's histogram of first tokens as clients see them (tandem.router.metrics); its
+# targets carry ``namespace`` and ``service`` like the engines', and no ``pool``.
+ROUTER_TTFT = "tandem_router_time_to_first_token_seconds"
 
 
 def _quote(value: str) -> str:
@@ -173,6 +176,8 @@ class PromQL:
             "ttft_buckets": _either(
                 f"sum by (pool, le) (rate({x}_bucket{self.sel}[{self.window}]))" for x in n.ttft
             ),
+            # the router's, every path, as clients see it (the error budget prefers it)
+            "client_ttft_buckets": f"sum by (le) (rate({ROUTER_TTFT}_bucket{self.sel}[{self.window}]))",
         }
 
 
@@ -234,7 +239,8 @@ def read_observation(
     timeout_s: float = 5.0,
     engine: str = "vllm",
 ) -> dict[str, PoolObservation]:
-    """One observation per pool over the last ``window_s`` seconds.
+    """One observation per pool over the last ``window_s`` seconds, and under ``CLIENT`` the
+    router's TTFT histogram (``ttft_buckets`` only) when the router is scraped and served.
 
     Every query carries a ``timeout_s`` client and server timeout. A failed query leaves
     its field ``None`` and marks every observation incomplete; it never raises. Once one
@@ -259,6 +265,12 @@ def read_observation(
             log.warning("Prometheus query %s for %s/%s failed: %s", field_name, namespace, service, err)
             complete = False
             unreachable = _is_unreachable(err)
+            continue
+        if field_name == "client_ttft_buckets":  # one series per bound, no pool: keyed CLIENT
+            rows = result if isinstance(result, list) else []
+            buckets[field_name] = parse_buckets(
+                {**row, "metric": {**row.get("metric", {}), "pool": CLIENT}} for row in rows
+            )
             continue
         if field_name in ("prompt_tokens_buckets", "ttft_buckets"):
             buckets[field_name] = parse_buckets(result if isinstance(result, list) else [])
@@ -287,6 +299,9 @@ def read_observation(
             ttft_buckets=buckets.get("ttft_buckets", {}).get(pool),
             complete=complete,
         )
+    seen = buckets.get("client_ttft_buckets", {}).get(CLIENT)
+    if seen is not None:
+        out[CLIENT] = replace(PoolObservation.empty(complete=complete), ttft_buckets=seen)
     return out
 
 

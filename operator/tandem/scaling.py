@@ -18,7 +18,7 @@ from tandem import names
 from tandem.models.common import Condition, ConditionStatus
 from tandem.models.inference_service import Decision as DecisionStatus
 from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
-from tandem.planner.types import Decision, Observation, PoolObservation, PoolReading, Tuning
+from tandem.planner.types import CLIENT, Decision, Observation, PoolObservation, PoolReading, Tuning
 from tandem.status import ratio, set_conditions
 
 METRICS_AVAILABLE = "MetricsAvailable"
@@ -105,7 +105,8 @@ def pool_readings(
             starting=max(0, replicas - ready),
             metrics=metrics.get(pool.name) or PoolObservation.empty(complete=False),
         )
-    return Observation(pools=out)
+    client = metrics.get(CLIENT)
+    return Observation(pools=out, client_ttft_buckets=client.ttft_buckets if client is not None else None)
 
 
 def target_ratio(spec: InferenceServiceSpec, replicas: Mapping[str, int], current: Mapping[str, int]) -> str:

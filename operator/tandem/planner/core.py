@@ -383,17 +383,29 @@ def within(buckets: tuple[tuple[float, float], ...], target: float) -> tuple[flo
     return total, total
 
 
-def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> None:
-    """Fold the interval's first tokens within the TTFT target (entry pools: prefill, mixed)
-    into the decayed counts ``st.slo_met`` / ``st.slo_seen``."""
+def budget_source(spec: PlannerSpec, obs: Observation) -> tuple[str, tuple[float, float] | None]:
+    """Whose first tokens the error budget counts, and (within the TTFT target, all) per
+    second: the router's, as clients see them, when it reports any; else the entry pools'
+    engines' (prefill, mixed: on the split path they miss the KV hand-off)."""
+    if obs.client_ttft_buckets:
+        got = within(obs.client_ttft_buckets, spec.ttft_s)
+        if got is not None:
+            return "router", got
     met = seen = 0.0
+    found = False
     for role in _entry_roles(spec):
         for reading in _readings(spec, obs, role):
             buckets = reading.metrics.ttft_buckets
-            got = within(buckets, spec.ttft_s) if buckets else None
-            if got is not None:
-                met += got[0]
-                seen += got[1]
+            one = within(buckets, spec.ttft_s) if buckets else None
+            if one is not None:
+                met, seen, found = met + one[0], seen + one[1], True
+    return "pools", ((met, seen) if found else None)
+
+
+def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> None:
+    """Fold the interval's first tokens within the TTFT target (`budget_source`) into the
+    decayed counts ``st.slo_met`` / ``st.slo_seen``."""
+    met, seen = budget_source(spec, obs)[1] or (0.0, 0.0)
     # the rates cover about one interval: a late decision does not stand for a longer span
     dt = spec.interval_s if st.last_time is None else min(2 * spec.interval_s, max(0.0, now - st.last_time))
     decay = math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
@@ -1064,6 +1076,7 @@ def _signals(
     planned: int,
     costs: Mapping[int, float],
     now: float,
+    source: str,
 ) -> dict[str, str]:
     sig: dict[str, str] = {}
     for name, d in demand.items():
@@ -1079,6 +1092,7 @@ def _signals(
         sig[f"{pool}.recommended"] = "-" if target is None else str(target)
     if st.slo_seen > 0:  # the error budget: share of first tokens within the TTFT target
         sig["ttftWithinTarget"] = f"{st.slo_met / st.slo_seen:.3g}"
+    sig["errorBudgetSource"] = source
     sig["errorBudget"] = (
         "unknown"
         if st.slo_seen < spec.tuning.slo_min_requests
@@ -1172,7 +1186,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
         changed_threshold,
         reason,
         message,
-        _signals(spec, demand, plan, st, threshold, planned, costs, now),
+        _signals(spec, demand, plan, st, threshold, planned, costs, now, budget_source(spec, observation)[0]),
         limited,
         st,
     )

@@ -71,6 +71,11 @@ class PoolReading:
     metrics: PoolObservation
 
 
+# The key of the router's reading among the per-pool metrics (tandem.metrics.read_observation):
+# pool names are DNS labels, so no pool is called this.
+CLIENT = "@router"
+
+
 @dataclass(frozen=True)
 class Observation:
     """Everything the planner sees at one decision: one reading per pool of the spec.
@@ -79,6 +84,10 @@ class Observation:
     """
 
     pools: Mapping[str, PoolReading]
+    # The router's histogram of first tokens as clients see them (cumulative first tokens/s
+    # per upper bound, every path), when it is scraped: on the split path the prefill engine's
+    # own TTFT ends before the KV hand-off and the decode replica's first token.
+    client_ttft_buckets: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass(frozen=True)
