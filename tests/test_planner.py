@@ -347,7 +347,7 @@ def test_split_threshold_moves_down_when_the_mixed_pool_misses_itl() -> None:
 
 def test_the_scale_down_window_shortens_only_while_the_error_budget_is_mostly_unspent() -> None:
     """Half the window (HPA's 300 s instead of 600 s) once the planner has watched a whole window, while at
-    least half the error budget is unspent and demand has not fallen below half the window's
+    least half the error budget is unspent and demand has not fallen below a third of the window's
     peak (a burst's fleet is held for the next burst: synthetic-bursts' first burst found
     one replica when the initial fleet went after 300 s)."""
     spec, now = SPEC, 2000.0
@@ -368,6 +368,9 @@ def test_the_scale_down_window_shortens_only_while_the_error_budget_is_mostly_un
     # demand fell to a quarter of the window's peak: a burst's fleet waits for the next one
     burst = replace(good, demand=[(now - 300, 12.0), (now, 3.0)])
     assert down_window(spec, burst, now) == t.down_window_s
+    # a decline to 40% of it is a ramp down, not a burst that passed
+    ramp = replace(good, demand=[(now - 540, 10.0), (now - 270, 7.0), (now, 4.0)])
+    assert down_window(spec, ramp, now) == 300.0
     # a user's window is halved, not replaced
     short = replace(spec, tuning=replace(t, down_window_s=120.0))
     seen = replace(good, recommendations={"mixed-mi300x": [(now - 200.0, 2)]})
