@@ -122,6 +122,10 @@ bench-controller: $(STAMP) ## Controller latency and throughput vs kubectl apply
 bench: $(STAMP) ## Planner vs baselines in the simulator on the shipped and synthetic traces (bench/out/planner)
 	$(PY) -m tandem.bench --trace ../shared/traces/azure-llm-2023-code.csv --synthetic --out bench/out/planner
 
+.PHONY: bench-heldout
+bench-heldout: $(STAMP) ## Planner vs oracle on the synthetic shapes at held-out seeds 11-13 (bench/out/heldout)
+	$(PY) -m tandem.bench --synthetic --seeds 11,12,13 --policies tandem,oracle --no-png --out bench/out/heldout
+
 .PHONY: bench-kv
 bench-kv: $(STAMP) ## KV sidecar: NIXL pull vs memcpy, pipelined exposed latency, translation (bench/out/kv.json)
 	$(PY) -m tandem.sidecar.bench --out bench/out/kv.json

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tandem.bench import traces
-from tandem.bench.cli import main
+from tandem.bench.cli import main, summary
 from tandem.bench.run import peak_demand
 from tandem.sim.trace import TraceRequest
 
@@ -47,3 +48,19 @@ def test_bench_writes_results_table_and_timelines(tmp_path: Path) -> None:
 
 def test_bench_rejects_unknown_policies(tmp_path: Path) -> None:
     assert main(["--synthetic", "--out", str(tmp_path), "--policies", "nope"]) == 2
+
+
+def test_held_out_seeds_and_the_summary(tmp_path: Path) -> None:
+    """--seeds runs each synthetic shape at other seeds (held-out traces); the summary gives
+    the lowest attainment and the geometric mean of each baseline ratio."""
+    assert traces.bursts(seed=11) != traces.bursts()
+    assert main(["--synthetic", "--seeds", "x", "--out", str(tmp_path)]) == 2
+
+    def entry(attained: float, oracle: float) -> dict[str, Any]:
+        ratios = {"oracle": oracle, "dynamo-sla": None}
+        return {"policies": {"tandem": {"slo_attainment": attained}}, "ratios": ratios}
+
+    entries = {"a": entry(0.95, 2.0), "b": entry(0.85, 0.5)}
+    got = summary(entries)
+    assert got["lowest_attainment"] == {"trace": "b", "slo_attainment": 0.85}
+    assert got["geomean_ratio_vs_oracle"] == 1.0 and "geomean_ratio_vs_dynamo-sla" not in got

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -131,6 +132,22 @@ def plot(name: str, trace: Sequence[TraceRequest], runs: Mapping[str, PolicyRun]
     plt.close(fig)
 
 
+def summary(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Across traces: Tandem's lowest attainment (and where), and per baseline the geometric
+    mean of the cost ratios (over the traces where both costs are known)."""
+    out: dict[str, Any] = {}
+    mine = {n: e["policies"]["tandem"] for n, e in entries.items() if "tandem" in e["policies"]}
+    attained = {n: m["slo_attainment"] for n, m in mine.items()}
+    if attained:
+        worst = min(attained, key=lambda n: attained[n])
+        out["lowest_attainment"] = {"trace": worst, "slo_attainment": attained[worst]}
+    for base in GOALS:
+        values = [e["ratios"][base] for e in entries.values() if e["ratios"].get(base)]
+        if values:
+            out[f"geomean_ratio_vs_{base}"] = round(math.exp(sum(map(math.log, values)) / len(values)), 3)
+    return out
+
+
 def run(
     traces: Mapping[str, Sequence[TraceRequest]], cfg: BenchConfig, out: Path, pngs: bool = True
 ) -> dict[str, Any]:
@@ -161,6 +178,8 @@ def run(
             f"{name}: {json.dumps(policies.get('tandem', {}))} ratios={results['traces'][name]['ratios']}",
             flush=True,
         )
+    results["summary"] = summary(results["traces"])
+    print(f"summary: {json.dumps(results['summary'])}", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results, cfg.slo.attainment_target))
     return results
@@ -171,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", action="append", default=[], help="Azure CSV or Mooncake JSONL (repeatable)")
     p.add_argument(
         "--synthetic", action="store_true", help="also run the generated traces (shift, diurnal, bursts)"
+    )
+    p.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated seeds: with --synthetic, run each generated shape at these seeds "
+        "instead of its default (held-out traces: e.g. 11,12,13)",
     )
     p.add_argument("--out", default="bench/out/planner")
     p.add_argument(
@@ -186,7 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.synthetic:
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        print(f"error: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    if args.synthetic and seeds:
+        traces.update({f"{n}-{seed}": make(seed=seed) for n, make in SYNTHETIC.items() for seed in seeds})
+    elif args.synthetic:
         traces.update({name: make() for name, make in SYNTHETIC.items()})
     if not traces:
         print("error: give --trace PATH and/or --synthetic", file=sys.stderr)

@@ -64,7 +64,7 @@ def bursts(seed: int = 3, duration_s: float = 2400.0) -> list[TraceRequest]:
     return generate(shape, duration_s, 6.0, seed)
 
 
-SYNTHETIC: dict[str, Callable[[], list[TraceRequest]]] = {
+SYNTHETIC: dict[str, Callable[..., list[TraceRequest]]] = {  # each takes seed=, duration_s=
     "synthetic-shift": shift,
     "synthetic-diurnal": diurnal,
     "synthetic-bursts": bursts,
