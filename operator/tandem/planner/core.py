@@ -251,7 +251,7 @@ def held_total(spec: PlannerSpec, total: Total, st: PlannerState, now: float) ->
     full = spec.tuning.down_window_s
     st.demand = [(t, r) for t, r in st.demand if now - t < full] + [(now, total.rate)]
     window = down_window(spec, st, now)
-    held = max(r for t, r in st.demand if now - t < window or t >= now)
+    held = max(r for t, r in st.demand if _in_window(t, now, window))
     return Total(held, held, total.lengths, total.osl)
 
 
@@ -827,14 +827,14 @@ def _in_window(t: float, now: float, window: float) -> bool:
 
 def _window(
     history: list[tuple[float, int]], now: float, window: float, add: int | None
-) -> tuple[list[tuple[float, int]], bool]:
-    """``history`` pruned to the window (plus the newest entry older than it) with ``add``
-    appended (None: nothing); whether it spans the whole window."""
+) -> list[tuple[float, int]]:
+    """``history`` pruned to the window (plus the newest entry older than it, which tells
+    that the window is spanned) with ``add`` appended (None: nothing)."""
     inside = [(t, v) for t, v in history if _in_window(t, now, window)]
     older = [(t, v) for t, v in history if not _in_window(t, now, window)]
     if add is not None:
         inside.append((now, add))
-    return older[-1:] + inside, bool(older)
+    return older[-1:] + inside
 
 
 def window_peak(
@@ -952,7 +952,7 @@ def record(spec: PlannerSpec, st: PlannerState, now: float, plan: _Plan) -> dict
     covered: dict[str, bool] = {}
     window = down_window(spec, st, now)
     for p in spec.pools:
-        st.recommendations[p.name], _ = _window(
+        st.recommendations[p.name] = _window(
             st.recommendations.get(p.name, []), now, spec.tuning.down_window_s, plan.targets.get(p.name)
         )
         covered[p.name] = any(not _in_window(t, now, window) for t, _ in st.recommendations[p.name])
