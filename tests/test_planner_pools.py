@@ -93,6 +93,17 @@ def test_replicas_that_run_are_kept_over_a_slightly_cheaper_pool() -> None:
     assert d.replicas["decode-mi300x"] is None  # ...while the running replica stays (it goes up)
 
 
+def test_a_scale_up_adds_to_the_replicas_that_run_rather_than_replacing_them() -> None:
+    """16 req/s outgrow the running MI300X decode replica. Two Gaudi 3 would be the cheapest
+    fleet, but they serve only after they start, and the window would hold the MI300X replica
+    meanwhile: within ``pool_hysteresis`` the planner keeps it and adds one Gaudi 3."""
+    d = decide(SPEC, observe((1, 0), rps=16.0), PlannerState(), 30.0)
+    assert d.signals["decode-mi300x.recommended"] == "1" and d.replicas["decode-gaudi3"] == 1
+    strict = replace(SPEC, tuning=replace(Tuning(), pool_hysteresis=0.0))
+    d = decide(strict, observe((1, 0), rps=16.0), PlannerState(), 30.0)
+    assert d.signals["decode-mi300x.recommended"] == "0" and d.replicas["decode-gaudi3"] == 2
+
+
 def _peak_then_lull(spec: PlannerSpec, now: float) -> PlannerState:
     """A state whose window saw one MI300X decode replica recommended (a burst), then one Gaudi 3
     (the lull), and which spans the whole window."""

@@ -17,7 +17,9 @@ Per interval:
    clamped, multiplies the model's times.
 5. **Size** every role from :mod:`tandem.planner.capacity`: capacity per replica of the
    class's shape at the SLO, filled cheapest-per-request first (a pool that cannot meet the
-   SLO is not used); mins first, maxes respected.
+   SLO is not used); mins first, maxes respected. Replicas that run are preferred within
+   ``pool_hysteresis``: on the way down the cheapest fleet among them, on the way up the
+   cheapest fleet that keeps them all.
 6. **Tune the split threshold**: move it by one step towards the path that serves a
    request of the threshold's length more cheaply, and down whenever the mixed pools miss
    the ITL target.
@@ -631,15 +633,16 @@ def _prefer_running(
     fresh: dict[str, int],
     running: Mapping[str, int],
 ) -> dict[str, int]:
-    """The cheapest fleet within the replicas that run, instead of ``fresh``, when they serve
-    ``rate`` and cost at most ``pool_hysteresis`` more: otherwise a burst sized on one pool and
-    a lull sized on another keep alternating, and the scale-down window holds both."""
-    kept = [
-        replace(p, max_replicas=max(p.min_replicas, min(p.max_replicas, running.get(p.name, 0))))
-        for p in pools
-    ]
-    if sum(k.max_replicas * caps[k.name].rps for k in kept) < rate - 1e-9:
-        return fresh
+    """The cheapest fleet within the replicas that run (or, when they fall short of ``rate``,
+    the cheapest that keeps them all), instead of ``fresh``, when it costs at most
+    ``pool_hysteresis`` more: otherwise a burst sized on one pool and a lull sized on another
+    keep alternating, and the scale-down window holds both; and a scale-up would trade
+    replicas that serve now for ones that serve only after they start."""
+    held = {p.name: max(p.min_replicas, min(p.max_replicas, running.get(p.name, 0))) for p in pools}
+    if sum(n * caps[k].rps for k, n in held.items()) < rate - 1e-9:
+        kept = [replace(p, min_replicas=held[p.name]) for p in pools]
+    else:
+        kept = [replace(p, max_replicas=held[p.name]) for p in pools]
     sticky, short = allocate(rate, kept, caps)
     price = {p.name: p.price_per_hour for p in pools}
     cost_sticky = sum(n * price[k] for k, n in sticky.items())
