@@ -64,3 +64,27 @@ def test_held_out_seeds_and_the_summary(tmp_path: Path) -> None:
     got = summary(entries)
     assert got["lowest_attainment"] == {"trace": "b", "slo_attainment": 0.85}
     assert got["geomean_ratio_vs_oracle"] == 1.0 and "geomean_ratio_vs_dynamo-sla" not in got
+
+
+def test_block_resamples_keep_the_recorded_blocks_in_another_order() -> None:
+    recorded = [TraceRequest(float(t), 100 + t, 10) for t in range(0, 1000, 7)]
+    one = traces.resample_blocks(recorded, 100.0, seed=11)
+    assert one == traces.resample_blocks(recorded, 100.0, seed=11)  # deterministic
+    assert one != traces.resample_blocks(recorded, 100.0, seed=12) and one != recorded
+    assert [r.arrival for r in one] == sorted(r.arrival for r in one)
+    assert all(0.0 <= r.arrival < 1000.0 for r in one)
+    by_prompt = {r.prompt_tokens: r.arrival for r in recorded}
+    for r in one:  # every request is a recorded one, at its offset within its block
+        assert r.prompt_tokens in by_prompt and r.arrival % 100.0 == by_prompt[r.prompt_tokens] % 100.0
+    blocks = {int(r.arrival // 100) for r in one}
+    recorded_blocks = [sorted(q.prompt_tokens for q in recorded if q.arrival // 100 == k) for k in range(10)]
+    for b in blocks:  # each output block is one whole recorded block
+        assert sorted(r.prompt_tokens for r in one if int(r.arrival // 100) == b) in recorded_blocks
+    assert traces.resample_blocks([], 100.0, seed=1) == []
+
+
+def test_resample_blocks_needs_seeds_and_a_positive_length(tmp_path: Path) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00.0000000,100,10\n")
+    assert main(["--trace", str(csv), "--resample-blocks", "300", "--out", str(tmp_path)]) == 2
+    assert main(["--trace", str(csv), "--seeds", "1", "--resample-blocks", "-5", "--out", str(tmp_path)]) == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.bench.run import POLICIES, BenchConfig, PolicyRun, run_trace
-from tandem.bench.traces import SYNTHETIC
+from tandem.bench.traces import SYNTHETIC, resample_blocks
 from tandem.sim.trace import TraceRequest, load_trace
 
 # Goals of issue 6 (cost per 1,000 SLO-met requests relative to each baseline).
@@ -197,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated seeds: with --synthetic, run each generated shape at these seeds "
         "instead of its default (held-out traces: e.g. 11,12,13)",
     )
+    p.add_argument(
+        "--resample-blocks",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --seeds, run each --trace as block-bootstrap resamples at those seeds (blocks of "
+        "SECONDS drawn with replacement: held-out realisations of a recorded trace) instead of as recorded",
+    )
     p.add_argument("--out", default="bench/out/planner")
     p.add_argument(
         "--policies", default=",".join(POLICIES), help="comma-separated subset of " + ", ".join(POLICIES)
@@ -206,15 +214,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     traces: dict[str, Sequence[TraceRequest]] = {}
     try:
-        for path in args.trace:
-            traces[trace_name(path)] = load_trace(path)
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         print(f"error: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    if args.resample_blocks < 0 or (args.resample_blocks and not seeds):
+        print("error: --resample-blocks takes a positive length in seconds, and --seeds", file=sys.stderr)
+        return 2
+    try:
+        for path in args.trace:
+            recorded = load_trace(path)
+            if args.resample_blocks:
+                for seed in seeds:
+                    drawn = resample_blocks(recorded, args.resample_blocks, seed)
+                    traces[f"{trace_name(path)}-b{seed}"] = drawn
+            else:
+                traces[trace_name(path)] = recorded
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if args.synthetic and seeds:
         traces.update({f"{n}-{seed}": make(seed=seed) for n, make in SYNTHETIC.items() for seed in seeds})

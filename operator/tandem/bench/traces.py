@@ -7,13 +7,16 @@ prompt and output lengths, like :func:`tandem.sim.trace.synthetic`. Shapes:
   trace's order, perf-anchors §9) turning into long-context code (6,000 / 60) halfway.
 * ``diurnal``: a day compressed into an hour, 0.5 -> 4 -> 0.5 req/s (cosine).
 * ``bursts``: 1.5 req/s with three 90-second bursts at 4x.
+
+A recorded trace has one realisation only; :func:`resample_blocks` draws others from it (a
+block bootstrap: its own bursts, lengths and gaps, in another order) for held-out checks.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tandem.sim.trace import TraceRequest
 
@@ -62,6 +65,25 @@ def bursts(seed: int = 3, duration_s: float = 2400.0) -> list[TraceRequest]:
         return (6.0 if burst else 1.5), 1200.0, 150.0
 
     return generate(shape, duration_s, 6.0, seed)
+
+
+def resample_blocks(trace: Sequence[TraceRequest], block_s: float, seed: int) -> list[TraceRequest]:
+    """As many ``block_s``-second blocks as ``trace`` spans, each a block of ``trace`` drawn
+    with replacement (deterministic in ``seed``), requests keeping their offsets in the block."""
+    if block_s <= 0:
+        raise ValueError(f"block length must be positive, got {block_s}")
+    if not trace:
+        return []
+    count = int(max(r.arrival for r in trace) // block_s) + 1
+    blocks: list[list[TraceRequest]] = [[] for _ in range(count)]
+    for r in trace:
+        blocks[int(r.arrival // block_s)].append(r)
+    rng = random.Random(seed)
+    out: list[TraceRequest] = []
+    for i in range(count):
+        drawn = rng.randrange(count)
+        out += [r._replace(arrival=r.arrival + (i - drawn) * block_s) for r in blocks[drawn]]
+    return sorted(out, key=lambda r: r.arrival)
 
 
 SYNTHETIC: dict[str, Callable[..., list[TraceRequest]]] = {  # each takes seed=, duration_s=
