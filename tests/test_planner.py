@@ -20,7 +20,7 @@ from tandem.planner import (
     PoolTarget,
     decide,
 )
-from tandem.planner.core import down_window
+from tandem.planner.core import burst_floor, down_window
 from tandem.planner.lengths import BUCKETS
 
 MODEL = get_model("llama-3.1-70b", "fp8")
@@ -375,3 +375,52 @@ def test_the_scale_down_window_shortens_only_while_the_error_budget_is_mostly_un
     short = replace(spec, tuning=replace(t, down_window_s=120.0))
     seen = replace(good, recommendations={"mixed-mi300x": [(now - 200.0, 2)]})
     assert down_window(short, seen, now) == 60.0
+
+
+def _arrivals(rates: list[float], spec: PlannerSpec = SPEC) -> tuple[PlannerState, float]:
+    """A state that saw ``rates`` (requests/s), one per interval, and the floor after the last."""
+    st, floor = PlannerState(), 0.0
+    for i, r in enumerate(rates):
+        floor = burst_floor(spec, st, r, spec.interval_s * (i + 1))
+    return st, floor
+
+
+def test_bursty_arrivals_keep_a_floor_that_leaves_half_the_error_budget_beyond_it() -> None:
+    # 2 req/s, and every tenth interval a 20 req/s burst: over before a replica could start
+    rates = [20.0 if i % 10 == 9 else 2.0 for i in range(60)]
+    st, floor = _arrivals(rates)
+    assert 2.0 < floor < 20.0
+    share = SPEC.tuning.burst_excess_share * (1 - SPEC.attainment)
+    beyond = sum(max(0.0, r - floor) for r in rates)
+    assert beyond == pytest.approx(share * sum(rates), rel=1e-3)  # the least such rate
+    # smooth arrivals, and a steady ramp (dispersion from successive differences): no floor
+    assert _arrivals([5.0 + (i % 2) * 0.2 for i in range(60)])[1] == 0.0
+    assert _arrivals([1.0 + 0.2 * i for i in range(60)])[1] == 0.0
+    # not before a whole scale-down window was watched
+    young = int(SPEC.tuning.down_window_s // SPEC.interval_s) - 1
+    assert _arrivals(rates[:young])[1] == 0.0
+    # the memory forgets: an hour of 2 req/s after the bursts leaves none
+    quiet = int(SPEC.tuning.burst_memory_s // SPEC.interval_s) + 1
+    st, floor = _arrivals(rates + [2.0] * quiet)
+    assert floor == 0.0 and all(r == 2.0 for _, r in st.arrivals)
+
+
+def test_with_the_budget_spent_the_fleet_is_sized_for_the_burst_floor() -> None:
+    """Between bursts the planner keeps the floor's capacity while first tokens miss the
+    target, and plans for today's demand while the budget holds."""
+    spent = PlannerState()
+    now = 0.0
+    for i in range(40):
+        now = SPEC.interval_s * (i + 1)
+        burst_floor(SPEC, spent, 20.0 if i % 10 == 9 else 2.0, now)
+    spent.slo_met, spent.slo_seen = 800.0, 1000.0
+    fine = replace(spent, slo_met=990.0, arrivals=list(spent.arrivals))
+    now += SPEC.interval_s
+    obs = fleet(split_rps=2.0, replicas=(2, 0, 1, 1))
+    held = decide(SPEC, obs, spent, now)
+    free = decide(SPEC, obs, fine, now)
+    assert float(held.signals["burstFloorRps"]) > 2.0
+    assert float(held.signals["split.plannedRps"]) + float(held.signals["mixed.plannedRps"]) == pytest.approx(
+        float(held.signals["burstFloorRps"]), rel=0.01
+    )
+    assert float(free.signals["split.plannedRps"]) + float(free.signals["mixed.plannedRps"]) < 3.0

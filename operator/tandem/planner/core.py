@@ -11,7 +11,9 @@ Per interval:
    request rate (plus the backlog of waiting requests, to be drained within the lead time),
    a mean prompt (ISL) and output (OSL) length.
 3. **Forecast** each class's rate over the next interval plus the replica lead time
-   (:mod:`tandem.planner.forecast`); size for max(forecast, now): fast up.
+   (:mod:`tandem.planner.forecast`); size for max(forecast, now): fast up. While the SLO's
+   error budget is spent and arrivals are bursty (seconds-long bursts are over before a
+   replica started for them serves), size for at least `burst_floor`.
 4. **Correct the model online**: per pool, the ratio of observed to modelled latency at the
    observed per-replica load (Dynamo's correction factors, perf-anchors §3.3), smoothed and
    clamped, multiplies the model's times.
@@ -246,6 +248,35 @@ def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float
     return Total(max(rate, predicted), rate, dist, max(1.0, means[1]))
 
 
+def burst_floor(spec: PlannerSpec, st: PlannerState, rate: float, now: float) -> float:
+    """The rate the fleet keeps for bursty arrivals (updates ``st.arrivals``); 0 for smooth ones.
+
+    A burst of seconds is over before a replica started for it serves (minutes), so only
+    capacity that already runs can serve it. When the arrivals' index of dispersion (from
+    successive differences, so a slow ramp does not count) is at least ``burst_dispersion``,
+    this is the least rate R with sum(max(0, r_i - R)) <= share * sum(r_i) over the memory:
+    at most ``burst_excess_share`` of the error budget arrives beyond R."""
+    t = spec.tuning
+    st.arrivals = [(ts, r) for ts, r in st.arrivals if now - ts < t.burst_memory_s] + [(now, rate)]
+    rates = [r for _, r in st.arrivals]
+    if len(rates) < 3 or now - st.arrivals[0][0] < t.down_window_s:
+        return 0.0
+    counts = [r * spec.interval_s for r in rates]
+    mean = sum(counts) / len(counts)
+    jumps = sum((b - a) ** 2 for a, b in itertools.pairwise(counts)) / (2 * (len(counts) - 1))
+    if mean <= 0 or jumps / mean < t.burst_dispersion:
+        return 0.0
+    allowed = t.burst_excess_share * (1 - spec.attainment) * sum(rates)
+    low, high = 0.0, max(rates)
+    for _ in range(40):
+        mid = (low + high) / 2
+        if sum(max(0.0, r - mid) for r in rates) <= allowed:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
 def held_total(spec: PlannerSpec, total: Total, st: PlannerState, now: float) -> Total:
     """The demand the fleet is held for: the highest planned rate of the scale-down window
     (updates ``st.demand``). Choosing the threshold and routing by it, not by the last
@@ -428,15 +459,22 @@ def down_window(spec: PlannerSpec, st: PlannerState, now: float) -> float:
     watched = any(
         not _in_window(at, now, t.down_window_s) for recs in st.recommendations.values() for at, _ in recs
     )
-    if not watched or st.slo_seen < t.slo_min_requests or not st.demand:
+    if not watched or not st.demand:
         return t.down_window_s
-    missed = 1.0 - st.slo_met / st.slo_seen
     peak = max(r for _, r in st.demand)
-    if missed <= (1.0 - t.spare_budget_share) * (1.0 - spec.attainment) and st.demand[-1][1] >= (
-        t.spare_peak_share * peak
-    ):
+    if budget_spare(spec, st) and st.demand[-1][1] >= t.spare_peak_share * peak:
         return t.down_window_s * t.spare_window_share
     return t.down_window_s
+
+
+def budget_spare(spec: PlannerSpec, st: PlannerState) -> bool:
+    """Whether at least ``spare_budget_share`` of the error budget is unspent (enough first
+    tokens seen over ``slo_window_s`` to tell)."""
+    t = spec.tuning
+    if st.slo_seen < t.slo_min_requests:
+        return False
+    missed = 1.0 - st.slo_met / st.slo_seen
+    return missed <= (1.0 - t.spare_budget_share) * (1.0 - spec.attainment)
 
 
 def budget_spent(spec: PlannerSpec, st: PlannerState) -> bool:
@@ -1155,6 +1193,9 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
     update_corrections(spec, observation, st, class_demand(spec, total, routed))
     update_budget(spec, observation, st, now)
+    floor = burst_floor(spec, st, total.observed, now)
+    if floor > total.rate and budget_spent(spec, st):
+        total = replace(total, rate=floor)
     held = held_total(spec, total, st, now)
     running = {name: r.replicas for name, r in observation.pools.items()}
     planned, costs = plan_threshold(spec, held, st, running, total)
@@ -1184,15 +1225,11 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     st.split_threshold = threshold
     st.last_time = now
     reason, message = _reason(observation, out, plan, budget_cut)
-    return Decision(
-        out,
-        changed_threshold,
-        reason,
-        message,
-        _signals(spec, demand, plan, st, threshold, planned, costs, now, budget_source(spec, observation)[0]),
-        limited,
-        st,
-    )
+    source = budget_source(spec, observation)[0]
+    signals = _signals(spec, demand, plan, st, threshold, planned, costs, now, source)
+    if floor > 0:
+        signals["burstFloorRps"] = f"{floor:.3g}"
+    return Decision(out, changed_threshold, reason, message, signals, limited, st)
 
 
 def with_state(decision: Decision, state: PlannerState) -> Decision:
