@@ -399,6 +399,10 @@ def test_bursty_arrivals_keep_a_floor_that_leaves_half_the_error_budget_beyond_i
     # not before a whole scale-down window was watched
     young = int(SPEC.tuning.down_window_s // SPEC.interval_s) - 1
     assert _arrivals(rates[:young])[1] == 0.0
+    # the load stopped: none once half a scale-down window passed without a request
+    quiet_s = SPEC.tuning.down_window_s * SPEC.tuning.spare_window_share
+    assert _arrivals(rates + [0.0] * int(quiet_s // SPEC.interval_s - 1))[1] > 2.0  # a gap between bursts
+    assert _arrivals(rates + [0.0] * int(quiet_s // SPEC.interval_s + 1))[1] == 0.0
     # the memory forgets: an hour of 2 req/s after the bursts leaves none
     quiet = int(SPEC.tuning.burst_memory_s // SPEC.interval_s) + 1
     st, floor = _arrivals(rates + [2.0] * quiet)

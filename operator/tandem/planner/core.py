@@ -255,11 +255,16 @@ def burst_floor(spec: PlannerSpec, st: PlannerState, rate: float, now: float) ->
     capacity that already runs can serve it. When the arrivals' index of dispersion (from
     successive differences, so a slow ramp does not count) is at least ``burst_dispersion``,
     this is the least rate R with sum(max(0, r_i - R)) <= share * sum(r_i) over the memory:
-    at most ``burst_excess_share`` of the error budget arrives beyond R."""
+    at most ``burst_excess_share`` of the error budget arrives beyond R. None once no request
+    came for ``spare_window_share`` of the scale-down window (the load stopped: longer than
+    any gap between the Azure code trace's bursts, 217 s), so the fleet then goes down."""
     t = spec.tuning
     st.arrivals = [(ts, r) for ts, r in st.arrivals if now - ts < t.burst_memory_s] + [(now, rate)]
     rates = [r for _, r in st.arrivals]
     if len(rates) < 3 or now - st.arrivals[0][0] < t.down_window_s:
+        return 0.0
+    silence = t.down_window_s * t.spare_window_share
+    if all(r <= 0 for ts, r in st.arrivals if now - ts < silence):
         return 0.0
     counts = [r * spec.interval_s for r in rates]
     mean = sum(counts) / len(counts)
