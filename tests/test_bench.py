@@ -83,8 +83,15 @@ def test_block_resamples_keep_the_recorded_blocks_in_another_order() -> None:
     assert traces.resample_blocks([], 100.0, seed=1) == []
 
 
-def test_resample_blocks_needs_seeds_and_a_positive_length(tmp_path: Path) -> None:
-    csv = tmp_path / "t.csv"
-    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00.0000000,100,10\n")
-    assert main(["--trace", str(csv), "--resample-blocks", "300", "--out", str(tmp_path)]) == 2
-    assert main(["--trace", str(csv), "--seeds", "1", "--resample-blocks", "-5", "--out", str(tmp_path)]) == 2
+def test_resample_blocks_runs_each_seed_and_needs_seeds_and_a_positive_length(tmp_path: Path) -> None:
+    trace = tmp_path / "tiny.jsonl"
+    rows = [{"timestamp": i * 500, "input_length": 1500 + 10 * i, "output_length": 50} for i in range(240)]
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    args = ["--trace", str(trace), "--out", str(out), "--policies", "tandem", "--no-png"]
+    assert main([*args, "--resample-blocks", "30", "--seeds", "1,2"]) == 0
+    results = json.loads((out / "results.json").read_text())["traces"]
+    assert set(results) == {"tiny-b1", "tiny-b2"}  # the resamples only, not the recorded trace
+    assert all(0.0 <= e["policies"]["tandem"]["slo_attainment"] <= 1.0 for e in results.values())
+    assert main([*args, "--resample-blocks", "300"]) == 2  # no --seeds
+    assert main([*args, "--seeds", "1", "--resample-blocks", "-5"]) == 2
