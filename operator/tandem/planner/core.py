@@ -255,7 +255,7 @@ def burst_floor(spec: PlannerSpec, st: PlannerState, rate: float, now: float) ->
     capacity that already runs can serve it. When the arrivals' index of dispersion (from
     successive differences, so a slow ramp does not count) is at least ``burst_dispersion``,
     this is the least rate R with sum(max(0, r_i - R)) <= share * sum(r_i) over the memory:
-    at most ``burst_excess_share`` of the error budget arrives beyond R. None once no request
+    at most ``burst_excess_share`` of the error budget arrives beyond R. 0 once no request
     came for ``spare_window_share`` of the scale-down window (the load stopped: longer than
     any gap between the Azure code trace's bursts, 217 s), so the fleet then goes down."""
     t = spec.tuning
@@ -440,15 +440,17 @@ def budget_source(spec: PlannerSpec, obs: Observation) -> tuple[str, tuple[float
     return "pools", ((met, seen) if found else None)
 
 
-def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> None:
+def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> str:
     """Fold the interval's first tokens within the TTFT target (`budget_source`) into the
-    decayed counts ``st.slo_met`` / ``st.slo_seen``."""
-    met, seen = budget_source(spec, obs)[1] or (0.0, 0.0)
+    decayed counts ``st.slo_met`` / ``st.slo_seen``; returns whose first tokens they were."""
+    source, counts = budget_source(spec, obs)
+    met, seen = counts or (0.0, 0.0)
     # the rates cover about one interval: a late decision does not stand for a longer span
     dt = spec.interval_s if st.last_time is None else min(2 * spec.interval_s, max(0.0, now - st.last_time))
     decay = math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
     st.slo_met = st.slo_met * decay + met * dt
     st.slo_seen = st.slo_seen * decay + seen * dt
+    return source
 
 
 def down_window(spec: PlannerSpec, st: PlannerState, now: float) -> float:
@@ -472,22 +474,26 @@ def down_window(spec: PlannerSpec, st: PlannerState, now: float) -> float:
     return t.down_window_s
 
 
+def met_share(spec: PlannerSpec, st: PlannerState) -> float | None:
+    """The recent share of first tokens within the TTFT target (over ``slo_window_s``); None
+    while too few were seen to tell."""
+    if st.slo_seen <= 0 or st.slo_seen < spec.tuning.slo_min_requests:
+        return None
+    return st.slo_met / st.slo_seen
+
+
 def budget_spare(spec: PlannerSpec, st: PlannerState) -> bool:
-    """Whether at least ``spare_budget_share`` of the error budget is unspent (enough first
-    tokens seen over ``slo_window_s`` to tell)."""
+    """Whether at least ``spare_budget_share`` of the error budget is unspent."""
+    met = met_share(spec, st)
     t = spec.tuning
-    if st.slo_seen < t.slo_min_requests:
-        return False
-    missed = 1.0 - st.slo_met / st.slo_seen
-    return missed <= (1.0 - t.spare_budget_share) * (1.0 - spec.attainment)
+    return met is not None and 1.0 - met <= (1.0 - t.spare_budget_share) * (1.0 - spec.attainment)
 
 
 def budget_spent(spec: PlannerSpec, st: PlannerState) -> bool:
     """Whether the recent share of first tokens within the TTFT target is below the
     attainment target (False while too few were seen to tell)."""
-    if st.slo_seen <= 0 or st.slo_seen < spec.tuning.slo_min_requests:
-        return False
-    return st.slo_met / st.slo_seen < spec.attainment
+    met = met_share(spec, st)
+    return met is not None and met < spec.attainment
 
 
 # ------------------------------------------------------------------------- 5. sizing
@@ -1140,9 +1146,7 @@ def _signals(
         sig["ttftWithinTarget"] = f"{st.slo_met / st.slo_seen:.3g}"
     sig["errorBudgetSource"] = source
     sig["errorBudget"] = (
-        "unknown"
-        if st.slo_seen < spec.tuning.slo_min_requests
-        else ("spent" if budget_spent(spec, st) else "ok")
+        "unknown" if met_share(spec, st) is None else ("spent" if budget_spent(spec, st) else "ok")
     )
     sig["scaleDownWindowSeconds"] = f"{down_window(spec, st, now):.0f}"
     sig["splitThreshold"] = str(threshold)
@@ -1197,7 +1201,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     total = plan_total(spec, observation, st, now)
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
     update_corrections(spec, observation, st, class_demand(spec, total, routed))
-    update_budget(spec, observation, st, now)
+    source = update_budget(spec, observation, st, now)
     floor = burst_floor(spec, st, total.observed, now)
     if floor > total.rate and budget_spent(spec, st):
         total = replace(total, rate=floor)
@@ -1230,7 +1234,6 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     st.split_threshold = threshold
     st.last_time = now
     reason, message = _reason(observation, out, plan, budget_cut)
-    source = budget_source(spec, observation)[0]
     signals = _signals(spec, demand, plan, st, threshold, planned, costs, now, source)
     if floor > 0:
         signals["burstFloorRps"] = f"{floor:.3g}"
