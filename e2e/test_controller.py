@@ -417,12 +417,18 @@ def test_a_crash_looping_pool_is_degraded(cluster: Any, namespace: str, op: Oper
     doc["spec"]["pools"][1]["image"] = "registry.invalid/tandem/crash-loop:e2e"
     apply(cluster, doc, namespace)
 
+    # The condition turns True with the first pod that crash-loops; KWOK may take a moment
+    # longer with the second, so wait until the message counts both.
+    both = "Pool decode: 2 pod(s) with container engine in CrashLoopBackOff"
+
     def crash_looping() -> dict[str, Any] | None:
         c = condition(get(cluster, namespace, "tisvc", "llama"), "Degraded")
-        return c if c and c["status"] == "True" and c["reason"] == "PoolCrashLooping" else None
+        if not (c and c["status"] == "True" and c["reason"] == "PoolCrashLooping"):
+            return None
+        return c if c["message"].startswith(both) else None
 
-    c = wait_for(crash_looping, timeout=60, what="Degraded=True PoolCrashLooping")
-    assert c["message"].startswith("Pool decode: 2 pod(s) with container engine in CrashLoopBackOff"), c
+    c = wait_for(crash_looping, timeout=60, what=f"Degraded=True PoolCrashLooping with {both!r}")
+    assert "the planner adds no replicas to it until they become ready" in c["message"], c
     svc = get(cluster, namespace, "tisvc", "llama")
     ready = condition(svc, "Ready")
     assert ready and ready["status"] == "False" and "decode" in ready["message"]
