@@ -4,6 +4,7 @@ the InferencePool interop builder."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -83,6 +84,21 @@ def test_static_endpoints() -> None:
             },
             "mixed",
         ),
+        (
+            {"model": "m", "pools": [{"name": "a", "role": "prefill", "secondsPerPromptToken": 0}]},
+            "pools[0].secondsPerPromptToken must be a positive number or null",
+        ),
+        (
+            {"model": "m", "pools": [{"name": "a", "role": "prefill", "secondsPerPromptToken": "fast"}]},
+            "secondsPerPromptToken",
+        ),
+        (
+            {
+                "model": "m",
+                "pools": [{"name": "a", "role": "prefill", "secondsPerPromptToken": float("inf")}],
+            },
+            "secondsPerPromptToken",
+        ),
     ],
 )
 def test_invalid_configs_name_the_field(doc: Any, message: str) -> None:
@@ -148,6 +164,31 @@ def test_addresses_from_endpointslices() -> None:
         "10.0.0.4:8000",
         "[fd00::5]:9000",
     ]
+
+
+def test_the_operator_quotes_each_prefill_parts_modelled_speed(sample_pools: dict[str, dict]) -> None:
+    """Prefill pools on different parts get their modelled seconds per prompt token (the router
+    picks by it); the faster part's is the smaller, and the replicas carry it."""
+    spec = {
+        "model": {"name": "meta-llama/Llama-3.1-70B-Instruct", "preset": "llama-3.1-70b"},
+        "pools": [
+            {"name": "pf-h100", "role": "prefill", "acceleratorPool": "h100"},
+            {"name": "pf-mi300x", "role": "prefill", "acceleratorPool": "mi300x"},
+            {"name": "decode", "role": "decode", "acceleratorPool": "mi300x"},
+        ],
+    }
+    config = parse_config(router_config(make_ctx(spec, sample_pools)))
+    speeds = {p.name: p.seconds_per_prompt_token for p in config.pools}
+    assert speeds["decode"] is None
+    h100, mi300x = speeds["pf-h100"], speeds["pf-mi300x"]
+    assert h100 is not None and mi300x is not None and 0 < mi300x < h100  # MI300X: more FLOPS than H100
+    table = ReplicaTable()
+    table.configure(config.pools)
+    table.set_endpoints("pf-h100", ["a:1"])
+    assert table.by_role["prefill"][0].seconds_per_token == h100
+    faster = replace(config.pools[0], seconds_per_prompt_token=h100 / 2)
+    table.configure((faster, *config.pools[1:]))  # a reload updates the replicas that stay
+    assert table.by_role["prefill"][0].seconds_per_token == h100 / 2
 
 
 def test_replica_table_keeps_counters_across_updates() -> None:

@@ -140,3 +140,29 @@ def test_decide_is_pure() -> None:
     assert decide(5000, p, POLICY, NOW) == decide(5000, p, POLICY, NOW)
     assert [(r.inflight, r.inflight_tokens, r.last_pick) for rs in p.values() for r in rs] == before
     assert RoutePath.SPLIT == "split" and RoutePath.MIXED == "mixed"
+
+
+def test_a_prompt_goes_to_the_prefill_replica_that_would_finish_it_first() -> None:
+    """With every prefill replica's modelled speed known, the pick is by (queued tokens + the
+    prompt) x seconds per token: a part 2.5x faster takes the prompt until its queue is 1.5x
+    the prompt; the request counts still decide saturation."""
+    fast = ReplicaState("fast:1", "prefill", inflight=1, inflight_tokens=4000, seconds_per_token=1e-5)
+    slow = ReplicaState("slow:1", "prefill", seconds_per_token=2.5e-5)
+    ps = pools(prefill=[fast, slow], decode=[replica("d:1", "decode")])
+    policy = Policy(split_threshold_tokens=512)
+    d = decide(4000, ps, policy, NOW)
+    assert d is not None and d.prefill is fast  # (4000 + 4000) x 1e-5 < 4000 x 2.5e-5
+    fast.inflight_tokens = 8000
+    d = decide(4000, ps, policy, NOW)
+    assert d is not None and d.prefill is slow  # (8000 + 4000) x 1e-5 > 4000 x 2.5e-5
+    # the engine's own queue counts at the mean size of the router's in-flight requests
+    fast.inflight_tokens, fast.outside = 2000, 2
+    assert pick_replica(ps["prefill"], NOW, prompt_tokens=4000) is slow  # (2000 + 4000 + 4000) x 1e-5
+    # without a prompt, or with a speed unknown, the request counts decide as before
+    fast.outside = 0
+    assert pick_replica(ps["prefill"], NOW) is slow
+    slow.seconds_per_token = 0.0
+    assert pick_replica(ps["prefill"], NOW, prompt_tokens=100) is slow
+    # a recently failed replica is still the last resort
+    slow.seconds_per_token, slow.failed_until = 2.5e-5, NOW + 5
+    assert pick_replica(ps["prefill"], NOW, prompt_tokens=100_000) is fast

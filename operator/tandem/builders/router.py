@@ -11,8 +11,13 @@ from typing import Any
 
 from tandem import names
 from tandem.builders.common import Manifest, ServiceContext, child_name, metadata, with_hash
+from tandem.planner.capacity import prefill_seconds_per_token
+from tandem.planner.types import planner_spec
 
 ROUTER_CONFIG_KEY = "router.json"
+# The prompt length the prefill pools' speeds are quoted at: the parts' ratio hardly moves with it
+# (compute-bound prefill), and 2,048 tokens is the order of the Azure code trace's prompts.
+SPEED_PROMPT_TOKENS = 2048
 # The router's saturation limits (`tandem.router.config.Limits`): the prefill pool counts as saturated
 # when each replica has this many requests in flight from the router; a mixed replica is free below
 # its limit. Optional in the config; written explicitly so `kubectl get cm -o yaml` shows them.
@@ -45,18 +50,36 @@ def router_labels() -> dict[str, str]:
     return {names.LABEL_NAME: "tandem-router", names.LABEL_COMPONENT: "router"}
 
 
+def prefill_speeds(ctx: ServiceContext) -> dict[str, float]:
+    """Modelled prefill seconds per prompt token of one replica of each prefill pool (at a
+    ``SPEED_PROMPT_TOKENS`` prompt, batched at the default token budget), for the router's
+    pick among pools of different parts; {} when the model or a part is not known to the
+    performance model (the router then balances by request counts)."""
+    by_name = {p.accelerator_pool: ctx.accelerator_pools[p.name] for p in ctx.spec.pools}
+    try:
+        spec = planner_spec(ctx.spec, by_name)
+        return {
+            p.name: prefill_seconds_per_token(p, spec.model, SPEED_PROMPT_TOKENS)
+            for p in spec.by_role("prefill")
+        }
+    except (KeyError, ValueError):
+        return {}
+
+
 def router_config(ctx: ServiceContext, split_threshold: int | None = None) -> dict[str, Any]:
     pools = []
+    speeds = prefill_speeds(ctx)
     for pool in ctx.spec.pools:
-        pools.append(
-            {
-                "name": pool.name,
-                "role": pool.role,
-                "service": child_name(ctx.name, pool.name),
-                "port": names.PORT_HTTP,
-                "vendor": ctx.accelerator_pools[pool.name].vendor,
-            }
-        )
+        entry: dict[str, Any] = {
+            "name": pool.name,
+            "role": pool.role,
+            "service": child_name(ctx.name, pool.name),
+            "port": names.PORT_HTTP,
+            "vendor": ctx.accelerator_pools[pool.name].vendor,
+        }
+        if pool.name in speeds:
+            entry["secondsPerPromptToken"] = float(f"{speeds[pool.name]:.4g}")
+        pools.append(entry)
     return {
         "model": ctx.spec.model.name,
         "namespace": ctx.namespace,

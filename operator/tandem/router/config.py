@@ -9,7 +9,8 @@ has a default, so older documents stay valid)::
       "pools": [                                      # required, at least one
         {"name": "prefill", "role": "prefill",        # role: prefill | decode | mixed
          "service": "llama-prefill", "port": 8000, "vendor": "nvidia",
-         "endpoints": ["127.0.0.1:8001"]}             # optional: static replicas, no discovery
+         "endpoints": ["127.0.0.1:8001"],             # optional: static replicas, no discovery
+         "secondsPerPromptToken": 4.1e-05}            # optional: modelled prefill time per token
       ],
       "disaggregation": "auto",                       # auto | always | never
       "splitThresholdTokens": 1024,                   # split at or above this many prompt tokens
@@ -19,6 +20,10 @@ has a default, so older documents stay valid)::
       "tokenizer": null                               # optional: local tokenizer path or name
     }
 
+``secondsPerPromptToken`` (prefill pools; the operator writes it from the performance model) lets
+the router send a prompt to the prefill replica that would finish it first, so a faster part takes
+more of the work; without it on every prefill pool, replicas are picked by request counts.
+
 `parse_config` is pure; `load_config` reads a file. A document that does not parse raises
 `ConfigError` with a sentence naming the field, and the running router keeps its previous config.
 """
@@ -26,6 +31,7 @@ has a default, so older documents stay valid)::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +64,8 @@ class PoolConfig:
     vendor: str = ""
     # Static replicas ("host:port"); None means discover them from the Service's EndpointSlices.
     endpoints: tuple[str, ...] | None = None
+    # Modelled prefill seconds per prompt token of one replica (None: unknown).
+    seconds_per_prompt_token: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,19 @@ def _parse_pool(doc: Any, index: int) -> PoolConfig:
             raise ConfigError(f"{where}endpoints must be a list of 'host:port' strings")
         endpoints = tuple(_parse_endpoint(e, f"{where}endpoints[{i}]") for i, e in enumerate(endpoints_doc))
     vendor = doc.get("vendor", "")
+    speed = doc.get("secondsPerPromptToken")
+    if speed is not None and (
+        isinstance(speed, bool) or not isinstance(speed, int | float) or not 0 < speed < math.inf
+    ):
+        raise ConfigError(f"{where}secondsPerPromptToken must be a positive number or null, not {speed!r}")
     return PoolConfig(
-        name=name, role=str(role), service=service, port=port, vendor=str(vendor or ""), endpoints=endpoints
+        name=name,
+        role=str(role),
+        service=service,
+        port=port,
+        vendor=str(vendor or ""),
+        endpoints=endpoints,
+        seconds_per_prompt_token=None if speed is None else float(speed),
     )
 
 

@@ -18,7 +18,12 @@ serves whole requests too, and avoids the KV transfer), else the prefill pool.
 
 Replicas are picked by least outstanding work: fewest requests in flight (the router's own plus
 those the engine reports beyond them, `tandem.router.load`), then fewest tokens in flight, then the
-one picked longest ago (round-robin among idle replicas). A replica that failed
+one picked longest ago (round-robin among idle replicas). A prompt's prefill replica, when every
+prefill replica knows its modelled seconds per prompt token (the operator writes them), is the one
+that would finish it first: (tokens queued on it + the prompt) x its seconds per token. Among pools
+of different parts a 2.5x faster one takes a prompt until its queue is 1.5x the prompt; within one
+part it is the replica with the fewest queued tokens. The simulator's router (`tandem.sim.fleet`)
+picks the same way; the saturation test still reads the request counts. A replica that failed
 recently (``failed_until > now``) is skipped unless every replica of the pool failed recently.
 """
 
@@ -56,6 +61,7 @@ class ReplicaState:
     failed_until: float = 0.0  # monotonic seconds; skipped until then
     outside: int = 0  # requests the engine reports beyond the router's own (tandem.router.load)
     outside_at: float = 0.0  # monotonic seconds of that reading
+    seconds_per_token: float = 0.0  # modelled prefill time per prompt token; 0 = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,18 +84,38 @@ Pools = Mapping[str, Sequence[ReplicaState]]  # role -> replicas
 _EMPTY: tuple[ReplicaState, ...] = ()
 
 
+def _finish_seconds(replica: ReplicaState, prompt_tokens: int) -> float:
+    """Modelled seconds until ``replica`` would have prefilled a new prompt: its queued tokens
+    (the router's own, plus the engine's extra requests at their mean size, or the prompt's
+    when none is known) and the prompt, at its seconds per token."""
+    per_request = replica.inflight_tokens / replica.inflight if replica.inflight else prompt_tokens
+    queued = replica.inflight_tokens + replica.outside * per_request
+    return (queued + prompt_tokens) * replica.seconds_per_token
+
+
 def pick_replica(
-    replicas: Sequence[ReplicaState], now: float, exclude: Collection[ReplicaState] = ()
+    replicas: Sequence[ReplicaState],
+    now: float,
+    exclude: Collection[ReplicaState] = (),
+    prompt_tokens: int | None = None,
 ) -> ReplicaState | None:
-    """The least loaded replica not in ``exclude``; healthy ones first, then any; None if none."""
+    """The least loaded replica not in ``exclude``; healthy ones first, then any; None if none.
+    With ``prompt_tokens`` and every candidate's seconds per token known: the one that would
+    finish the prompt first."""
+    timed = prompt_tokens is not None and all(r.seconds_per_token > 0 for r in replicas if r not in exclude)
     best: ReplicaState | None = None
-    best_key: tuple[int, int, int] | None = None
+    best_key: tuple[float, int, int, int] | None = None
     fallback: ReplicaState | None = None
-    fallback_key: tuple[int, int, int] | None = None
+    fallback_key: tuple[float, int, int, int] | None = None
     for replica in replicas:
         if replica in exclude:
             continue
-        key = (replica.inflight + replica.outside, replica.inflight_tokens, replica.last_pick)
+        key = (
+            _finish_seconds(replica, prompt_tokens) if timed and prompt_tokens else 0.0,
+            replica.inflight + replica.outside,
+            replica.inflight_tokens,
+            replica.last_pick,
+        )
         if replica.failed_until > now:
             if fallback_key is None or key < fallback_key:
                 fallback, fallback_key = replica, key
@@ -124,7 +150,8 @@ def decide(prompt_tokens: int, pools: Pools, policy: Policy, now: float) -> Deci
         reason = Reason.NEVER if policy.disaggregation == "never" else Reason.NO_SPLIT_POOLS
         return Decision(RoutePath.MIXED, reason, single)
     if policy.disaggregation == "always":
-        return Decision(RoutePath.SPLIT, Reason.ALWAYS, decode, prefill)
+        first = pick_replica(pools.get("prefill", _EMPTY), now, prompt_tokens=prompt_tokens)
+        return Decision(RoutePath.SPLIT, Reason.ALWAYS, decode, first)
     if prompt_tokens < policy.split_threshold_tokens:
         single = pick_single(pools, now)
         assert single is not None  # a decode replica exists
@@ -133,4 +160,5 @@ def decide(prompt_tokens: int, pools: Pools, policy: Policy, now: float) -> Deci
         mixed = pick_replica(pools.get("mixed", _EMPTY), now)
         if mixed is not None and mixed.inflight + mixed.outside < policy.mixed_inflight_limit:
             return Decision(RoutePath.MIXED, Reason.PREFILL_SATURATED, mixed)
-    return Decision(RoutePath.SPLIT, Reason.ABOVE_THRESHOLD, decode, prefill)
+    first = pick_replica(pools.get("prefill", _EMPTY), now, prompt_tokens=prompt_tokens)
+    return Decision(RoutePath.SPLIT, Reason.ABOVE_THRESHOLD, decode, first)

@@ -13,6 +13,7 @@ from tandem.router.decide import ReplicaState
 class ReplicaTable:
     def __init__(self) -> None:
         self.pool_roles: dict[str, str] = {}
+        self.pool_speeds: dict[str, float] = {}  # pool -> modelled prefill seconds per token (0: unknown)
         self.by_pool: dict[str, list[ReplicaState]] = {}
         # role -> replicas of every pool with that role; what `decide` reads. Rebuilt on change.
         self.by_role: dict[str, tuple[ReplicaState, ...]] = {role: () for role in ROLES}
@@ -24,8 +25,10 @@ class ReplicaTable:
             if wanted.get(name) != self.pool_roles.get(name):
                 del self.by_pool[name]
         self.pool_roles = wanted
+        self.pool_speeds = {p.name: p.seconds_per_prompt_token or 0.0 for p in pools}
         for name in wanted:
-            self.by_pool.setdefault(name, [])
+            for replica in self.by_pool.setdefault(name, []):
+                replica.seconds_per_token = self.pool_speeds[name]
         self._rebuild()
 
     def set_endpoints(self, pool: str, addresses: Iterable[str]) -> bool:
@@ -38,7 +41,11 @@ class ReplicaTable:
         if ordered == [r.address for r in self.by_pool.get(pool, [])]:
             return False
         self.by_pool[pool] = [
-            current.get(a) or ReplicaState(address=a, role=role, pool=pool) for a in ordered
+            current.get(a)
+            or ReplicaState(
+                address=a, role=role, pool=pool, seconds_per_token=self.pool_speeds.get(pool, 0.0)
+            )
+            for a in ordered
         ]
         self._rebuild()
         return True
@@ -62,6 +69,7 @@ class ReplicaTable:
                 "inflight": r.inflight,
                 "inflightTokens": r.inflight_tokens,
                 "outsideLoad": r.outside,
+                "secondsPerPromptToken": r.seconds_per_token or None,
                 "failedUntil": r.failed_until,
             }
             for replicas in self.by_pool.values()

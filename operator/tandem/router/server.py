@@ -557,7 +557,7 @@ class Router:
             except UpstreamFailure as failure:
                 self._failed(replica, failure)
                 tried.append(replica)
-                replica = pick_replica(self.replicas.by_role["prefill"], monotonic(), tried)
+                replica = pick_replica(self.replicas.by_role["prefill"], monotonic(), tried, ex.tokens)
         return _FAILED
 
     async def _fallback(
