@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -296,3 +298,41 @@ def test_shipped_azure_code_trace_loads() -> None:
     assert len(trace) == 8819
     assert 3300 < trace[-1].arrival < 3500
     assert sum(r.prompt_tokens for r in trace) / len(trace) == pytest.approx(2048, rel=0.01)
+
+
+@dataclass
+class _ClientRecorder:
+    """A policy that reads the clients' first tokens as well as the pools' (ObservesClients)."""
+
+    name: str = "clients"
+    clients: list[tuple[tuple[tuple[float, float], ...], float | None]] = field(default_factory=list)
+    pools: list[dict[str, PoolState]] = field(default_factory=list)
+
+    def observe_clients(
+        self, ttft_buckets: tuple[tuple[float, float], ...], mean_ttft_s: float | None
+    ) -> None:
+        self.clients.append((ttft_buckets, mean_ttft_s))
+
+    def decide(self, now: float, pools: Mapping[str, PoolState]) -> Mapping[str, int | None]:
+        self.pools.append(dict(pools))
+        return {}
+
+
+def test_a_prefill_pool_reports_its_engines_ttft_and_policies_may_read_the_clients() -> None:
+    """As vLLM: a prefill instance's first token comes at the end of its prefill (its
+    max_tokens=1 request), before the KV hand-off and the decode replica's first step that
+    the client waits for; policies that read the router's histogram get the clients' TTFT."""
+    trace = [TraceRequest(float(i), 2000, 5) for i in range(40)]  # one every second: no queue
+    policy = _ClientRecorder()
+    result = simulate(trace, disaggregated(1, 1), SLO(10, 1), autoscaler=policy, config=SimConfig(30.0, 60.0))
+    engine = policy.pools[0]["prefill"].observation.mean_ttft_s
+    buckets, client = policy.clients[0]
+    assert engine == pytest.approx(prefill_seconds(H100, MODEL, 2, 2000))
+    assert client is not None and engine is not None and client > engine + 0.005
+    window = [r.ttft or 0.0 for r in result.requests if r.arrival < 30.0]  # first tokens by the tick
+    assert client == pytest.approx(sum(window) / len(window))
+    assert buckets[-1] == (math.inf, pytest.approx(30 / 30.0))  # every first token of the window
+    # a policy that does not read clients keeps the old interface
+    plain = _Recorder(target=1)
+    simulate(trace, colocated(1), SLO(10, 1), autoscaler=plain, config=SimConfig(30.0, 60.0))
+    assert plain.seen and not hasattr(plain, "observe_clients")

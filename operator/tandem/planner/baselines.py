@@ -125,7 +125,7 @@ class DynamoSla:
     """Dynamo's throughput-based SLA planner on one P pool and one D pool of one SKU.
 
     Every ``interval_s`` (180 s, Dynamo's default ``throughput_adjustment_interval``) it
-    takes the interval's request count, mean ISL/OSL, TTFT and ITL, predicts the next
+    takes the interval's request count, mean ISL/OSL, the frontend's TTFT and ITL, predicts the next
     interval with the ``constant`` predictor (Dynamo's ARIMA default needs statsmodels),
     computes the correction factors ``p_corr = observed TTFT / model TTFT`` and ``d_corr =
     observed ITL / model ITL`` and applies :func:`dynamo_replicas`, clamped to the pools'
@@ -141,6 +141,14 @@ class DynamoSla:
     name: str = "dynamo-sla"
     _last: float = 0.0
     _acc: dict[str, float] = field(default_factory=dict)
+    _client_ttft: float | None = None
+
+    def observe_clients(
+        self, ttft_buckets: tuple[tuple[float, float], ...], mean_ttft_s: float | None
+    ) -> None:
+        """The frontend's mean TTFT of the tick (Dynamo's planner reads TTFT there, so it
+        includes the KV hand-off that the prefill engine's own TTFT ends before)."""
+        self._client_ttft = mean_ttft_s
 
     def _accumulate(self, pools: Mapping[str, PoolState], tick_s: float) -> None:
         p = pools[self.prefill.name].observation
@@ -149,7 +157,8 @@ class DynamoSla:
         a = self._acc
         a["n"] = a.get("n", 0.0) + reqs
         a["isl"] = a.get("isl", 0.0) + reqs * (p.mean_prompt_tokens or 0.0)
-        a["ttft"] = a.get("ttft", 0.0) + reqs * (p.mean_ttft_s or 0.0)
+        ttft = self._client_ttft if self._client_ttft is not None else p.mean_ttft_s
+        a["ttft"] = a.get("ttft", 0.0) + reqs * (ttft or 0.0)
         gen = (d.generation_tokens_per_s or 0.0) * tick_s
         a["gen"] = a.get("gen", 0.0) + gen
         a["itl"] = a.get("itl", 0.0) + gen * (d.mean_itl_s or 0.0)

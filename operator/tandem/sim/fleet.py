@@ -35,6 +35,7 @@ from tandem.perf.models import ModelArch
 from tandem.planner.lengths import BUCKETS as PROMPT_BUCKETS
 from tandem.sim.policies import (
     AutoscalePolicy,
+    ObservesClients,
     PoolObservation,
     PoolState,
     Role,
@@ -108,7 +109,10 @@ class SimConfig:
     # Where a split request's first token reaches the client. True (default): from the decode
     # instance, after the KV transfer and its first decode step, as with vLLM's P/D proxy and
     # llm-d, where the prefill instance runs with max_tokens=1 and its token is discarded.
-    # False: at the end of prefill, as DistServe accounts TTFT (arXiv 2401.09670).
+    # False: at the end of prefill, as DistServe accounts TTFT (arXiv 2401.09670). Either way
+    # a pool's own TTFT metrics are its engine's: a prefill instance's at the end of its
+    # prefill (vLLM's time_to_first_token_seconds of the max_tokens=1 request), and the
+    # client's reach policies that read them (`ObservesClients`).
     ttft_on_decode: bool = True
 
 
@@ -254,6 +258,12 @@ class _Pool:
         self.desired = spec.replicas
         self.timeline: list[tuple[float, int, int]] = []
         self.reset_window()
+
+    def record_ttft(self, seconds: float) -> None:
+        """A first token of this pool's engine (vLLM's time_to_first_token_seconds)."""
+        self.w_ttft_sum += seconds
+        self.w_ttft_n += 1
+        self.w_ttfts.append(seconds)
 
     def reset_window(self) -> None:
         self.w_prompt = 0
@@ -441,6 +451,8 @@ class _Engine:
             pool.timeline.append((0.0, spec.replicas, spec.replicas))
             self.pools.append(pool)
         self.dropped: list[_Req] = []
+        self.w_client_ttfts: list[float] = []  # the clients' first tokens since the last tick
+        self.collect_clients = isinstance(autoscaler, ObservesClients)
         self.last_tick = 0.0
         self.thresholds: list[tuple[float, int]] = [(0.0, self.router.split_threshold_tokens)]
         self.spans: list[tuple[float, float, float]] = []  # filled by results()
@@ -703,12 +715,13 @@ class _Engine:
         self.start(inst, now)
 
     def first_token(self, req: _Req, at: float) -> None:
+        """The client's first token (a split request's prefill pool records its own at the
+        end of its prefill, `prefilled`)."""
         req.first = at
-        pool = req.pool
-        if pool is not None:
-            pool.w_ttft_sum += at - req.arrival
-            pool.w_ttft_n += 1
-            pool.w_ttfts.append(at - req.arrival)
+        if self.collect_clients:
+            self.w_client_ttfts.append(at - req.arrival)
+        if req.pool is not None and req.pool.spec.role != "prefill":
+            req.pool.record_ttft(at - req.arrival)
 
     def prefilled(self, inst: _Inst, req: _Req, now: float) -> None:
         inst.pool.w_gen += 1
@@ -716,6 +729,7 @@ class _Engine:
             inst.pool.w_isl_sum += req.prompt
             inst.pool.w_osl_sum += 1
             inst.pool.w_len_n += 1
+            inst.pool.record_ttft(now - req.arrival)
         if inst.role == "mixed" or req.output <= 1 or not self.config.ttft_on_decode:
             self.first_token(req, now)
         if inst.role == "mixed":
@@ -861,6 +875,12 @@ class _Engine:
                 observation=self.observe(pool, window_s),
             )
             pool.reset_window()
+        client = sorted(self.w_client_ttfts)
+        self.w_client_ttfts = []
+        if self.collect_clients and isinstance(self.autoscaler, ObservesClients):
+            self.autoscaler.observe_clients(
+                _ttft_buckets(client, max(window_s, 1e-9)), sum(client) / len(client) if client else None
+            )
         decisions = self.autoscaler.decide(now, states)
         if isinstance(self.autoscaler, TunesRouting):
             threshold = self.autoscaler.split_threshold()

@@ -68,6 +68,23 @@ class TunesRouting(Protocol):
     def split_threshold(self) -> int | None: ...
 
 
+@runtime_checkable
+class ObservesClients(Protocol):
+    """An autoscaling policy that also reads the first tokens as clients see them (Tandem's
+    router exports a TTFT histogram; Dynamo's planner reads its frontend's TTFT).
+
+    The simulator calls :meth:`observe_clients` before every :meth:`AutoscalePolicy.decide`
+    with the interval's client TTFTs: cumulative first tokens/s per vLLM TTFT bucket bound
+    (the last bound infinite) and their mean (None when none came). A pool's own
+    ``ttft_buckets`` and ``mean_ttft_s`` are its engine's, as vLLM reports them: a prefill
+    instance's first token comes at the end of its prefill, before the KV hand-off.
+    """
+
+    def observe_clients(
+        self, ttft_buckets: tuple[tuple[float, float], ...], mean_ttft_s: float | None
+    ) -> None: ...
+
+
 @dataclass
 class StaticPolicy:
     """Never changes anything (the fleet as provisioned)."""
