@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tandem.bench import traces
 from tandem.bench.cli import main, summary
-from tandem.bench.run import peak_demand
+from tandem.bench.run import BenchConfig, peak_demand, tandem_fleet, tandem_router
+from tandem.planner.baselines import DynamoSla
+from tandem.planner.policy import TandemPolicy, planner_spec_for_fleet
+from tandem.planner.types import PoolObservation
+from tandem.sim.fleet import simulate
+from tandem.sim.policies import PoolState
 from tandem.sim.trace import TraceRequest
 
 
@@ -95,3 +103,29 @@ def test_resample_blocks_runs_each_seed_and_needs_seeds_and_a_positive_length(tm
     assert all(0.0 <= e["policies"]["tandem"]["slo_attainment"] <= 1.0 for e in results.values())
     assert main([*args, "--resample-blocks", "300"]) == 2  # no --seeds
     assert main([*args, "--seeds", "1", "--resample-blocks", "-5"]) == 2
+
+
+def test_tandem_and_dynamo_read_the_first_tokens_clients_see() -> None:
+    """Tandem's planner counts its error budget on the router's TTFT (the clients'), and
+    Dynamo's planner corrects its prefill model with its frontend's TTFT, not the prefill
+    engine's (which ends before the KV hand-off)."""
+    cfg = BenchConfig()
+    trace = [TraceRequest(i * 0.5, 3000, 20) for i in range(240)]
+    fleet = tandem_fleet(cfg)
+    spec = planner_spec_for_fleet(fleet, cfg.slo, interval_s=30.0, split_threshold=512)
+    tandem = TandemPolicy(spec)
+    simulate(trace, fleet, cfg.slo, router=tandem_router(cfg), autoscaler=tandem, config=cfg.sim)
+    sources = {d.signals.get("errorBudgetSource") for _, d in tandem.decisions}
+    assert "router" in sources and "pools" not in sources
+    dynamo = DynamoSla(fleet.pools[0], fleet.pools[3], cfg.model, cfg.slo)
+    engine = PoolObservation(0.0, 0.0, 0.1, 3000.0, 0.0, 1.0, 0.5, None, mean_prompt_tokens=3000.0)
+    quiet = PoolObservation(0.0, 0.0, 0.1, 0.0, 0.0, 0.0, None, None)
+    pools = {
+        p.name: PoolState(
+            p.name, p.role, p.accelerator.name, 1, 1.0, 1, 1, 0, 0, 8, engine if i == 0 else quiet
+        )
+        for i, p in enumerate(fleet.pools)
+    }
+    dynamo.observe_clients(((math.inf, 1.0),), 1.7)
+    dynamo.decide(30.0, pools)
+    assert dynamo._acc["ttft"] == pytest.approx(30.0 * 1.7)  # the frontend's, not the engine's 0.5

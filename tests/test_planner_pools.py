@@ -7,10 +7,18 @@ import math
 from dataclasses import replace
 
 import pytest
-from tests.test_planner import MODEL, metrics, target
+from tests.test_planner import MODEL, fleet, metrics, target
+from tests.test_planner import SPEC as FOUR  # prefill-mi300x, prefill-h100, decode-mi300x, mixed-mi300x
 
 from tandem.planner import Observation, PlannerSpec, PlannerState, PoolReading, decide
-from tandem.planner.core import _keep_decode_for_prefill, _Plan, budget_spent, update_budget, within
+from tandem.planner.core import (
+    _keep_decode_for_prefill,
+    _make_before_break,
+    _Plan,
+    budget_spent,
+    update_budget,
+    within,
+)
 from tandem.planner.types import Tuning
 
 # One prefill pool, two decode pools of nearly the same price: Gaudi 3 a little cheaper, an
@@ -237,3 +245,37 @@ def test_a_prefill_plan_keeps_a_decode_replica_on_a_pool_that_may_run_one() -> N
     plan = _Plan(targets={"prefill-mi300x": 2, "decode-gaudi3": 0, "decode-mi300x": 0})
     _keep_decode_for_prefill(spec, plan)
     assert plan.targets == {"prefill-mi300x": 2, "decode-gaudi3": 0, "decode-mi300x": 1}
+
+
+def test_a_path_switch_keeps_the_old_paths_replicas_until_the_new_ones_serve() -> None:
+    """Make before break across paths: split-path pools do not go down while a mixed pool
+    goes up or starts (and the other way round); within one path nothing is held."""
+    obs = fleet(replicas=(2, 0, 1, 1))
+    plan = _Plan()
+    out: dict[str, int | None] = {
+        "prefill-mi300x": 0,
+        "prefill-h100": None,
+        "decode-mi300x": 0,
+        "mixed-mi300x": 3,
+    }
+    _make_before_break(FOUR, obs, plan, out)
+    assert out == {"prefill-mi300x": None, "prefill-h100": None, "decode-mi300x": None, "mixed-mi300x": 3}
+    assert plan.held == {"prefill-mi300x": "moving-in", "decode-mi300x": "moving-in"}
+    # a mixed replica still starting holds the split path too; once nothing moves in, nothing
+    # is held
+    starting = fleet(replicas=(2, 0, 1, 3), starting=(0, 0, 0, 2))
+    out = {"prefill-mi300x": 1, "prefill-h100": None, "decode-mi300x": None, "mixed-mi300x": None}
+    _make_before_break(FOUR, starting, _Plan(), out)
+    assert out["prefill-mi300x"] is None
+    out = {"prefill-mi300x": 1, "prefill-h100": None, "decode-mi300x": None, "mixed-mi300x": None}
+    _make_before_break(FOUR, obs, _Plan(), out)
+    assert out["prefill-mi300x"] == 1
+    # within the split path: decode up, prefill down is not a path switch
+    out = {"prefill-mi300x": 1, "prefill-h100": None, "decode-mi300x": 2, "mixed-mi300x": None}
+    _make_before_break(FOUR, obs, _Plan(), out)
+    assert out == {"prefill-mi300x": 1, "prefill-h100": None, "decode-mi300x": 2, "mixed-mi300x": None}
+    # with one path only (this module's SPEC), nothing is ever held
+    single = observe((2, 0))
+    out = {"prefill-mi300x": None, "decode-mi300x": 1, "decode-gaudi3": 1}
+    _make_before_break(SPEC, single, _Plan(), out)
+    assert out == {"prefill-mi300x": None, "decode-mi300x": 1, "decode-gaudi3": 1}

@@ -4,6 +4,7 @@ table and PNG timelines (replicas per pool against load) into ``--out``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 from tandem.bench.run import POLICIES, BenchConfig, PolicyRun, run_trace
 from tandem.bench.traces import SYNTHETIC, resample_blocks
+from tandem.planner.types import Tuning
 from tandem.sim.trace import TraceRequest, load_trace
 
 # Goals of issue 6 (cost per 1,000 SLO-met requests relative to each baseline).
@@ -185,6 +187,28 @@ def run(
     return results
 
 
+def parse_tuning(items: Sequence[str]) -> Tuning:
+    """The planner's `Tuning` with ``KEY=VALUE`` overrides (values of the field's type);
+    ValueError naming the key for an unknown knob or a value of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(Tuning)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--tuning takes KEY=VALUE with KEY one of the planner's knobs, got {item!r}")
+        default: Any = fields[key].default
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false"):
+                raise ValueError(f"--tuning {key} takes true or false, got {raw!r}")
+            changes[key] = raw.lower() == "true"
+        else:
+            try:
+                changes[key] = type(default)(raw)
+            except ValueError:
+                raise ValueError(f"--tuning {key} takes a {type(default).__name__}, got {raw!r}") from None
+    return dataclasses.replace(Tuning(), **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tandem.bench", description=__doc__)
     p.add_argument("--trace", action="append", default=[], help="Azure CSV or Mooncake JSONL (repeatable)")
@@ -211,7 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--baseline-accelerator", default="h100")
     p.add_argument("--no-png", action="store_true")
+    p.add_argument(
+        "--tuning",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one of the planner's knobs (tandem.planner.types.Tuning; repeatable), "
+        "e.g. pooled_servers_max=64",
+    )
     args = p.parse_args(argv)
+    try:
+        tuning = parse_tuning(args.tuning)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     traces: dict[str, Sequence[TraceRequest]] = {}
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -245,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown policies {sorted(unknown)}", file=sys.stderr)
         return 2
-    cfg = BenchConfig(policies=policies, baseline_accelerator=args.baseline_accelerator)
+    cfg = BenchConfig(policies=policies, baseline_accelerator=args.baseline_accelerator, tuning=tuning)
     run(traces, cfg, Path(args.out), pngs=not args.no_png)
     print(f"wrote {args.out}/results.json, results.md" + ("" if args.no_png else " and PNG timelines"))
     return 0

@@ -93,23 +93,41 @@ def work_seconds(prof: PerfProfile, length: int, budget: int, spread: Spread = (
     return batched, alone
 
 
-def wait_quantile(rho: float, service_s: float, q: float) -> float:
-    """M/M/1 waiting-time quantile: P(W > t) = rho * exp(-(1-rho) t / S)."""
-    if rho <= q:
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue of ``servers`` servers and
+    ``offered`` = lambda x S erlangs (1 when ``offered >= servers``); Erlang B by its
+    recurrence, then C = B / (1 - rho (1 - B)). ``servers = 1`` gives rho (M/M/1)."""
+    if offered >= servers:
+        return 1.0
+    b = 1.0
+    for k in range(1, servers + 1):
+        b = offered * b / (k + offered * b)
+    rho = offered / servers
+    return b / (1.0 - rho * (1.0 - b))
+
+
+def wait_quantile(rho: float, service_s: float, q: float, servers: int = 1) -> float:
+    """M/M/c waiting-time quantile at per-server utilisation ``rho``:
+    P(W > t) = C(c, c rho) * exp(-c (1-rho) t / S); at c = 1 the M/M/1 rho * exp(-(1-rho) t / S)."""
+    c = max(1, servers)
+    wait = erlang_c(c, c * rho)
+    if wait <= q:
         return 0.0
-    return service_s / (1.0 - rho) * math.log(rho / q)
+    return service_s / (c * (1.0 - rho)) * math.log(wait / q)
 
 
-def max_load(base_s: float, service_s: float, target_s: float, q: float, cap: float) -> float:
+def max_load(
+    base_s: float, service_s: float, target_s: float, q: float, cap: float, servers: int = 1
+) -> float:
     """Largest utilisation rho <= cap with ``base_s + wait_quantile(rho) <= target_s``."""
     if base_s > target_s:
         return 0.0
-    if base_s + wait_quantile(cap, service_s, q) <= target_s:
+    if base_s + wait_quantile(cap, service_s, q, servers) <= target_s:
         return cap
     lo, hi = 0.0, cap
     for _ in range(40):
         mid = (lo + hi) / 2
-        if base_s + wait_quantile(mid, service_s, q) <= target_s:
+        if base_s + wait_quantile(mid, service_s, q, servers) <= target_s:
             lo = mid
         else:
             hi = mid
@@ -126,6 +144,7 @@ def prefill_capacity(
     corr: float = 1.0,
     typical: float | None = None,
     spread: Spread = (),
+    servers: int = 1,
 ) -> Capacity:
     """``isl``: mean prompt; ``spread``: the prompt lengths (the work per request is averaged
     over them; default: the mean's); ``typical``: the median prompt, whose latency must meet
@@ -140,7 +159,7 @@ def prefill_capacity(
     link = NIC_GBS_PER_DEVICE * pool.tp
     # The first token reaches the client from the decode replica (tandem.sim SimConfig.ttft_on_decode).
     extra = kv_transfer_seconds(model, short, link, compute_seconds=single_s) + prof.decode_step(1, short)
-    rho = max_load(single_s + extra, per_req_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation)
+    rho = max_load(single_s + extra, per_req_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation, servers)
     if rho <= 0:
         return Capacity(0.0, "infeasible")
     return Capacity(rho / per_req_s, "ttft" if rho < tune.max_utilisation else "compute")
@@ -217,6 +236,7 @@ def mixed_capacity(
     corr: float = 1.0,
     typical: float | None = None,
     spread: Spread = (),
+    servers: int = 1,
 ) -> Capacity:
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
@@ -226,7 +246,7 @@ def mixed_capacity(
     single_s = length * pf_per_token
     short = max(1, round(min(isl, typical or isl)))
     base_s = prompt_seconds(prof, short, budget)[1] * corr
-    rho_max = max_load(base_s, single_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation)
+    rho_max = max_load(base_s, single_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation, servers)
     if rho_max <= 0:
         return Capacity(0.0, "infeasible")
     hi = rho_max / (length * pf_per_token)
@@ -258,6 +278,7 @@ def capacity(
     corr: float = 1.0,
     typical: float | None = None,
     spread: Spread = (),
+    servers: int = 1,
 ) -> Capacity:
     """Per-replica capacity of ``pool`` for requests of mean shape (isl, osl); ``typical``
     is the median prompt (the latency target is met at it; default: the mean); ``spread``
@@ -265,7 +286,7 @@ def capacity(
 
     Memoised: a decision prices the same pool at the same shape for several thresholds
     (sizing, routing, the final plan), and the mixed model's search costs ~0.5 ms."""
-    return _capacity(pool, model, isl, osl, ttft_s, itl_s, attainment, tune, corr, typical, spread)
+    return _capacity(pool, model, isl, osl, ttft_s, itl_s, attainment, tune, corr, typical, spread, servers)
 
 
 @lru_cache(maxsize=4096)
@@ -281,21 +302,29 @@ def _capacity(
     corr: float,
     typical: float | None,
     spread: Spread,
+    servers: int,
 ) -> Capacity:
     q = max(1e-3, 1.0 - attainment)
     if pool.role == "prefill":
-        return prefill_capacity(pool, model, isl, ttft_s, q, tune, corr, typical, spread)
+        return prefill_capacity(pool, model, isl, ttft_s, q, tune, corr, typical, spread, servers)
     if pool.role == "decode":
         return decode_capacity(pool, model, isl, osl, itl_s, tune, corr)
-    return mixed_capacity(pool, model, isl, osl, ttft_s, itl_s, q, tune, corr, typical, spread)
+    return mixed_capacity(pool, model, isl, osl, ttft_s, itl_s, q, tune, corr, typical, spread, servers)
 
 
 def predicted_ttft(
-    pool: PoolTarget, model: ModelArch, isl: float, rate_per_replica: float, spread: Spread = ()
+    pool: PoolTarget,
+    model: ModelArch,
+    isl: float,
+    rate_per_replica: float,
+    spread: Spread = (),
+    servers: int = 1,
 ) -> float | None:
-    """Model mean TTFT (corr = 1) of a prefill or mixed replica at ``rate_per_replica``
-    (M/M/1 mean wait), averaged over ``spread``'s prompt lengths (default: at the mean);
-    ``None`` when the model says the replica is saturated."""
+    """Model mean TTFT (corr = 1) of a prefill or mixed replica at ``rate_per_replica``, one
+    of ``servers`` behind the router (M/M/c mean wait C S / (c (1 - rho))), averaged over
+    ``spread``'s prompt lengths (default: at the mean); ``None`` when the model says the
+    replica is saturated. The engine's own TTFT, as vLLM reports it: its first token at
+    the end of the prefill (a prefill instance's comes before the KV hand-off)."""
     prof = profile(pool.accelerator, model, pool.tp)
     length = max(1, round(isl))
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
@@ -303,7 +332,8 @@ def predicted_ttft(
     rho = rate_per_replica * per_req_s
     if rho >= 0.95:
         return None
-    return single_s + rho / (1 - rho) * per_req_s + prof.decode_step(1, length)
+    c = max(1, servers)
+    return single_s + erlang_c(c, c * rho) / (c * (1 - rho)) * per_req_s
 
 
 def predicted_itl(pool: PoolTarget, model: ModelArch, isl: float, osl: float, batch: float) -> float:

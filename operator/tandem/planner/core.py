@@ -248,29 +248,39 @@ def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float
     return Total(max(rate, predicted), rate, dist, max(1.0, means[1]))
 
 
+def dispersion(spec: PlannerSpec, st: PlannerState) -> float | None:
+    """The arrivals' index of dispersion over the memory (variance / mean of the counts per
+    interval, the variance from successive differences so that a slow ramp does not count;
+    Poisson: 1); None until a whole scale-down window was watched or while nothing arrived."""
+    t = spec.tuning
+    if len(st.arrivals) < 3 or st.arrivals[-1][0] - st.arrivals[0][0] < t.down_window_s:
+        return None
+    counts = [r * spec.interval_s for _, r in st.arrivals]
+    mean = sum(counts) / len(counts)
+    if mean <= 0:
+        return None
+    return sum((b - a) ** 2 for a, b in itertools.pairwise(counts)) / (2 * (len(counts) - 1)) / mean
+
+
 def burst_floor(spec: PlannerSpec, st: PlannerState, rate: float, now: float) -> float:
     """The rate the fleet keeps for bursty arrivals (updates ``st.arrivals``); 0 for smooth ones.
 
     A burst of seconds is over before a replica started for it serves (minutes), so only
-    capacity that already runs can serve it. When the arrivals' index of dispersion (from
-    successive differences, so a slow ramp does not count) is at least ``burst_dispersion``,
-    this is the least rate R with sum(max(0, r_i - R)) <= share * sum(r_i) over the memory:
-    at most ``burst_excess_share`` of the error budget arrives beyond R. 0 once no request
-    came for ``spare_window_share`` of the scale-down window (the load stopped: longer than
-    any gap between the Azure code trace's bursts, 217 s), so the fleet then goes down."""
+    capacity that already runs can serve it. When the arrivals' `dispersion` is at least
+    ``burst_dispersion``, this is the least rate R with sum(max(0, r_i - R)) <= share *
+    sum(r_i) over the memory: at most ``burst_excess_share`` of the error budget arrives
+    beyond R. 0 once no request came for ``spare_window_share`` of the scale-down window (the
+    load stopped: longer than any gap between the Azure code trace's bursts, 217 s), so the
+    fleet then goes down."""
     t = spec.tuning
     st.arrivals = [(ts, r) for ts, r in st.arrivals if now - ts < t.burst_memory_s] + [(now, rate)]
-    rates = [r for _, r in st.arrivals]
-    if len(rates) < 3 or now - st.arrivals[0][0] < t.down_window_s:
+    index = dispersion(spec, st)
+    if index is None or index < t.burst_dispersion:
         return 0.0
     silence = t.down_window_s * t.spare_window_share
     if all(r <= 0 for ts, r in st.arrivals if now - ts < silence):
         return 0.0
-    counts = [r * spec.interval_s for r in rates]
-    mean = sum(counts) / len(counts)
-    jumps = sum((b - a) ** 2 for a, b in itertools.pairwise(counts)) / (2 * (len(counts) - 1))
-    if mean <= 0 or jumps / mean < t.burst_dispersion:
-        return 0.0
+    rates = [r for _, r in st.arrivals]
     allowed = t.burst_excess_share * (1 - spec.attainment) * sum(rates)
     low, high = 0.0, max(rates)
     for _ in range(40):
@@ -345,7 +355,9 @@ def _shares(
 # ------------------------------------------------------------------------- 4. correction
 
 
-def _ratio(spec: PlannerSpec, pool: PoolTarget, reading: PoolReading, demand: Demand) -> float | None:
+def _ratio(
+    spec: PlannerSpec, st: PlannerState, pool: PoolTarget, reading: PoolReading, demand: Demand
+) -> float | None:
     """Observed / modelled latency of one pool, or None when the sample is not informative."""
     m = reading.metrics
     per_replica = (m.requests_per_s or 0.0) / reading.ready
@@ -355,7 +367,9 @@ def _ratio(spec: PlannerSpec, pool: PoolTarget, reading: PoolReading, demand: De
     if pool.role == "prefill":
         if m.mean_ttft_s is None or per_replica * spec.interval_s < MIN_SAMPLES:
             return None
-        pred = predicted_ttft(pool, spec.model, demand.isl, per_replica, demand.spread)
+        pred = predicted_ttft(
+            pool, spec.model, demand.isl, per_replica, demand.spread, _servers(spec, st, reading.ready)
+        )
         return m.mean_ttft_s / pred if pred else None
     if m.mean_itl_s is None or not m.running:
         return None
@@ -381,7 +395,7 @@ def update_corrections(
                 reading = obs.pools[pool.name]
                 if reading.ready == 0:
                     continue
-                ratio = _ratio(spec, pool, reading, d)
+                ratio = _ratio(spec, st, pool, reading, d)
                 if ratio is None or not math.isfinite(ratio):
                     continue
                 m = reading.metrics
@@ -513,11 +527,64 @@ def correction(spec: PlannerSpec, st: PlannerState, pool: PoolTarget) -> float:
     return sum(known) / len(known) if known else 1.0
 
 
-def _cap(spec: PlannerSpec, pool: PoolTarget, d: Demand, st: PlannerState) -> Capacity:
+def _servers(spec: PlannerSpec, st: PlannerState, replicas: int) -> int:
+    """Servers a pool of ``replicas`` queues as: one per replica up to
+    ``pooled_servers_max`` while arrivals are smooth (Poisson-like, `dispersion` below
+    ``burst_dispersion``); one otherwise: a burst of seconds queues on every replica at once,
+    and the per-replica sizing is the margin for it."""
+    if spec.tuning.pooled_servers_max <= 1 or replicas <= 1:
+        return 1
+    index = dispersion(spec, st)
+    if index is None or index >= spec.tuning.burst_dispersion:
+        return 1
+    return min(replicas, spec.tuning.pooled_servers_max)
+
+
+def _cap(spec: PlannerSpec, pool: PoolTarget, d: Demand, st: PlannerState, replicas: int = 1) -> Capacity:
+    """Per-replica capacity of ``pool`` for ``d`` when it runs ``replicas`` (queueing as one)."""
     return capacity(
         pool, spec.model, d.isl, d.osl, spec.ttft_s, spec.itl_s, spec.attainment, spec.tuning,
-        correction(spec, st, pool), d.typical, d.spread,
+        correction(spec, st, pool), d.typical, d.spread, _servers(spec, st, replicas),
     )  # fmt: skip
+
+
+def _covers(rate: float, alloc: Mapping[str, int], caps: Mapping[str, Capacity]) -> bool:
+    return sum(n * caps[k].rps for k, n in alloc.items()) >= rate - 1e-9
+
+
+def allocate_pooled(
+    spec: PlannerSpec, pools: list[PoolTarget], d: Demand, st: PlannerState
+) -> tuple[dict[str, int], bool, dict[str, Capacity]]:
+    """`allocate` with each pool's capacity at the replicas it is given (a pool of n
+    replicas queues as one of n servers, so its capacity per replica grows with n).
+
+    Fixed point from the single-server sizing: each round prices the pools at the previous
+    round's counts (at first the single-server allocation, or the maxes when that falls
+    short) and allocates again; the cheapest allocation that covers the rate at its own
+    counts' capacities wins (the single-server one always does: more servers never lower
+    the capacity). Returns (replicas, short, capacities at those replicas)."""
+    caps = {p.name: _cap(spec, p, d, st) for p in pools}
+    alloc, short = allocate(d.rate, pools, caps)
+    if spec.tuning.pooled_servers_max <= 1 or all(_servers(spec, st, p.max_replicas) == 1 for p in pools):
+        return alloc, short, caps
+    price = {p.name: p.price_per_hour for p in pools}
+    best = None if short else (sum(n * price[k] for k, n in alloc.items()), alloc)
+    counts = {p.name: p.max_replicas for p in pools} if short else alloc
+    for _ in range(5):
+        trial, trial_short = allocate(
+            d.rate, pools, {p.name: _cap(spec, p, d, st, counts[p.name]) for p in pools}
+        )
+        own = {p.name: _cap(spec, p, d, st, trial[p.name]) for p in pools}
+        cost = sum(n * price[k] for k, n in trial.items())
+        if not trial_short and _covers(d.rate, trial, own) and (best is None or cost < best[0]):
+            best = (cost, trial)
+        if trial == counts:
+            break
+        counts = trial
+    if best is None:  # short even at the maxes' pooled capacity
+        return alloc, True, {p.name: _cap(spec, p, d, st, alloc[p.name]) for p in pools}
+    chosen = best[1]
+    return chosen, False, {p.name: _cap(spec, p, d, st, chosen[p.name]) for p in pools}
 
 
 _Key = tuple[float, float, tuple[int, ...]]  # (cost, -capacity, combination): least is best
@@ -658,13 +725,14 @@ def size(
                 plan.targets.update({p.name: p.min_replicas for p in pools})
                 continue
             caps = {p.name: _cap(spec, p, d, st) for p in pools}
-            plan.caps.update(caps)
             if not any(c.rps > 0 for c in caps.values()):
+                plan.caps.update(caps)
                 plan.infeasible.append(role)
                 plan.unmet += d.rate
                 plan.targets.update({p.name: None for p in pools})
                 continue
-            alloc, short = allocate(d.rate, pools, caps)
+            alloc, short, caps = allocate_pooled(spec, pools, d, st)
+            plan.caps.update(caps)
             if not short and plan.running:
                 alloc = _prefer_running(spec, pools, caps, d.rate, alloc, plan.running)
             plan.targets.update(alloc)
@@ -840,7 +908,7 @@ def _path_load(
             continue
         for role in cls.roles:
             cap = sum(
-                obs.pools[p.name].ready * _cap(spec, p, d, st).rps
+                obs.pools[p.name].ready * _cap(spec, p, d, st, obs.pools[p.name].ready).rps
                 for p in spec.by_role(role)
                 if obs.pools[p.name].ready > 0
             )
@@ -1026,7 +1094,30 @@ def stabilise(
     out: dict[str, int | None] = {}
     for pools in roles(spec):
         out.update(_role_targets(spec, pools, obs, st, now, plan, covered))
+    _make_before_break(spec, obs, plan, out)
     return {p.name: out[p.name] for p in spec.pools}
+
+
+def _step(target: int | None, current: int) -> int:
+    """Replicas a target adds (> 0) or removes (< 0); 0 for None (keep)."""
+    return 0 if target is None else target - current
+
+
+def _make_before_break(spec: PlannerSpec, obs: Observation, plan: _Plan, out: dict[str, int | None]) -> None:
+    """Requests switching path (split <-> mixed) keep the old path's replicas until the new
+    path's serve: a role of one path does not go down while a role that only the other path
+    uses goes up or starts (synthetic-bursts at seed 11: the split path was released at a
+    burst's onset while the mixed replicas for it were starting, and one mixed replica took
+    the burst at 0.28 attainment)."""
+    paths = {
+        role: {c.name for c in classes(spec) if role in c.roles} for role in {p.role for p in spec.pools}
+    }
+    change = {p.name: _step(out[p.name], obs.pools[p.name].replicas) for p in spec.pools}
+    moving = {p.role for p in spec.pools if obs.pools[p.name].starting > 0 or change[p.name] > 0}
+    for p in spec.pools:
+        if change[p.name] < 0 and any(not (paths[p.role] & paths[role]) for role in moving):
+            out[p.name] = None
+            plan.held[p.name] = "moving-in"
 
 
 def _after_budget(

@@ -26,12 +26,15 @@ from tandem.sim.fleet import SLO, FleetSpec
 from tandem.sim.policies import PoolState
 
 
-def observation_from_states(pools: Mapping[str, PoolState]) -> Observation:
+def observation_from_states(
+    pools: Mapping[str, PoolState], client_ttft_buckets: tuple[tuple[float, float], ...] | None = None
+) -> Observation:
     return Observation(
         {
             name: PoolReading(replicas=p.replicas, ready=p.ready, starting=p.starting, metrics=p.observation)
             for name, p in pools.items()
-        }
+        },
+        client_ttft_buckets=client_ttft_buckets,
     )
 
 
@@ -84,9 +87,16 @@ class TandemPolicy:
     decisions: list[tuple[float, Decision]] = field(default_factory=list)
     keep_decisions: bool = True
     _threshold: int | None = None
+    _client: tuple[tuple[float, float], ...] | None = None
+
+    def observe_clients(
+        self, ttft_buckets: tuple[tuple[float, float], ...], mean_ttft_s: float | None
+    ) -> None:
+        """The router's TTFT histogram, as the operator reads it from Prometheus."""
+        self._client = ttft_buckets
 
     def decide(self, now: float, pools: Mapping[str, PoolState]) -> Mapping[str, int | None]:
-        decision = decide(self.spec, observation_from_states(pools), self.state, now)
+        decision = decide(self.spec, observation_from_states(pools, self._client), self.state, now)
         self.state = decision.state
         self._threshold = decision.split_threshold
         if self.keep_decisions:
