@@ -7,7 +7,7 @@ import math
 from dataclasses import replace
 
 import pytest
-from tests.test_planner import MODEL, fleet, metrics, target
+from tests.test_planner import MODEL, fleet, metrics, reading, target
 from tests.test_planner import SPEC as FOUR  # prefill-mi300x, prefill-h100, decode-mi300x, mixed-mi300x
 
 from tandem.planner import Observation, PlannerSpec, PlannerState, PoolReading, decide
@@ -15,6 +15,7 @@ from tandem.planner.core import (
     _keep_decode_for_prefill,
     _make_before_break,
     _Plan,
+    _unused_and_idle,
     budget_spent,
     update_budget,
     within,
@@ -221,8 +222,10 @@ def test_a_zero_scale_down_window_never_fails() -> None:
 
 def test_the_new_state_round_trips_through_json() -> None:
     st = _peak_then_lull(SPEC, 2000.0)
+    st.idle_since = {"mixed": 1940.0}
     back = PlannerState.from_json(st.to_json())
     assert back.recommendations == st.recommendations and (back.slo_met, back.slo_seen) == (930.0, 1000.0)
+    assert back.idle_since == {"mixed": 1940.0}
     assert PlannerState.from_json('{"role_units": {"decode": [[1, 2]]}}') == PlannerState()
 
 
@@ -279,3 +282,91 @@ def test_a_path_switch_keeps_the_old_paths_replicas_until_the_new_ones_serve() -
     out = {"prefill-mi300x": None, "decode-mi300x": 1, "decode-gaudi3": 1}
     _make_before_break(SPEC, single, _Plan(), out)
     assert out == {"prefill-mi300x": None, "decode-mi300x": 1, "decode-gaudi3": 1}
+
+
+def _split_only(
+    now: float, split_rps: float, mixed: int = 4, tokens: bool = True
+) -> tuple[Observation, PlannerState]:
+    """FOUR with every prompt on the split path (2,000 tokens, threshold 512) and ``mixed``
+    mixed replicas that the router sends nothing, left from a peak 100 s ago that asked
+    for them; ``tokens=False``: the mixed pool's token rates are unknown."""
+    idle = metrics(0.0, 200, 100)
+    if not tokens:
+        idle = replace(idle, prompt_tokens_per_s=None, generation_tokens_per_s=None)
+    obs = Observation(
+        {
+            "prefill-mi300x": reading(2, metrics(split_rps, 2000, 1, ttft_buckets=TTFT_OK)),
+            "prefill-h100": reading(0),
+            "decode-mi300x": reading(
+                1, replace(metrics(0.0, 2000, 100), generation_tokens_per_s=split_rps * 100)
+            ),
+            "mixed-mi300x": reading(mixed, idle),
+        }
+    )
+    st = PlannerState()
+    st.recommendations = {
+        "prefill-mi300x": [(now - 700, 2), (now - 100, 2)],
+        "prefill-h100": [(now - 700, 0), (now - 100, 0)],
+        "decode-mi300x": [(now - 700, 1), (now - 100, 1)],
+        "mixed-mi300x": [(now - 700, 1), (now - 100, mixed)],
+    }
+    st.slo_met, st.slo_seen = 990.0, 1000.0
+    st.last_good = now - 30
+    return obs, st
+
+
+def _mixed_over(
+    obs: Observation, st: PlannerState, now: float, steps: int, spec: PlannerSpec = FOUR
+) -> list[tuple[str, int | None]]:
+    out = []
+    for i in range(steps):
+        d = decide(spec, obs, st, now + 30.0 * i)
+        st = d.state
+        out.append((d.reason, d.replicas["mixed-mi300x"]))
+    return out
+
+
+def test_a_path_the_plan_no_longer_uses_goes_down_once_idle_without_the_window() -> None:
+    """Mixed replicas the router sends nothing (not even spill) while the split path serves,
+    and that no class of the plan uses, go to their recommendation (the pool's min) once idle
+    for ``idle_release_s``, not at the end of the scale-down window."""
+    now = 2000.0
+    obs, st = _split_only(now, split_rps=0.5)
+    assert FOUR.tuning.idle_release_s == 60.0
+    steps = _mixed_over(obs, st, now, 4)
+    # idle seen at +0 s; held at +30 s; released at +60 s
+    assert steps[:2] == [("StabilisingScaleDown", None), ("StabilisingScaleDown", None)]
+    assert steps[2] == ("ScaledDown", 1)
+    d = decide(FOUR, obs, decide(FOUR, obs, st, now).state, now + 30.0)
+    assert d.signals["mixed.idleSeconds"] == "30" and "decode.idleSeconds" not in d.signals
+    # without the rule the window (halved: the budget is spare) holds them 200 s longer
+    slow = replace(FOUR, tuning=replace(FOUR.tuning, idle_release_s=math.inf))
+    assert all(n is None for _, n in _mixed_over(obs, st, now, 6, slow))
+
+
+def test_an_idle_path_is_held_while_the_whole_service_is_idle_or_its_rate_unknown() -> None:
+    """A lull is not a path the router left (the Azure trace's silences), and a rate that is
+    not known tells nothing: the window holds the mixed replicas in both cases."""
+    now = 2000.0
+    for obs, st in (_split_only(now, split_rps=0.0), _split_only(now, split_rps=0.5, tokens=False)):
+        steps = _mixed_over(obs, st, now, 6)
+        assert all(n is None for _, n in steps), steps
+        assert "mixed.idleSeconds" not in decide(FOUR, obs, st, now).signals
+
+
+def test_an_idle_role_the_plan_still_uses_keeps_the_window() -> None:
+    plan = _Plan(unused={"mixed"})
+    st = PlannerState(idle_since={"mixed": 100.0, "decode": 100.0})
+    assert _unused_and_idle(FOUR, "mixed", st, 160.0, plan)
+    assert not _unused_and_idle(FOUR, "mixed", st, 159.0, plan)  # not idle long enough
+    assert not _unused_and_idle(FOUR, "decode", st, 500.0, plan)  # the plan sends it demand
+    assert not _unused_and_idle(FOUR, "prefill", st, 500.0, plan)  # not idle
+
+
+def test_idleness_seen_before_a_gap_in_the_metrics_does_not_count() -> None:
+    now = 2000.0
+    obs, st = _split_only(now, split_rps=0.5)
+    st.idle_since = {"mixed": now - 600.0}
+    st.last_good = now - 300.0  # nothing good for 10 intervals: the windows start again
+    d = decide(FOUR, obs, st, now)
+    assert d.replicas["mixed-mi300x"] is None and d.state.idle_since == {"mixed": now}

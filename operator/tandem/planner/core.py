@@ -109,6 +109,7 @@ class _Plan:
     unmet: float = 0.0  # requests/s no allowed fleet serves within the SLO (per role)
     held: dict[str, str] = field(default_factory=dict)  # pool -> why it was held
     running: Mapping[str, int] = field(default_factory=dict)  # pool -> replicas in force now
+    unused: set[Role] = field(default_factory=set)  # roles no class of the plan sends demand to
 
 
 def classes(spec: PlannerSpec) -> list[DemandClass]:
@@ -715,6 +716,8 @@ def size(
 ) -> None:
     """Raw targets per pool (before stabilisation and budget) into ``plan``. ``report=False``:
     a trial (only the targets count), so no capacity is computed for a role without demand."""
+    every = {role for cls in classes(spec) for role in cls.roles}
+    plan.unused = every - {r for cls in classes(spec) if demand[cls.name].rate >= MIN_RATE for r in cls.roles}
     for cls in classes(spec):
         d = demand[cls.name]
         for role in cls.roles:
@@ -1023,7 +1026,8 @@ def _role_targets(
     one decision within the scale-down window (HPA's stabilisation counted per role, so that
     a burst sized on one pool and a lull sized on another do not hold both). While the SLO's
     error budget is spent, or the peak cannot be valued, each pool keeps its own highest
-    recommendation of the window instead."""
+    recommendation of the window instead. A role the plan no longer uses, idle for
+    ``idle_release_s``, goes down to its recommendation at once (`_unused_and_idle`)."""
     recs = {p.name: plan.targets.get(p.name) for p in pools}
     if not ups:
         recs = {
@@ -1035,6 +1039,9 @@ def _role_targets(
         return out
     if any(v is not None for v in out.values()):  # capacity moving in: none leaves until it serves
         plan.held.update({p.name: "moving-in" for p in downs})
+        return out
+    if _unused_and_idle(spec, pools[0].role, st, now, plan) and all(r is not None for r in recs.values()):
+        out.update({p.name: recs[p.name] for p in downs})
         return out
     window = down_window(spec, st, now)
     caps = {p.name: plan.caps[p.name].rps if p.name in plan.caps else 0.0 for p in pools}
@@ -1063,6 +1070,13 @@ def _role_targets(
         else:
             out[p.name] = target
     return out
+
+
+def _unused_and_idle(spec: PlannerSpec, role: Role, st: PlannerState, now: float, plan: _Plan) -> bool:
+    """Whether no demand class of ``plan`` uses ``role`` and its ready replicas have served
+    nothing for ``idle_release_s`` while other roles served (`update_idle`)."""
+    idle = st.idle_since.get(role)
+    return role in plan.unused and idle is not None and now - idle >= spec.tuning.idle_release_s
 
 
 def record(spec: PlannerSpec, st: PlannerState, now: float, plan: _Plan) -> dict[str, bool]:
@@ -1196,6 +1210,32 @@ def apply_budget(spec: PlannerSpec, obs: Observation, out: dict[str, int | None]
 # ------------------------------------------------------------------------- decide
 
 
+def _tokens_per_s(reading: PoolReading) -> float | None:
+    """Prompt plus generated tokens/s of a pool (None when either is unknown)."""
+    m = reading.metrics
+    if m.prompt_tokens_per_s is None or m.generation_tokens_per_s is None:
+        return None
+    return m.prompt_tokens_per_s + m.generation_tokens_per_s
+
+
+def update_idle(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> None:
+    """Per role, since when its ready replicas have served no token (prompt or generated)
+    while the other roles served some: the router sends it nothing, spill included. Tokens,
+    not requests: a decode instance's request counter is not where its work shows. A role
+    with no ready replica, or with a rate unknown, is not idle; nor is any role while the
+    whole service is (a lull is not a path the router left)."""
+    for pools in roles(spec):
+        role = pools[0].role
+        ready = [obs.pools[p.name] for p in pools if obs.pools[p.name].ready > 0]
+        rates = [_tokens_per_s(r) for r in ready]
+        known = [x for x in rates if x is not None]
+        busy = sum(_tokens_per_s(obs.pools[q.name]) or 0.0 for q in spec.pools if q.role != role)
+        if ready and len(known) == len(rates) and sum(known) <= 0 and busy > 0:
+            st.idle_since.setdefault(role, now)
+        else:
+            st.idle_since.pop(role, None)
+
+
 def _fresh(state: PlannerState) -> PlannerState:
     return PlannerState.from_json(state.to_json())
 
@@ -1240,6 +1280,8 @@ def _signals(
         "unknown" if met_share(spec, st) is None else ("spent" if budget_spent(spec, st) else "ok")
     )
     sig["scaleDownWindowSeconds"] = f"{down_window(spec, st, now):.0f}"
+    for role, since in sorted(st.idle_since.items()):
+        sig[f"{role}.idleSeconds"] = f"{now - since:.0f}"
     sig["splitThreshold"] = str(threshold)
     sig["plannedSplitThreshold"] = str(planned)
     if planned in costs:
@@ -1287,8 +1329,10 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     if st.last_good is not None and now - st.last_good > spec.tuning.gap_intervals * spec.interval_s:
         # what was recommended before the gap cannot vouch for it: the window starts again
         st.recommendations = {}
+        st.idle_since = {}
         _unconfirmed(st)
     st.last_good = now
+    update_idle(spec, observation, st, now)
     total = plan_total(spec, observation, st, now)
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
     update_corrections(spec, observation, st, class_demand(spec, total, routed))

@@ -194,6 +194,16 @@ class Tuning:
     # seeds (0.867-0.876 against 0.887-0.905): the per-replica sizing's slack is what covers
     # the long-prompt phase's start-up and the prompts no replica can serve in time.
     pooled_servers_max: int = 1
+    # A role whose ready replicas served no token for this long, while other roles served and
+    # no demand class of the plan uses it (the router sends it nothing and the plan has moved
+    # on), goes down to its recommendation without waiting out the scale-down window: the
+    # window keeps capacity for demand that may come back, and an unused path's replicas take
+    # none of it (spill included: they served nothing). synthetic-shift: 8 mixed replicas,
+    # started while the long prompts were infeasible on the split path, then sat idle for the
+    # whole window after the router and the plan chose the split path (oracle ratio 1.95 ->
+    # 1.66 at 60 s, 1.73 at 180 s, 1.79 at 300 s, attainment unchanged; held-out seeds
+    # 11/12/13 likewise). Not while the service is idle (the Azure trace's silences).
+    idle_release_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -352,6 +362,8 @@ class PlannerState:
     slo_seen: float = 0.0
     # (time, observed entry requests/s) within ``burst_memory_s``
     arrivals: list[tuple[float, float]] = field(default_factory=list)
+    # role -> since when its ready replicas have served no token while other roles served
+    idle_since: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -385,6 +397,7 @@ class PlannerState:
                 slo_met=float(raw.get("slo_met", 0.0)),
                 slo_seen=float(raw.get("slo_seen", 0.0)),
                 arrivals=[(float(t), float(r)) for t, r in raw.get("arrivals", [])],
+                idle_since={k: float(v) for k, v in raw.get("idle_since", {}).items()},
             )
         except (TypeError, ValueError, AttributeError):
             return PlannerState()
