@@ -428,3 +428,21 @@ def test_with_the_budget_spent_the_fleet_is_sized_for_the_burst_floor() -> None:
         float(held.signals["burstFloorRps"]), rel=0.01
     )
     assert float(free.signals["split.plannedRps"]) + float(free.signals["mixed.plannedRps"]) < 3.0
+
+
+def test_with_bursty_arrivals_a_latency_sample_raises_the_prefill_correction_only_so_far() -> None:
+    """A burst inside an interval reads as a slow model (the model prices the interval at its
+    mean rate); with arrivals that bursty the burst floor holds capacity for it, so one
+    sample may raise a prefill correction to ``burst_correction_max`` at most."""
+    slow = fleet(split_rps=1.0, replicas=(2, 0, 1, 1), mean_ttft_s=5.0)
+    bursty, _ = _arrivals([20.0 if i % 10 == 9 else 2.0 for i in range(60)])
+    smooth, _ = _arrivals([2.0 + (i % 2) * 0.2 for i in range(60)])
+    t = SPEC.tuning
+    now = SPEC.interval_s * 61
+    capped = decide(SPEC, slow, bursty, now).state.correction["prefill-mi300x"]
+    free = decide(SPEC, slow, smooth, now).state.correction["prefill-mi300x"]
+    assert capped == pytest.approx((1 - t.correction_alpha) + t.correction_alpha * t.burst_correction_max)
+    assert free > capped + 0.1
+    # a sample saying the model is pessimistic still counts in full
+    fast = fleet(split_rps=1.0, replicas=(2, 0, 1, 1), mean_ttft_s=0.05)
+    assert decide(SPEC, fast, bursty, now).state.correction["prefill-mi300x"] < 1.0

@@ -389,6 +389,8 @@ def update_corrections(
     spec: PlannerSpec, obs: Observation, st: PlannerState, demand: Mapping[str, Demand]
 ) -> None:
     t = spec.tuning
+    index = dispersion(spec, st)
+    bursty = index is not None and index >= t.burst_dispersion
     for cls in classes(spec):
         d = demand[cls.name]
         for role in cls.roles:
@@ -407,6 +409,10 @@ def update_corrections(
                     # far inside the SLO the model's error costs nothing: a sample there may
                     # say the model is pessimistic, never that capacity must shrink
                     ratio = min(ratio, 1.0)
+                if bursty and pool.role != "decode":
+                    # the queue of a burst inside the interval, which the model (at the
+                    # interval's mean rate) leaves out: the burst floor sizes for it
+                    ratio = min(ratio, t.burst_correction_max)
                 ratio = min(t.correction_max, max(t.correction_min, ratio))
                 old = st.correction.get(pool.name, 1.0)
                 st.correction[pool.name] = (1 - t.correction_alpha) * old + t.correction_alpha * ratio
