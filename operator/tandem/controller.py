@@ -252,9 +252,15 @@ class Controller:
         for body in pools:
             result = pool_status_update(body, nodes, pods, utcnow())
             if result is not None:
-                await asyncio.to_thread(
-                    self.kube.patch_status, names.KIND_POOL, body["metadata"]["name"], None, result
-                )
+                name = body["metadata"]["name"]
+                try:
+                    await asyncio.to_thread(self.kube.patch_status, names.KIND_POOL, name, None, result)
+                except KubeError as e:
+                    if e.status != 404:
+                        raise
+                    # deleted since the list: nothing to report, and the other pools still are
+                    log.info("Skipped the status of AcceleratorPool %s: it was deleted", name)
+                    continue
                 written += 1
         return written
 
