@@ -263,6 +263,12 @@ def dispersion(spec: PlannerSpec, st: PlannerState) -> float | None:
     return sum((b - a) ** 2 for a, b in itertools.pairwise(counts)) / (2 * (len(counts) - 1)) / mean
 
 
+def bursty(spec: PlannerSpec, st: PlannerState) -> bool:
+    """Whether the arrivals' `dispersion` is known and at least ``burst_dispersion``."""
+    index = dispersion(spec, st)
+    return index is not None and index >= spec.tuning.burst_dispersion
+
+
 def burst_floor(spec: PlannerSpec, st: PlannerState, rate: float, now: float) -> float:
     """The rate the fleet keeps for bursty arrivals (updates ``st.arrivals``); 0 for smooth ones.
 
@@ -275,8 +281,7 @@ def burst_floor(spec: PlannerSpec, st: PlannerState, rate: float, now: float) ->
     fleet then goes down."""
     t = spec.tuning
     st.arrivals = [(ts, r) for ts, r in st.arrivals if now - ts < t.burst_memory_s] + [(now, rate)]
-    index = dispersion(spec, st)
-    if index is None or index < t.burst_dispersion:
+    if not bursty(spec, st):
         return 0.0
     silence = t.down_window_s * t.spare_window_share
     if all(r <= 0 for ts, r in st.arrivals if now - ts < silence):
@@ -389,8 +394,7 @@ def update_corrections(
     spec: PlannerSpec, obs: Observation, st: PlannerState, demand: Mapping[str, Demand]
 ) -> None:
     t = spec.tuning
-    index = dispersion(spec, st)
-    bursty = index is not None and index >= t.burst_dispersion
+    capped = bursty(spec, st)
     for cls in classes(spec):
         d = demand[cls.name]
         for role in cls.roles:
@@ -409,9 +413,10 @@ def update_corrections(
                     # far inside the SLO the model's error costs nothing: a sample there may
                     # say the model is pessimistic, never that capacity must shrink
                     ratio = min(ratio, 1.0)
-                if bursty and pool.role != "decode":
+                if capped and pool.role != "decode":
                     # the queue of a burst inside the interval, which the model (at the
-                    # interval's mean rate) leaves out: the burst floor sizes for it
+                    # interval's mean rate) leaves out: the burst floor and the window hold
+                    # capacity for it
                     ratio = min(ratio, t.burst_correction_max)
                 ratio = min(t.correction_max, max(t.correction_min, ratio))
                 old = st.correction.get(pool.name, 1.0)
@@ -1046,7 +1051,7 @@ def _role_targets(
     if any(v is not None for v in out.values()):  # capacity moving in: none leaves until it serves
         plan.held.update({p.name: "moving-in" for p in downs})
         return out
-    if _unused_and_idle(spec, pools[0].role, st, now, plan) and all(r is not None for r in recs.values()):
+    if _unused_and_idle(spec, pools[0].role, st, now, plan):  # sized at its min: recs are set
         out.update({p.name: recs[p.name] for p in downs})
         return out
     window = down_window(spec, st, now)

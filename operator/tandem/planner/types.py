@@ -187,7 +187,8 @@ class Tuning:
     # With arrivals that bursty, a prefill or mixed pool's latency sample may raise its
     # correction to at most this: the model prices an interval at its mean rate, so a burst
     # of seconds inside it reads as a slow model, and the correction then prices every later
-    # interval for the burst the floor above already holds capacity for. Azure 2023 code
+    # interval for a burst that the floor above (while the error budget is spent) and the
+    # scale-down window's peak already hold capacity for. Azure 2023 code
     # trace: the MI300X and B200 prefill corrections reached 1.36 and 1.81 in one burst and
     # 5 B200 replicas were added beside 8 MI300X, where the oracle serves it with 8 MI300X
     # (attainment / oracle ratio 0.891 / 1.645 uncapped; 0.911 / 1.516 at 1.15, 0.907 / 1.506

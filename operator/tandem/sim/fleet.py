@@ -452,7 +452,7 @@ class _Engine:
             self.pools.append(pool)
         self.dropped: list[_Req] = []
         self.w_client_ttfts: list[float] = []  # the clients' first tokens since the last tick
-        self.collect_clients = isinstance(autoscaler, ObservesClients)
+        self.clients: ObservesClients | None = autoscaler if isinstance(autoscaler, ObservesClients) else None
         self.last_tick = 0.0
         self.thresholds: list[tuple[float, int]] = [(0.0, self.router.split_threshold_tokens)]
         self.spans: list[tuple[float, float, float]] = []  # filled by results()
@@ -718,7 +718,7 @@ class _Engine:
         """The client's first token (a split request's prefill pool records its own at the
         end of its prefill, `prefilled`)."""
         req.first = at
-        if self.collect_clients:
+        if self.clients is not None:
             self.w_client_ttfts.append(at - req.arrival)
         if req.pool is not None and req.pool.spec.role != "prefill":
             req.pool.record_ttft(at - req.arrival)
@@ -877,8 +877,8 @@ class _Engine:
             pool.reset_window()
         client = sorted(self.w_client_ttfts)
         self.w_client_ttfts = []
-        if self.collect_clients and isinstance(self.autoscaler, ObservesClients):
-            self.autoscaler.observe_clients(
+        if self.clients is not None:
+            self.clients.observe_clients(
                 _ttft_buckets(client, max(window_s, 1e-9)), sum(client) / len(client) if client else None
             )
         decisions = self.autoscaler.decide(now, states)
