@@ -10,13 +10,15 @@ import pytest
 from tests.test_planner import MODEL, fleet, metrics, reading, target
 from tests.test_planner import SPEC as FOUR  # prefill-mi300x, prefill-h100, decode-mi300x, mixed-mi300x
 
-from tandem.planner import Observation, PlannerSpec, PlannerState, PoolReading, decide
+from tandem.planner import Observation, PlannerSpec, PlannerState, PoolReading, decide, lengths
 from tandem.planner.core import (
     _keep_decode_for_prefill,
     _make_before_break,
     _Plan,
     _unused_and_idle,
     budget_spent,
+    longest_reachable_prompt,
+    unreachable_share,
     update_budget,
     within,
 )
@@ -73,6 +75,38 @@ def test_the_budget_is_spent_only_below_the_target_and_with_enough_requests() ->
     for i in range(3, 40):  # good intervals outweigh the bad ones as they decay
         update_budget(SPEC, observe((1, 0)), st, 30.0 * i)
     assert not budget_spent(SPEC, st) and st.slo_met / st.slo_seen > 0.9
+
+
+def test_prompts_no_pool_can_prefill_in_time_spend_no_error_budget() -> None:
+    """A prompt too long for any entry pool to prefill within the TTFT target, even alone,
+    misses whatever the fleet: such misses must not hold or add replicas."""
+    longest = longest_reachable_prompt(SPEC, PlannerState())
+    assert 1000 < longest < 100_000  # a 70B fp8 prompt on one MI300X: thousands of tokens in 2 s
+    # a quarter of the prompts are (log-uniformly) 2x to 4x too long; the rest 1x to 2x shorter
+    cut = float(longest)
+    dist = lengths.from_buckets([(cut / 2, 0.0), (cut, 0.75), (4 * cut, 1.0)], None)
+    assert dist is not None
+    assert unreachable_share(SPEC, PlannerState(), dist) == pytest.approx(0.25, abs=0.01)
+    # a slower model (correction above 1) does not call more prompts unreachable
+    slow = PlannerState(correction={"prefill-mi300x": 3.0})
+    assert longest_reachable_prompt(SPEC, slow) == longest
+    # 22% of first tokens late, all of them the unreachable prompts: the budget is not spent
+    st = PlannerState()
+    ttft = ((1.0, 0.78), (2.5, 0.78), (math.inf, 1.0))
+    for i in range(1, 6):
+        update_budget(SPEC, observe((1, 0), rps=1.0, ttft=ttft), st, 30.0 * i, unreachable=0.25)
+    assert st.slo_unreachable / st.slo_seen == pytest.approx(0.25)
+    assert not budget_spent(SPEC, st)
+    # counted as ordinary misses, the same first tokens spend it
+    ordinary = PlannerState()
+    for i in range(1, 6):
+        update_budget(SPEC, observe((1, 0), rps=1.0, ttft=ttft), ordinary, 30.0 * i)
+    assert budget_spent(SPEC, ordinary)
+    # an unreachable share larger than the misses leaves no negative miss share
+    st.slo_unreachable = st.slo_seen
+    assert not budget_spent(SPEC, st)
+    decided = decide(SPEC, observe((1, 0), rps=1.0, ttft=ttft), PlannerState(), 30.0).signals
+    assert float(decided["ttftOutOfReach"]) < 0.01  # prompts of mean 2,000 tokens: within reach
 
 
 def test_the_budget_counts_the_routers_first_tokens_when_it_reports_them() -> None:

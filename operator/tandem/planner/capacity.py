@@ -350,3 +350,42 @@ def prefill_seconds_per_token(pool: PoolTarget, model: ModelArch, isl: float, sp
     length = max(1, round(isl))
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
     return work_seconds(prof, length, budget, spread)[0] / length
+
+
+# The longest prompt `longest_prompt_within` considers (vLLM's largest common max_model_len, 128Ki).
+LONGEST_PROMPT = 131072
+
+
+@lru_cache(maxsize=512)
+def longest_prompt_within(pool: PoolTarget, model: ModelArch, ttft_s: float, corr: float = 1.0) -> int:
+    """The longest prompt whose first token an idle replica of ``pool`` (prefill or mixed)
+    delivers within ``ttft_s``: the prompt alone, chunked at the pool's budget, times
+    ``corr``; on the split path plus the KV hand-off and the decode replica's first step.
+    0 when not even a one-token prompt makes it. Longer prompts miss the target on this
+    pool whatever the fleet: no replica added makes them meet it."""
+    prof = profile(pool.accelerator, model, pool.tp)
+    budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
+    link = NIC_GBS_PER_DEVICE * pool.tp
+
+    def first_token_s(length: int) -> float:
+        alone = prompt_seconds(prof, length, budget)[1] * corr
+        if pool.role != "prefill":
+            return alone
+        return (
+            alone
+            + kv_transfer_seconds(model, length, link, compute_seconds=alone)
+            + prof.decode_step(1, length)
+        )
+
+    if first_token_s(1) > ttft_s:
+        return 0
+    if first_token_s(LONGEST_PROMPT) <= ttft_s:
+        return LONGEST_PROMPT
+    lo, hi = 1, LONGEST_PROMPT  # first_token_s(lo) <= ttft_s < first_token_s(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if first_token_s(mid) <= ttft_s:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -52,8 +52,10 @@ from typing import Any
 
 from tandem.planner import forecast, lengths
 from tandem.planner.capacity import (
+    LONGEST_PROMPT,
     Capacity,
     capacity,
+    longest_prompt_within,
     predicted_itl,
     predicted_ttft,
     prefill_seconds_per_token,
@@ -466,9 +468,37 @@ def budget_source(spec: PlannerSpec, obs: Observation) -> tuple[str, tuple[float
     return "pools", ((met, seen) if found else None)
 
 
-def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> str:
+def longest_reachable_prompt(spec: PlannerSpec, st: PlannerState) -> int:
+    """The longest prompt some entry pool of the spec (mixed; prefill, when the spec has
+    decode pools too) can deliver a first token for within the TTFT target, even alone
+    (`longest_prompt_within`). Its correction counts only when it says the model is
+    pessimistic: a correction above 1 mostly measures queueing, which an idle replica has
+    not, and counting it would call prompts unreachable that more replicas would serve."""
+    longest = 0
+    for role in _entry_roles(spec):
+        for pool in spec.by_role(role):
+            if pool.max_replicas <= 0:
+                continue
+            corr = min(1.0, correction(spec, st, pool))
+            longest = max(longest, longest_prompt_within(pool, spec.model, spec.ttft_s, round(corr, 3)))
+    return longest
+
+
+def unreachable_share(spec: PlannerSpec, st: PlannerState, dist: LengthDist) -> float:
+    """The share of prompts of ``dist`` longer than `longest_reachable_prompt`: their first
+    tokens miss the TTFT target on any fleet the spec allows."""
+    longest = longest_reachable_prompt(spec, st)
+    if longest >= LONGEST_PROMPT:
+        return 0.0
+    return dist.share(longest + 1)[0]
+
+
+def update_budget(
+    spec: PlannerSpec, obs: Observation, st: PlannerState, now: float, unreachable: float = 0.0
+) -> str:
     """Fold the interval's first tokens within the TTFT target (`budget_source`) into the
-    decayed counts ``st.slo_met`` / ``st.slo_seen``; returns whose first tokens they were."""
+    decayed counts ``st.slo_met`` / ``st.slo_seen``, and the ``unreachable`` share of them
+    (`unreachable_share`) into ``st.slo_unreachable``; returns whose first tokens they were."""
     source, counts = budget_source(spec, obs)
     met, seen = counts or (0.0, 0.0)
     # the rates cover about one interval: a late decision does not stand for a longer span
@@ -476,6 +506,7 @@ def update_budget(spec: PlannerSpec, obs: Observation, st: PlannerState, now: fl
     decay = math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
     st.slo_met = st.slo_met * decay + met * dt
     st.slo_seen = st.slo_seen * decay + seen * dt
+    st.slo_unreachable = st.slo_unreachable * decay + seen * unreachable * dt
     return source
 
 
@@ -508,18 +539,32 @@ def met_share(spec: PlannerSpec, st: PlannerState) -> float | None:
     return st.slo_met / st.slo_seen
 
 
-def budget_spare(spec: PlannerSpec, st: PlannerState) -> bool:
-    """Whether at least ``spare_budget_share`` of the error budget is unspent."""
+def avoidable_miss_share(spec: PlannerSpec, st: PlannerState) -> float | None:
+    """The recent share of first tokens beyond the TTFT target that a larger fleet could
+    have delivered in time: all misses but the unreachable prompts' (`unreachable_share`).
+    None while too few were seen to tell."""
     met = met_share(spec, st)
+    if met is None:
+        return None
+    return max(0.0, 1.0 - met - st.slo_unreachable / st.slo_seen)
+
+
+def budget_spare(spec: PlannerSpec, st: PlannerState) -> bool:
+    """Whether at least ``spare_budget_share`` of the error budget is unspent (misses of
+    unreachable prompts spend none of it)."""
+    miss = avoidable_miss_share(spec, st)
     t = spec.tuning
-    return met is not None and 1.0 - met <= (1.0 - t.spare_budget_share) * (1.0 - spec.attainment)
+    return miss is not None and miss <= (1.0 - t.spare_budget_share) * (1.0 - spec.attainment)
 
 
 def budget_spent(spec: PlannerSpec, st: PlannerState) -> bool:
-    """Whether the recent share of first tokens within the TTFT target is below the
-    attainment target (False while too few were seen to tell)."""
-    met = met_share(spec, st)
-    return met is not None and met < spec.attainment
+    """Whether the recent share of first tokens beyond the TTFT target that more capacity
+    could have met (`avoidable_miss_share`) exceeds the error budget (False while too few
+    were seen to tell). Prompts too long for any pool to prefill in time miss whatever the
+    fleet: counting them would hold and add replicas that buy nothing (synthetic-shift's
+    long-context phase: 14% of its prompts)."""
+    miss = avoidable_miss_share(spec, st)
+    return miss is not None and miss > 1.0 - spec.attainment
 
 
 # ------------------------------------------------------------------------- 5. sizing
@@ -1286,6 +1331,7 @@ def _signals(
         sig[f"{pool}.recommended"] = "-" if target is None else str(target)
     if st.slo_seen > 0:  # the error budget: share of first tokens within the TTFT target
         sig["ttftWithinTarget"] = f"{st.slo_met / st.slo_seen:.3g}"
+        sig["ttftOutOfReach"] = f"{st.slo_unreachable / st.slo_seen:.3g}"
     sig["errorBudgetSource"] = source
     sig["errorBudget"] = (
         "unknown" if met_share(spec, st) is None else ("spent" if budget_spent(spec, st) else "ok")
@@ -1347,7 +1393,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     total = plan_total(spec, observation, st, now)
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
     update_corrections(spec, observation, st, class_demand(spec, total, routed))
-    source = update_budget(spec, observation, st, now)
+    source = update_budget(spec, observation, st, now, unreachable_share(spec, st, total.lengths))
     floor = burst_floor(spec, st, total.observed, now)
     if floor > total.rate and budget_spent(spec, st):
         total = replace(total, rate=floor)

@@ -372,6 +372,9 @@ class PlannerState:
     # first tokens within / of all, decayed over ``slo_window_s`` (the SLO's error budget)
     slo_met: float = 0.0
     slo_seen: float = 0.0
+    # ... and of them, those the model says no pool could deliver in time (prompts longer than
+    # any entry pool prefills within the TTFT target, even alone): they spend no error budget
+    slo_unreachable: float = 0.0
     # (time, observed entry requests/s) within ``burst_memory_s``
     arrivals: list[tuple[float, float]] = field(default_factory=list)
     # role -> since when its ready replicas have served no token while other roles served
@@ -408,6 +411,7 @@ class PlannerState:
                 last_good=raw.get("last_good"),
                 slo_met=float(raw.get("slo_met", 0.0)),
                 slo_seen=float(raw.get("slo_seen", 0.0)),
+                slo_unreachable=float(raw.get("slo_unreachable", 0.0)),
                 arrivals=[(float(t), float(r)) for t, r in raw.get("arrivals", [])],
                 idle_since={k: float(v) for k, v in raw.get("idle_since", {}).items()},
             )
