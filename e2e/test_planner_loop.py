@@ -168,6 +168,8 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
         assert 0.0 <= float(signals.get("ttftWithinTarget", "nan")) <= 1.0, signals
         assert signals.get("errorBudget") in ("ok", "spent"), signals
         assert signals.get("errorBudgetSource") == "router", signals
+        # and the demand from the router's arrivals, which the engines' finished requests trail
+        assert signals.get("demandSource") == "router", signals
         reasons = watch.decision_reasons(shift)
         assert {"ScaledUp", "Rebalanced"} & set(reasons), reasons
         wait_workers(agent, {k: v for k, v in up.replicas.items()}, timeout=60)

@@ -45,7 +45,19 @@ def test_vllm_queries_render_with_fallbacks_and_windows() -> None:
         "waiting", "running", "kv_usage", "prompt_tokens_per_s", "generation_tokens_per_s", "requests_per_s",
         "mean_ttft_s", "mean_itl_s", "mean_prompt_tokens", "mean_output_tokens", "p90_ttft_s", "p90_itl_s",
         "scrape_age_s", "prompt_tokens_buckets", "ttft_buckets", "client_ttft_buckets",
+        "client_requests_per_s", "client_mean_prompt_tokens", "client_prompt_tokens_buckets", "routed_per_s",
     }  # fmt: skip
+    # what the router sent each pool: its own metric carries the pool label
+    assert q["routed_per_s"] == f"sum by (pool) (rate(tandem_router_dispatched_total{sel}[60s]))"
+    # the router's arrivals: every request it counted the prompt of, before routing
+    assert q["client_requests_per_s"] == f"sum(rate(tandem_router_prompt_tokens_count{sel}[60s]))"
+    assert q["client_mean_prompt_tokens"] == (
+        f"sum(rate(tandem_router_prompt_tokens_sum{sel}[60s]))"
+        f" / sum(rate(tandem_router_prompt_tokens_count{sel}[60s]))"
+    )
+    assert q["client_prompt_tokens_buckets"] == (
+        f"sum by (le) (rate(tandem_router_prompt_tokens_bucket{sel}[60s]))"
+    )
     assert q["client_ttft_buckets"] == (
         f"sum by (le) (rate(tandem_router_time_to_first_token_seconds_bucket{sel}[60s]))"
     )
@@ -219,3 +231,40 @@ def test_read_observation_carries_the_prompt_length_and_ttft_histograms() -> Non
     # the router's histogram, as clients see it, under its own key
     assert obs[CLIENT].ttft_buckets == ((2.5, 5.0), (float("inf"), 6.0)) and obs[CLIENT].complete
     assert CLIENT not in read_observation(FakeProm({}), "ns", "svc", ["p"], 30)  # no router: no entry
+
+
+def test_read_observation_carries_the_routers_arrivals() -> None:
+    """The router observes each prompt before routing it: its counts are the arrivals, which
+    the engines (counting finished requests) trail."""
+
+    class Router(FakeProm):
+        def __init__(self, rate: str) -> None:
+            super().__init__({})
+            self.rate = rate
+
+        def custom_query(
+            self, query: str, params: dict[str, Any] | None = None, timeout: float | None = None
+        ) -> list[dict[str, Any]]:
+            if "tandem_router_prompt_tokens_bucket" in query:  # no pool label
+                return [
+                    {"metric": {"le": "1024"}, "value": [1.0, "0" if self.rate == "0" else "2"]},
+                    {"metric": {"le": "+Inf"}, "value": [1.0, self.rate]},
+                ]
+            if "tandem_router_prompt_tokens_sum" in query:  # the mean: sum / count
+                return [{"metric": {}, "value": [1.0, "NaN" if self.rate == "0" else "1500"]}]
+            if "tandem_router_prompt_tokens_count" in query:
+                return [{"metric": {}, "value": [1.0, self.rate]}]
+            if "tandem_router_dispatched_total" in query:  # the pool label is the metric's own
+                return [{"metric": {"pool": "p"}, "value": [1.0, self.rate]}]
+            return super().custom_query(query, params, timeout)
+
+    got = read_observation(Router("3"), "ns", "svc", ["p"], 30)[CLIENT]
+    assert (got.requests_per_s, got.mean_prompt_tokens) == (3.0, 1500.0)
+    assert got.prompt_tokens_buckets == ((1024.0, 2.0), (float("inf"), 3.0))
+    assert got.ttft_buckets is None and got.complete
+    # scraped, nothing arrived: a rate of 0, no mean (0/0) and no distribution
+    quiet = read_observation(Router("0"), "ns", "svc", ["p"], 30)[CLIENT]
+    assert (quiet.requests_per_s, quiet.mean_prompt_tokens, quiet.prompt_tokens_buckets) == (0.0, None, None)
+    # what it sent each pool lands on the pool; the engines' own readings are untouched
+    pool = read_observation(Router("3"), "ns", "svc", ["p"], 30)["p"]
+    assert pool.routed_per_s == 3.0 and pool.requests_per_s is None

@@ -20,7 +20,7 @@ from tandem.planner import (
     PoolTarget,
     decide,
 )
-from tandem.planner.core import burst_floor, down_window
+from tandem.planner.core import burst_floor, down_window, observe_total
 from tandem.planner.lengths import BUCKETS
 
 MODEL = get_model("llama-3.1-70b", "fp8")
@@ -446,3 +446,49 @@ def test_with_bursty_arrivals_a_latency_sample_raises_the_prefill_correction_onl
     # a sample saying the model is pessimistic still counts in full
     fast = fleet(split_rps=1.0, replicas=(2, 0, 1, 1), mean_ttft_s=0.05)
     assert decide(SPEC, fast, bursty, now).state.correction["prefill-mi300x"] < 1.0
+
+
+def test_demand_comes_from_the_routers_arrivals_when_it_is_scraped() -> None:
+    """An engine counts a request when it finishes, so during a burst its reading trails the
+    demand by the queue it built; the router counts each prompt as it arrives."""
+    lagging = fleet(split_rps=1.0, replicas=(2, 0, 1, 1))  # the engines: 1 request/s finished
+    hist = tuple((le, 6.0 if le >= 2000 else 0.0) for le in BUCKETS)
+    arrivals = replace(
+        PoolObservation.empty(), requests_per_s=6.0, mean_prompt_tokens=2000.0, prompt_tokens_buckets=hist
+    )
+    seen = replace(lagging, arrivals=arrivals)
+    rate, isl, _, hists = observe_total(SPEC, seen)
+    assert (rate, isl, hists) == (6.0, 2000.0, [hist])
+    engines = decide(SPEC, lagging, PlannerState(), 30.0)
+    router = decide(SPEC, seen, PlannerState(), 30.0)
+    assert (engines.signals["demandSource"], router.signals["demandSource"]) == ("pools", "router")
+    running = {"prefill-mi300x": 2, "prefill-h100": 0}
+
+    def prefill(d: Decision) -> int:
+        return sum(running[p] if d.replicas[p] is None else d.replicas[p] or 0 for p in running)
+
+    assert prefill(router) > prefill(engines)
+    # an unusable reading (negative, NaN, no mean while requests came, a failed query): the engines'
+    for bad in (
+        replace(arrivals, requests_per_s=-1.0),
+        replace(arrivals, requests_per_s=math.nan),
+        replace(arrivals, mean_prompt_tokens=None),
+        replace(arrivals, complete=False),
+    ):
+        assert observe_total(SPEC, replace(lagging, arrivals=bad)) == observe_total(SPEC, lagging)
+    # nothing arrived: no demand, whatever the engines still finish
+    quiet = replace(arrivals, requests_per_s=0.0, mean_prompt_tokens=None, prompt_tokens_buckets=None)
+    assert observe_total(SPEC, replace(lagging, arrivals=quiet))[:2] == (0.0, None)
+
+
+def test_the_prefill_correction_prices_the_load_the_router_sent() -> None:
+    """The model's TTFT is predicted at the pool's offered load: what the router sent it
+    when it is scraped, not the requests its engine finished (fewer while a queue builds,
+    which would read the queueing as a slow model)."""
+
+    def corrected(**kw: float) -> float:
+        obs = fleet(split_rps=1.0, replicas=(1, 0, 1, 1), mean_ttft_s=1.0, **kw)
+        return decide(SPEC, obs, PlannerState(), 30.0).state.correction["prefill-mi300x"]
+
+    assert corrected(routed_per_s=1.8) < corrected()  # more load predicts a longer TTFT
+    assert corrected(routed_per_s=1.0) == corrected()

@@ -164,6 +164,9 @@ async def test_threshold_sends_short_prompts_to_mixed_and_long_ones_through_pref
     assert metric(text, "tandem_router_decisions_total", path="split", reason="above-threshold") == 1
     assert metric(text, "tandem_router_prompt_tokens_count", method="bytes") == 2
     assert metric(text, "tandem_router_prompt_tokens_sum", method="bytes") == 1003
+    # what each pool was sent (the planner's offered load per pool): the split request twice
+    for pool in ("prefill", "decode", "mixed"):
+        assert metric(text, "tandem_router_dispatched_total", pool=pool, role=pool) == 1
     assert metric(text, "tandem_router_e2e_request_latency_seconds_count", path="split") == 1
     assert metric(text, "tandem_router_split_threshold_tokens") == THRESHOLD
 

@@ -3,6 +3,7 @@ base_replicas: pure, no cluster, no Prometheus."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -127,6 +128,10 @@ def test_pool_readings_need_every_deployment_and_mark_missing_metrics_incomplete
     seen = pool_readings(s, {"p": dep(1), "d": dep(1), "x": dep(1)}, {"p": full, CLIENT: router})
     assert seen is not None and seen.client_ttft_buckets == ((2.0, 3.0), (float("inf"), 4.0))
     assert set(seen.pools) == {"p", "d", "x"}  # the router's reading is no pool
+    assert seen.arrivals is None  # the router answered no arrival query: the engines' demand
+    counted = replace(router, requests_per_s=2.0, mean_prompt_tokens=900.0)
+    seen = pool_readings(s, {"p": dep(1), "d": dep(1), "x": dep(1)}, {"p": full, CLIENT: counted})
+    assert seen is not None and seen.arrivals is counted
 
 
 def test_missing_metrics_hold_every_pool_and_clear_metrics_available(sample_pools: dict[str, dict]) -> None:

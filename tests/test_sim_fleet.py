@@ -10,7 +10,7 @@ import pytest
 
 from tandem.perf import get_accelerator, get_model, prefill_seconds
 from tandem.sim.fleet import SLO, FleetSpec, PoolSpec, SimConfig, _Engine, _Req, simulate
-from tandem.sim.policies import PoolState, QueuePolicy, RouterPolicy, StaticPolicy
+from tandem.sim.policies import PoolObservation, PoolState, QueuePolicy, RouterPolicy, StaticPolicy
 from tandem.sim.trace import TraceRequest, load_trace, scale_rate, synthetic, window
 
 MODEL = get_model("llama-3.1-70b", "fp8")
@@ -307,11 +307,16 @@ class _ClientRecorder:
     name: str = "clients"
     clients: list[tuple[tuple[tuple[float, float], ...], float | None]] = field(default_factory=list)
     pools: list[dict[str, PoolState]] = field(default_factory=list)
+    arrivals: list[PoolObservation | None] = field(default_factory=list)
 
     def observe_clients(
-        self, ttft_buckets: tuple[tuple[float, float], ...], mean_ttft_s: float | None
+        self,
+        ttft_buckets: tuple[tuple[float, float], ...],
+        mean_ttft_s: float | None,
+        arrivals: PoolObservation | None = None,
     ) -> None:
         self.clients.append((ttft_buckets, mean_ttft_s))
+        self.arrivals.append(arrivals)
 
     def decide(self, now: float, pools: Mapping[str, PoolState]) -> Mapping[str, int | None]:
         self.pools.append(dict(pools))
@@ -336,3 +341,27 @@ def test_a_prefill_pool_reports_its_engines_ttft_and_policies_may_read_the_clien
     plain = _Recorder(target=1)
     simulate(trace, colocated(1), SLO(10, 1), autoscaler=plain, config=SimConfig(30.0, 60.0))
     assert plain.seen and not hasattr(plain, "observe_clients")
+
+
+def test_pools_count_finished_requests_and_the_router_counts_arrivals() -> None:
+    """As vLLM: an engine counts a request (request_success_total, request_prompt_tokens)
+    when it finishes, so a pool's reading trails a burst by the requests' latency; the
+    router counts each prompt as it arrives, and what it sends each pool."""
+    burst = [TraceRequest(i / 60.0, 2000 + i, 900) for i in range(60)]  # 60 in one second, ~65 s each
+    trace = [*burst, TraceRequest(100.0, 100, 1)]  # a late one keeps the ticks going
+    policy = _ClientRecorder()
+    simulate(trace, colocated(1), SLO(10, 1), autoscaler=policy, config=SimConfig(30.0, 60.0))
+    first = policy.arrivals[0]
+    assert first is not None and first.requests_per_s == pytest.approx(60 / 30.0)
+    assert first.mean_prompt_tokens == pytest.approx(2000 + 59 / 2)
+    assert first.prompt_tokens_buckets is not None and first.prompt_tokens_buckets[-1][1] == pytest.approx(
+        2.0
+    )
+    mixed = [p["mixed"].observation for p in policy.pools]
+    assert mixed[0].routed_per_s == pytest.approx(2.0)  # sent at once ...
+    assert mixed[0].requests_per_s == 0.0 and mixed[0].mean_prompt_tokens is None  # ... none done yet
+    assert mixed[1].requests_per_s == 0.0 and mixed[1].routed_per_s == 0.0  # still running at 60 s
+    assert mixed[2].requests_per_s == pytest.approx(2.0)  # all 60 finished by the tick at 90 s
+    assert mixed[2].mean_prompt_tokens == pytest.approx(2000 + 59 / 2)
+    assert policy.arrivals[1] is not None and policy.arrivals[1].requests_per_s == 0.0
+    assert policy.arrivals[1].mean_prompt_tokens is None and policy.arrivals[1].prompt_tokens_buckets is None

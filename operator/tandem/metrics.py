@@ -96,6 +96,11 @@ ENGINES["sim"] = ENGINES["vllm"]
 # The router's histogram of first tokens as clients see them (tandem.router.metrics); its
 # targets carry ``namespace`` and ``service`` like the engines', and no ``pool``.
 ROUTER_TTFT = "tandem_router_time_to_first_token_seconds"
+# The router's histogram of prompt tokens, observed as each request arrives (before routing):
+# the demand without the engines' lag (they count a request when it finishes).
+ROUTER_PROMPT = "tandem_router_prompt_tokens"
+# The router's requests sent to each pool (its metric carries the ``pool`` label itself).
+ROUTER_DISPATCHED = "tandem_router_dispatched_total"
 
 
 def _quote(value: str) -> str:
@@ -176,8 +181,17 @@ class PromQL:
             "ttft_buckets": _either(
                 f"sum by (pool, le) (rate({x}_bucket{self.sel}[{self.window}]))" for x in n.ttft
             ),
+            # what the router sent each pool (the per-replica load of the online correction)
+            "routed_per_s": f"sum by (pool) (rate({ROUTER_DISPATCHED}{self.sel}[{self.window}]))",
             # the router's, every path, as clients see it (the error budget prefers it)
             "client_ttft_buckets": f"sum by (le) (rate({ROUTER_TTFT}_bucket{self.sel}[{self.window}]))",
+            # the router's arrivals (the demand prefers them)
+            "client_requests_per_s": f"sum(rate({ROUTER_PROMPT}_count{self.sel}[{self.window}]))",
+            "client_mean_prompt_tokens": f"sum(rate({ROUTER_PROMPT}_sum{self.sel}[{self.window}]))"
+            f" / sum(rate({ROUTER_PROMPT}_count{self.sel}[{self.window}]))",
+            "client_prompt_tokens_buckets": (
+                f"sum by (le) (rate({ROUTER_PROMPT}_bucket{self.sel}[{self.window}]))"
+            ),
         }
 
 
@@ -240,7 +254,9 @@ def read_observation(
     engine: str = "vllm",
 ) -> dict[str, PoolObservation]:
     """One observation per pool over the last ``window_s`` seconds, and under ``CLIENT`` the
-    router's TTFT histogram (``ttft_buckets`` only) when the router is scraped and served.
+    router's reading when it is scraped: its TTFT histogram (``ttft_buckets``, once it
+    served) and its arrivals (``requests_per_s``, ``mean_prompt_tokens``,
+    ``prompt_tokens_buckets``, once a request came).
 
     Every query carries a ``timeout_s`` client and server timeout. A failed query leaves
     its field ``None`` and marks every observation incomplete; it never raises. Once one
@@ -251,6 +267,7 @@ def read_observation(
     names = list(pools)
     values: dict[str, dict[str, float | None]] = {p: {} for p in names}
     buckets: dict[str, dict[str, tuple[tuple[float, float], ...] | None]] = {}
+    router: dict[str, float | None] = {}
     complete = True
     unreachable = False
     for field_name, query in promql(engine, namespace, service, window_s).queries().items():
@@ -266,11 +283,15 @@ def read_observation(
             complete = False
             unreachable = _is_unreachable(err)
             continue
-        if field_name == "client_ttft_buckets":  # one series per bound, no pool: keyed CLIENT
-            rows = result if isinstance(result, list) else []
-            buckets[field_name] = parse_buckets(
-                {**row, "metric": {**row.get("metric", {}), "pool": CLIENT}} for row in rows
-            )
+        if field_name.startswith("client_"):  # the router's: no pool label, keyed CLIENT
+            rows = [
+                {**row, "metric": {**row.get("metric", {}), "pool": CLIENT}}
+                for row in (result if isinstance(result, list) else [])
+            ]
+            if field_name.endswith("_buckets"):
+                buckets[field_name] = parse_buckets(rows)
+            else:
+                router[field_name.removeprefix("client_")] = parse_vector(rows).get(CLIENT)
             continue
         if field_name in ("prompt_tokens_buckets", "ttft_buckets"):
             buckets[field_name] = parse_buckets(result if isinstance(result, list) else [])
@@ -297,11 +318,19 @@ def read_observation(
             scrape_age_s=v.get("scrape_age_s"),
             prompt_tokens_buckets=buckets.get("prompt_tokens_buckets", {}).get(pool),
             ttft_buckets=buckets.get("ttft_buckets", {}).get(pool),
+            routed_per_s=v.get("routed_per_s"),
             complete=complete,
         )
     seen = buckets.get("client_ttft_buckets", {}).get(CLIENT)
-    if seen is not None:
-        out[CLIENT] = replace(PoolObservation.empty(complete=complete), ttft_buckets=seen)
+    lengths = buckets.get("client_prompt_tokens_buckets", {}).get(CLIENT)
+    if seen is not None or router.get("requests_per_s") is not None:
+        out[CLIENT] = replace(
+            PoolObservation.empty(complete=complete),
+            ttft_buckets=seen,
+            requests_per_s=router.get("requests_per_s"),
+            mean_prompt_tokens=router.get("mean_prompt_tokens"),
+            prompt_tokens_buckets=lengths,
+        )
     return out
 
 

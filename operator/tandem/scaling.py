@@ -106,7 +106,10 @@ def pool_readings(
             metrics=metrics.get(pool.name) or PoolObservation.empty(complete=False),
         )
     client = metrics.get(CLIENT)
-    return Observation(pools=out, client_ttft_buckets=client.ttft_buckets if client is not None else None)
+    if client is None:
+        return Observation(pools=out)
+    arrivals = client if client.requests_per_s is not None else None
+    return Observation(pools=out, client_ttft_buckets=client.ttft_buckets, arrivals=arrivals)
 
 
 def target_ratio(spec: InferenceServiceSpec, replicas: Mapping[str, int], current: Mapping[str, int]) -> str:

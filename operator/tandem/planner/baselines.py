@@ -23,7 +23,7 @@ from tandem.perf.model import kv_transfer_seconds
 from tandem.perf.models import ModelArch
 from tandem.planner.capacity import DEFAULT_BUDGET, NIC_GBS_PER_DEVICE, profile
 from tandem.sim.fleet import SLO, PoolSpec
-from tandem.sim.policies import PoolState
+from tandem.sim.policies import PoolObservation, PoolState
 
 
 @dataclass
@@ -144,7 +144,10 @@ class DynamoSla:
     _client_ttft: float | None = None
 
     def observe_clients(
-        self, ttft_buckets: tuple[tuple[float, float], ...], mean_ttft_s: float | None
+        self,
+        ttft_buckets: tuple[tuple[float, float], ...],
+        mean_ttft_s: float | None,
+        arrivals: PoolObservation | None = None,
     ) -> None:
         """The frontend's mean TTFT of the tick (Dynamo's planner reads TTFT there, so it
         includes the KV hand-off that the prefill engine's own TTFT ends before)."""

@@ -67,10 +67,12 @@ from tandem.planner.types import (
     Observation,
     PlannerSpec,
     PlannerState,
+    PoolObservation,
     PoolReading,
     PoolTarget,
     Role,
     Trend,
+    finite,
 )
 
 # Used until a length has been observed: the Azure LLM 2023 traces' means are 1,155-2,048
@@ -201,15 +203,27 @@ def _entry_roles(spec: PlannerSpec) -> tuple[Role, ...]:
     return tuple(dict.fromkeys(c.entry for c in classes(spec)))
 
 
+def router_arrivals(obs: Observation) -> PoolObservation | None:
+    """The router's arrival reading (`Observation.arrivals`) when it is usable: a finite,
+    non-negative rate, and a mean prompt whenever requests arrived; else None (the engines'
+    readings stand in)."""
+    a = obs.arrivals
+    if a is None or not a.complete or not finite(a.requests_per_s) or a.requests_per_s < 0:  # type: ignore[operator]
+        return None
+    if a.requests_per_s > 0 and not (finite(a.mean_prompt_tokens) and a.mean_prompt_tokens > 0):  # type: ignore[operator]
+        return None
+    return a
+
+
 def observe_total(spec: PlannerSpec, obs: Observation) -> tuple[float, float | None, float | None, list[Any]]:
-    """(requests/s incl. backlog, mean ISL, mean OSL, prompt histograms) entering now."""
+    """(requests/s incl. backlog, mean ISL, mean OSL, prompt histograms) entering now: the
+    router's arrivals when it is scraped (`router_arrivals`), else the entry pools' finished
+    requests. Output lengths are the exit pools' either way (known only at the end)."""
     entry = [r for role in _entry_roles(spec) for r in _readings(spec, obs, role)]
     exit_roles = tuple(dict.fromkeys(c.exit for c in classes(spec)))
     exits = [r for role in exit_roles for r in _readings(spec, obs, role)]
-    rate = sum(r.metrics.requests_per_s or 0.0 for r in entry)
     waiting = sum(r.metrics.waiting or 0.0 for r in {id(r): r for r in entry + exits}.values())
     drain_s = spec.interval_s + spec.tuning.lead_time_s
-    isl = _weighted([(r.metrics.mean_prompt_tokens, r.metrics.requests_per_s or 0.0) for r in entry])
     osl = _weighted(
         [
             (
@@ -221,6 +235,14 @@ def observe_total(spec: PlannerSpec, obs: Observation) -> tuple[float, float | N
             for r in exits
         ]
     )
+    arrivals = router_arrivals(obs)
+    if arrivals is not None:
+        rate = arrivals.requests_per_s or 0.0
+        isl = arrivals.mean_prompt_tokens if rate > 0 else None
+        hists = [arrivals.prompt_tokens_buckets] if arrivals.prompt_tokens_buckets else []
+        return rate + waiting / drain_s, isl, osl, hists
+    rate = sum(r.metrics.requests_per_s or 0.0 for r in entry)
+    isl = _weighted([(r.metrics.mean_prompt_tokens, r.metrics.requests_per_s or 0.0) for r in entry])
     hists = [r.metrics.prompt_tokens_buckets for r in entry if r.metrics.prompt_tokens_buckets]
     return rate + waiting / drain_s, isl, osl, hists
 
@@ -368,7 +390,10 @@ def _ratio(
 ) -> float | None:
     """Observed / modelled latency of one pool, or None when the sample is not informative."""
     m = reading.metrics
-    per_replica = (m.requests_per_s or 0.0) / reading.ready
+    # the offered load: what the router sent the pool, when it is scraped; the engine's own
+    # count of finished requests trails it while a queue builds (a burst read as a slow model)
+    offered = m.routed_per_s if m.routed_per_s is not None else m.requests_per_s
+    per_replica = (offered or 0.0) / reading.ready
     backlog = (m.waiting or 0.0) / reading.ready
     if backlog > 2:
         return None  # a queue measures the backlog, not the model
@@ -1429,6 +1454,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     signals = _signals(spec, demand, plan, st, threshold, planned, costs, now, source)
     if floor > 0:
         signals["burstFloorRps"] = f"{floor:.3g}"
+    signals["demandSource"] = "router" if router_arrivals(observation) is not None else "pools"
     return Decision(out, changed_threshold, reason, message, signals, limited, st)
 
 

@@ -18,6 +18,7 @@ from tandem.planner.types import (
     Observation,
     PlannerSpec,
     PlannerState,
+    PoolObservation,
     PoolReading,
     PoolTarget,
     Tuning,
@@ -27,7 +28,9 @@ from tandem.sim.policies import PoolState
 
 
 def observation_from_states(
-    pools: Mapping[str, PoolState], client_ttft_buckets: tuple[tuple[float, float], ...] | None = None
+    pools: Mapping[str, PoolState],
+    client_ttft_buckets: tuple[tuple[float, float], ...] | None = None,
+    arrivals: PoolObservation | None = None,
 ) -> Observation:
     return Observation(
         {
@@ -35,6 +38,7 @@ def observation_from_states(
             for name, p in pools.items()
         },
         client_ttft_buckets=client_ttft_buckets,
+        arrivals=arrivals,
     )
 
 
@@ -88,15 +92,21 @@ class TandemPolicy:
     keep_decisions: bool = True
     _threshold: int | None = None
     _client: tuple[tuple[float, float], ...] | None = None
+    _arrivals: PoolObservation | None = None
 
     def observe_clients(
-        self, ttft_buckets: tuple[tuple[float, float], ...], mean_ttft_s: float | None
+        self,
+        ttft_buckets: tuple[tuple[float, float], ...],
+        mean_ttft_s: float | None,
+        arrivals: PoolObservation | None = None,
     ) -> None:
-        """The router's TTFT histogram, as the operator reads it from Prometheus."""
+        """The router's TTFT histogram and arrivals, as the operator reads them from Prometheus."""
         self._client = ttft_buckets
+        self._arrivals = arrivals
 
     def decide(self, now: float, pools: Mapping[str, PoolState]) -> Mapping[str, int | None]:
-        decision = decide(self.spec, observation_from_states(pools, self._client), self.state, now)
+        observation = observation_from_states(pools, self._client, self._arrivals)
+        decision = decide(self.spec, observation, self.state, now)
         self.state = decision.state
         self._threshold = decision.split_threshold
         if self.keep_decisions:

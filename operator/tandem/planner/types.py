@@ -35,7 +35,7 @@ class PoolObservation:
     kv_usage: float | None  # avg(vllm:kv_cache_usage_perc)
     prompt_tokens_per_s: float | None  # sum(rate(vllm:prompt_tokens_total))
     generation_tokens_per_s: float | None  # sum(rate(vllm:generation_tokens_total))
-    requests_per_s: float | None  # rate of requests entering (simulator) or finishing (vLLM) the pool
+    requests_per_s: float | None  # rate of requests finishing in the pool (vLLM's request_success_total)
     mean_ttft_s: float | None  # rate(vllm:time_to_first_token_seconds_sum) / rate(..._count)
     mean_itl_s: float | None  # rate(vllm:inter_token_latency_seconds_sum) / rate(..._count)
     mean_prompt_tokens: float | None = None  # rate(vllm:request_prompt_tokens_sum) / rate(_count)
@@ -45,11 +45,14 @@ class PoolObservation:
     scrape_age_s: float | None = None  # seconds since the newest sample of the pool (None: unknown)
     complete: bool = True  # False when some query of the pool failed (timeout, HTTP error)
     # sum by (le) (rate(vllm:request_prompt_tokens_bucket)): cumulative requests/s per upper
-    # bound (prompt tokens) of the requests entering the pool; None: not collected
+    # bound (prompt tokens) of the requests finishing in the pool; None: not collected
     prompt_tokens_buckets: tuple[tuple[float, float], ...] | None = None
     # sum by (le) (rate(vllm:time_to_first_token_seconds_bucket)): cumulative first tokens/s
     # per upper bound (seconds) the pool produced; None: not collected
     ttft_buckets: tuple[tuple[float, float], ...] | None = None
+    # sum by (pool) (rate(tandem_router_dispatched_total)): requests/s the router sent the
+    # pool (its offered load, which ``requests_per_s`` trails); None: the router not scraped
+    routed_per_s: float | None = None
 
     @staticmethod
     def empty(complete: bool = True) -> PoolObservation:
@@ -88,6 +91,12 @@ class Observation:
     # per upper bound, every path), when it is scraped: on the split path the prefill engine's
     # own TTFT ends before the KV hand-off and the decode replica's first token.
     client_ttft_buckets: tuple[tuple[float, float], ...] | None = None
+    # The router's reading of requests as they arrive, when it is scraped: ``requests_per_s``,
+    # ``mean_prompt_tokens`` and ``prompt_tokens_buckets`` (its prompt-token histogram, which
+    # it observes before routing). An engine counts a request when it finishes (vLLM's
+    # request_success_total and request_prompt_tokens), so its readings trail the demand by
+    # a request's whole latency, and most when a pool saturates and the latency grows.
+    arrivals: PoolObservation | None = None
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,13 @@ class RouterMetrics:
             ["path", "code"],
             registry=r,
         )
+        self.dispatched = Counter(
+            "tandem_router_dispatched",
+            "Requests sent to a replica, by its pool and role (every attempt): the load each pool "
+            "is offered, which its engine counts only as the requests finish.",
+            ["pool", "role"],
+            registry=r,
+        )
         self.decisions = Counter(
             "tandem_router_decisions", "Routing decisions by path and reason.", ["path", "reason"], registry=r
         )

@@ -485,6 +485,7 @@ class Router:
         replica.last_pick = self._seq
         replica.inflight += 1
         replica.inflight_tokens += tokens
+        self.metrics.inc(self.metrics.dispatched, replica.pool, replica.role)
 
     def _failed(self, replica: ReplicaState, failure: UpstreamFailure) -> None:
         replica.failed_until = monotonic() + FAILURE_COOLDOWN_SECONDS

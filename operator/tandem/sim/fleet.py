@@ -265,7 +265,18 @@ class _Pool:
         self.w_ttft_n += 1
         self.w_ttfts.append(seconds)
 
+    def finished(self, prompt: int, output: int) -> None:
+        """A request finished on this pool's engine: vLLM counts it then
+        (request_success_total) and records its lengths (request_prompt_tokens,
+        request_generation_tokens); a prefill instance's request ends with its prefill."""
+        self.w_reqs += 1
+        self.w_isl_sum += prompt
+        self.w_osl_sum += output
+        self.w_len_n += 1
+        self.w_prompt_hist[bisect.bisect_left(PROMPT_BUCKETS, prompt)] += 1
+
     def reset_window(self) -> None:
+        self.w_routed = 0  # requests the router sent here (tandem_router_dispatched_total)
         self.w_prompt = 0
         self.w_gen = 0
         self.w_reqs = 0
@@ -274,12 +285,12 @@ class _Pool:
         self.w_itl_sum = 0.0
         self.w_itl_n = 0
         # request lengths of requests that finished here (vLLM records its request_prompt_tokens
-        # and request_generation_tokens histograms when a request finishes)
+        # and request_generation_tokens histograms when a request finishes), and their prompt
+        # lengths per bucket (request_prompt_tokens_bucket)
         self.w_isl_sum = 0
         self.w_osl_sum = 0
         self.w_len_n = 0
         self.w_ttfts: list[float] = []
-        # prompt lengths of the requests routed here, per bucket (vLLM's request_prompt_tokens)
         self.w_prompt_hist = [0] * (len(PROMPT_BUCKETS) + 1)
 
 
@@ -452,6 +463,10 @@ class _Engine:
             self.pools.append(pool)
         self.dropped: list[_Req] = []
         self.w_client_ttfts: list[float] = []  # the clients' first tokens since the last tick
+        # the requests the router saw arrive since the last tick: count, prompt tokens, histogram
+        self.a_reqs = 0
+        self.a_prompt = 0
+        self.a_hist = [0] * (len(PROMPT_BUCKETS) + 1)
         self.clients: ObservesClients | None = autoscaler if isinstance(autoscaler, ObservesClients) else None
         self.last_tick = 0.0
         self.thresholds: list[tuple[float, int]] = [(0.0, self.router.split_threshold_tokens)]
@@ -550,8 +565,11 @@ class _Engine:
                 best, best_key = inst, key
         req.path = "split" if use_split else "mixed"
         req.pool = best.pool
-        best.pool.w_reqs += 1
-        best.pool.w_prompt_hist[bisect.bisect_left(PROMPT_BUCKETS, req.prompt)] += 1
+        best.pool.w_routed += 1
+        # the router counts the prompt before it routes it (tandem_router_prompt_tokens)
+        self.a_reqs += 1
+        self.a_prompt += req.prompt
+        self.a_hist[bisect.bisect_left(PROMPT_BUCKETS, req.prompt)] += 1
         best.pq.append(req)
         best.pq_tokens += req.prompt
         if not best.busy:
@@ -726,9 +744,7 @@ class _Engine:
     def prefilled(self, inst: _Inst, req: _Req, now: float) -> None:
         inst.pool.w_gen += 1
         if inst.role == "prefill":  # the prefill instance's request ends here (max_tokens=1)
-            inst.pool.w_isl_sum += req.prompt
-            inst.pool.w_osl_sum += 1
-            inst.pool.w_len_n += 1
+            inst.pool.finished(req.prompt, 1)
             inst.pool.record_ttft(now - req.arrival)
         if inst.role == "mixed" or req.output <= 1 or not self.config.ttft_on_decode:
             self.first_token(req, now)
@@ -737,6 +753,7 @@ class _Engine:
             if req.output <= 1:
                 inst.kv_used -= req.kv_res
                 req.finish = now
+                inst.pool.finished(req.prompt, req.output)
                 return
             inst.ctx += req.prompt + 1
             req.finish_step = inst.step + req.output - 1
@@ -761,6 +778,7 @@ class _Engine:
             compute_seconds=inst.prof.per_token_compute * req.prompt,
         )
         target.inbound += 1
+        target.pool.w_routed += 1
         self.push(now + dt, _EV_KV, (target, req))
 
     def on_kv_arrive(self, inst: _Inst, req: _Req, now: float) -> None:
@@ -795,10 +813,7 @@ class _Engine:
 
     def finish(self, inst: _Inst, req: _Req, now: float) -> None:
         req.finish = now
-        pool = inst.pool
-        pool.w_isl_sum += req.prompt
-        pool.w_osl_sum += req.output
-        pool.w_len_n += 1
+        inst.pool.finished(req.prompt, req.output)
         inst.kv_used -= req.kv_res
         inst.ctx -= req.prompt + req.output
 
@@ -852,7 +867,29 @@ class _Engine:
             scrape_age_s=0.0,
             prompt_tokens_buckets=tuple(cumulative),
             ttft_buckets=_ttft_buckets(ttfts, w),
+            routed_per_s=pool.w_routed / w,
         )
+
+    def arrivals(self, window_s: float) -> PoolObservation:
+        """The router's arrival reading since the last tick (and reset): requests/s, mean
+        prompt and the cumulative prompt-length histogram, as the planner reads them from
+        tandem_router_prompt_tokens."""
+        w = max(window_s, 1e-9)
+        cumulative: list[tuple[float, float]] = []
+        seen = 0
+        for le, count in zip((*PROMPT_BUCKETS, math.inf), self.a_hist, strict=True):
+            seen += count
+            cumulative.append((le, seen / w))
+        out = replace(
+            PoolObservation.empty(),
+            requests_per_s=self.a_reqs / w,
+            mean_prompt_tokens=self.a_prompt / self.a_reqs if self.a_reqs else None,
+            prompt_tokens_buckets=tuple(cumulative) if self.a_reqs else None,
+        )
+        self.a_reqs = 0
+        self.a_prompt = 0
+        self.a_hist = [0] * (len(PROMPT_BUCKETS) + 1)
+        return out
 
     def on_tick(self, now: float) -> None:
         assert self.autoscaler is not None
@@ -877,9 +914,12 @@ class _Engine:
             pool.reset_window()
         client = sorted(self.w_client_ttfts)
         self.w_client_ttfts = []
+        arrivals = self.arrivals(window_s)
         if self.clients is not None:
             self.clients.observe_clients(
-                _ttft_buckets(client, max(window_s, 1e-9)), sum(client) / len(client) if client else None
+                _ttft_buckets(client, max(window_s, 1e-9)),
+                sum(client) / len(client) if client else None,
+                arrivals,
             )
         decisions = self.autoscaler.decide(now, states)
         if isinstance(self.autoscaler, TunesRouting):

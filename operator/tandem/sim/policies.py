@@ -78,10 +78,16 @@ class ObservesClients(Protocol):
     (the last bound infinite) and their mean (None when none came). A pool's own
     ``ttft_buckets`` and ``mean_ttft_s`` are its engine's, as vLLM reports them: a prefill
     instance's first token comes at the end of its prefill, before the KV hand-off.
+    ``arrivals``: the requests the router saw arrive in the interval (``requests_per_s``,
+    ``mean_prompt_tokens``, ``prompt_tokens_buckets``), where a pool's own counts are of the
+    requests that finished there, as vLLM's are.
     """
 
     def observe_clients(
-        self, ttft_buckets: tuple[tuple[float, float], ...], mean_ttft_s: float | None
+        self,
+        ttft_buckets: tuple[tuple[float, float], ...],
+        mean_ttft_s: float | None,
+        arrivals: PoolObservation | None = None,
     ) -> None: ...
 
 
