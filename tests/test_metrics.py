@@ -268,3 +268,12 @@ def test_read_observation_carries_the_routers_arrivals() -> None:
     # what it sent each pool lands on the pool; the engines' own readings are untouched
     pool = read_observation(Router("3"), "ns", "svc", ["p"], 30)["p"]
     assert pool.routed_per_s == 3.0 and pool.requests_per_s is None
+
+
+def test_the_routers_prompt_buckets_are_the_engines_and_the_planners() -> None:
+    """The planner reads the router's arrivals where it read the engines' histograms: the
+    same bounds (vLLM's 1-2-5 series), or it loses resolution on long prompts."""
+    from tandem.planner.lengths import BUCKETS
+    from tandem.router.metrics import TOKEN_BUCKETS
+
+    assert tuple(float(b) for b in TOKEN_BUCKETS) == BUCKETS == tuple(sorted(set(BUCKETS)))

@@ -457,8 +457,8 @@ def test_demand_comes_from_the_routers_arrivals_when_it_is_scraped() -> None:
         PoolObservation.empty(), requests_per_s=6.0, mean_prompt_tokens=2000.0, prompt_tokens_buckets=hist
     )
     seen = replace(lagging, arrivals=arrivals)
-    rate, isl, _, hists = observe_total(SPEC, seen)
-    assert (rate, isl, hists) == (6.0, 2000.0, [hist])
+    got = observe_total(SPEC, seen)
+    assert (got.rate, got.isl, got.hists, got.source) == (6.0, 2000.0, [hist], "router")
     engines = decide(SPEC, lagging, PlannerState(), 30.0)
     router = decide(SPEC, seen, PlannerState(), 30.0)
     assert (engines.signals["demandSource"], router.signals["demandSource"]) == ("pools", "router")
@@ -476,9 +476,57 @@ def test_demand_comes_from_the_routers_arrivals_when_it_is_scraped() -> None:
         replace(arrivals, complete=False),
     ):
         assert observe_total(SPEC, replace(lagging, arrivals=bad)) == observe_total(SPEC, lagging)
-    # nothing arrived: no demand, whatever the engines still finish
+    # a router that, over the SLO window, counts far fewer requests than the engines finish is
+    # bypassed (a Gateway API inference gateway routes to the pods): its count is no demand
     quiet = replace(arrivals, requests_per_s=0.0, mean_prompt_tokens=None, prompt_tokens_buckets=None)
-    assert observe_total(SPEC, replace(lagging, arrivals=quiet))[:2] == (0.0, None)
+    assert observe_total(SPEC, replace(lagging, arrivals=quiet), bypassed=True) == observe_total(
+        SPEC, lagging
+    )
+    busy = fleet(split_rps=6.0, replicas=(4, 0, 1, 1))
+    alone, unseen = PlannerState(), PlannerState()
+    for i in range(1, 80):  # long after any window: the engines' count stands, never 0
+        a = decide(SPEC, busy, alone, 30.0 * i)
+        b = decide(SPEC, replace(busy, arrivals=quiet), unseen, 30.0 * i)
+        alone, unseen = a.state, b.state
+        assert (b.replicas["prefill-mi300x"] or 4) >= 3, i
+    assert b.signals["demandSource"] == "pools" and b.replicas == a.replicas
+    # ... but a lull of the router's arrivals while the engines finish a queue is no bypass
+    st = PlannerState()
+    for i in range(1, 40):
+        st = decide(
+            SPEC, replace(lagging, arrivals=replace(arrivals, requests_per_s=1.0)), st, 30.0 * i
+        ).state
+    drained = decide(SPEC, replace(lagging, arrivals=quiet), st, 40 * 30.0)
+    assert drained.signals["demandSource"] == "router"
+
+
+def test_the_routers_estimated_prompt_lengths_are_scaled_to_the_engines_counts() -> None:
+    """Without the model's tokenizer the router estimates tokens from bytes; over the SLO
+    window the engines count the same prompts exactly, and the ratio maps the router's
+    lengths (mean and histogram) onto theirs."""
+    hist = tuple((le, 1.0 if le >= 1500 else 0.0) for le in BUCKETS)
+    arrivals = replace(
+        PoolObservation.empty(), requests_per_s=1.0, mean_prompt_tokens=1500.0, prompt_tokens_buckets=hist
+    )
+    obs = replace(fleet(split_rps=1.0, isl=2000.0), arrivals=arrivals)  # the engines: 2,000 tokens each
+    st = PlannerState()
+    for i in range(1, 40):
+        st = decide(SPEC, obs, st, 30.0 * i).state
+    from tandem.planner.core import prompt_scale
+
+    scale = prompt_scale(SPEC, st)
+    assert scale == pytest.approx(2000 / 1500)
+    scaled = observe_total(SPEC, obs, scale)
+    assert scaled.isl == pytest.approx(2000.0)
+    assert next(le for le, c in scaled.hists[0] if c > 0) == pytest.approx(2000 * 2000 / 1500)
+    # too few requests counted yet: no scaling
+    assert prompt_scale(SPEC, PlannerState()) == 1.0
+    # a wild estimate is clamped
+    off = replace(obs, arrivals=replace(arrivals, mean_prompt_tokens=100.0))
+    st = PlannerState()
+    for i in range(1, 40):
+        st = decide(SPEC, off, st, 30.0 * i).state
+    assert prompt_scale(SPEC, st) == SPEC.tuning.router_scale_max
 
 
 def test_the_prefill_correction_prices_the_load_the_router_sent() -> None:

@@ -95,7 +95,7 @@ def test_prompts_no_pool_can_prefill_in_time_spend_no_error_budget() -> None:
     ttft = ((1.0, 0.78), (2.5, 0.78), (math.inf, 1.0))
     for i in range(1, 6):
         update_budget(SPEC, observe((1, 0), rps=1.0, ttft=ttft), st, 30.0 * i, unreachable=0.25)
-    assert st.slo_unreachable / st.slo_seen == pytest.approx(0.25)
+    assert st.slo_unreachable / st.slo_seen == pytest.approx(0.22)  # at most the misses
     assert not budget_spent(SPEC, st)
     # counted as ordinary misses, the same first tokens spend it
     ordinary = PlannerState()
@@ -105,8 +105,16 @@ def test_prompts_no_pool_can_prefill_in_time_spend_no_error_budget() -> None:
     # an unreachable share larger than the misses leaves no negative miss share
     st.slo_unreachable = st.slo_seen
     assert not budget_spent(SPEC, st)
-    decided = decide(SPEC, observe((1, 0), rps=1.0, ttft=ttft), PlannerState(), 30.0).signals
-    assert float(decided["ttftOutOfReach"]) < 0.01  # prompts of mean 2,000 tokens: within reach
+    decided = decide(SPEC, observe((1, 0), rps=1.0, ttft=ttft), PlannerState(), 30.0)
+    assert float(decided.signals["ttftOutOfReach"]) < 0.01  # prompts of mean 2,000 tokens: within reach
+    assert "no pool prefills" not in decided.message
+    # prompts of 2x the longest reachable: the decision says so, in words a person reads
+    far = observe((1, 0), rps=1.0, ttft=ttft)
+    long_prompts = metrics(1.0, 2 * cut, 1, ttft_buckets=ttft)
+    far = Observation({**far.pools, "prefill-mi300x": PoolReading(1, 1, 0, long_prompts)})
+    told = decide(SPEC, far, PlannerState(), 30.0)
+    assert f"100% of prompts are longer than {longest} tokens" in told.message, told.message
+    assert float(told.signals["ttftOutOfReach"]) == pytest.approx(0.22)  # capped at the misses
 
 
 def test_the_budget_counts_the_routers_first_tokens_when_it_reports_them() -> None:
@@ -257,9 +265,12 @@ def test_a_zero_scale_down_window_never_fails() -> None:
 def test_the_new_state_round_trips_through_json() -> None:
     st = _peak_then_lull(SPEC, 2000.0)
     st.idle_since = {"mixed": 1940.0}
+    st.slo_unreachable = 42.5
+    st.prompt_counts = {"router": [9.0e5, 500.0], "engines": [1.1e6, 498.0]}
     back = PlannerState.from_json(st.to_json())
     assert back.recommendations == st.recommendations and (back.slo_met, back.slo_seen) == (930.0, 1000.0)
-    assert back.idle_since == {"mixed": 1940.0}
+    assert back.idle_since == {"mixed": 1940.0} and back.slo_unreachable == 42.5
+    assert back.prompt_counts == st.prompt_counts
     assert PlannerState.from_json('{"role_units": {"decode": [[1, 2]]}}') == PlannerState()
 
 

@@ -365,3 +365,25 @@ def test_pools_count_finished_requests_and_the_router_counts_arrivals() -> None:
     assert mixed[2].mean_prompt_tokens == pytest.approx(2000 + 59 / 2)
     assert policy.arrivals[1] is not None and policy.arrivals[1].requests_per_s == 0.0
     assert policy.arrivals[1].mean_prompt_tokens is None and policy.arrivals[1].prompt_tokens_buckets is None
+
+
+def test_on_the_split_path_each_request_is_counted_once_per_pool() -> None:
+    """A split request is sent to a prefill replica (which finishes it with its prefill,
+    max_tokens=1) and, unless one token was all it asked for, to a decode replica: each pool
+    counts it once when the router sends it and once when it finishes there."""
+    outputs = [1, 5, 0, 20, 1, 40] * 5
+    trace = [TraceRequest(float(i), 1500, out) for i, out in enumerate(outputs)]
+    trace.append(TraceRequest(200.0, 100, 1))  # a late one keeps the ticks going past the rest
+    policy = _ClientRecorder()
+    simulate(trace, disaggregated(1, 1), SLO(10, 1), autoscaler=policy, config=SimConfig(30.0, 60.0))
+
+    def total(pool: str, field: str) -> float:
+        return sum((getattr(p[pool].observation, field) or 0.0) * 30.0 for p in policy.pools)
+
+    assert total("prefill", "routed_per_s") == pytest.approx(len(outputs))
+    assert total("prefill", "requests_per_s") == pytest.approx(len(outputs))
+    handed_over = sum(1 for out in outputs if out > 1)
+    assert total("decode", "routed_per_s") == pytest.approx(handed_over)
+    assert total("decode", "requests_per_s") == pytest.approx(handed_over)
+    arrived = sum((a.requests_per_s or 0.0) * 30.0 for a in policy.arrivals if a is not None)
+    assert arrived == pytest.approx(len(outputs))

@@ -9,7 +9,9 @@ Per interval:
 2. **Demand per class.** Requests at least ``split_threshold`` tokens long take the split
    path (prefill pools -> decode pools), shorter ones the mixed pools. Each class has a
    request rate (plus the backlog of waiting requests, to be drained within the lead time),
-   a mean prompt (ISL) and output (OSL) length.
+   a mean prompt (ISL) and output (OSL) length. Rates and prompt lengths are the router's
+   count of the arrivals when it is scraped and sees the traffic (its lengths scaled to the
+   engines' exact counts), else the entry engines' count of finished requests (`observe_total`).
 3. **Forecast** each class's rate over the next interval plus the replica lead time
    (:mod:`tandem.planner.forecast`); size for max(forecast, now): fast up. While the SLO's
    error budget is spent and arrivals are bursty (seconds-long bursts are over before a
@@ -31,8 +33,9 @@ Per interval:
    capacity per replica rather than per pool, so that a burst sized on one pool and a lull
    sized on another do not hold both; halved while most of the error budget is unspent and
    demand has not fallen far below the window's peak, see `down_window`);
-   while the SLO's error budget is spent (first tokens within the TTFT target below the
-   attainment target over ``slo_window_s``), every pool keeps its own highest
+   while the SLO's error budget is spent (first tokens beyond the TTFT target, except those
+   of prompts no pool can prefill in time, above 1 - the attainment target over
+   ``slo_window_s``: `budget_spent`), every pool keeps its own highest
    recommendation of the window instead. Sizing prefers the replicas that run over a fleet
    on other pools costing less than ``pool_hysteresis`` less. No change to a pool while its
    previous scale-up is still starting, and no scale-down of a role while any of its pools
@@ -80,6 +83,7 @@ from tandem.planner.types import (
 DEFAULT_ISL = 1024.0
 DEFAULT_OSL = 128.0
 MIN_SAMPLES = 5.0  # requests per interval before a latency feeds the correction
+UNREACHABLE_NOTE = 0.01  # the decision's message names unreachable prompts from this share on
 UNMET_PENALTY = 1e4  # USD/hour per request/s a plan cannot serve (when choosing a threshold)
 MIN_RATE = 1e-3  # requests/s below which a class needs no replicas (one per ~17 minutes)
 
@@ -197,6 +201,7 @@ class Total:
     observed: float  # requests/s now (entry rate + backlog)
     lengths: LengthDist  # prompt lengths
     osl: float
+    source: str = "pools"  # whose count of the arrivals: "router" or "pools" (`observe_total`)
 
 
 def _entry_roles(spec: PlannerSpec) -> tuple[Role, ...]:
@@ -215,15 +220,40 @@ def router_arrivals(obs: Observation) -> PoolObservation | None:
     return a
 
 
-def observe_total(spec: PlannerSpec, obs: Observation) -> tuple[float, float | None, float | None, list[Any]]:
-    """(requests/s incl. backlog, mean ISL, mean OSL, prompt histograms) entering now: the
-    router's arrivals when it is scraped (`router_arrivals`), else the entry pools' finished
-    requests. Output lengths are the exit pools' either way (known only at the end)."""
+@dataclass(frozen=True)
+class Entering:
+    """What one observation says enters the service (`observe_total`)."""
+
+    rate: float  # requests/s, plus the backlog to drain within the lead time
+    isl: float | None  # mean prompt tokens (None: no request seen)
+    osl: float | None  # mean output tokens of the exit pools' finished requests
+    hists: list[Any]  # cumulative prompt-length histograms to merge
+    source: str  # "router" or "pools"
+    # the engines' own finished requests/s and mean prompt (the router's calibration)
+    engines_rate: float = 0.0
+    engines_isl: float | None = None
+
+
+def _scaled_buckets(
+    buckets: tuple[tuple[float, float], ...], scale: float
+) -> tuple[tuple[float, float], ...]:
+    return tuple((le * scale if math.isfinite(le) else le, c) for le, c in buckets)
+
+
+def observe_total(
+    spec: PlannerSpec, obs: Observation, scale: float = 1.0, bypassed: bool = False
+) -> Entering:
+    """The demand entering now. The router's arrivals (`router_arrivals`) when it is scraped
+    and sees the traffic: an engine counts a request only when it finishes, which trails a
+    burst by its queue. The entry pools' finished requests when the router is not scraped or
+    is ``bypassed`` (`router_bypassed`). The router counts prompt tokens by its estimate
+    unless it has the tokenizer: ``scale`` (`prompt_scale`) maps its lengths to the engines'
+    exact counts. Output lengths are the exit pools' either way (known at the end)."""
     entry = [r for role in _entry_roles(spec) for r in _readings(spec, obs, role)]
     exit_roles = tuple(dict.fromkeys(c.exit for c in classes(spec)))
     exits = [r for role in exit_roles for r in _readings(spec, obs, role)]
     waiting = sum(r.metrics.waiting or 0.0 for r in {id(r): r for r in entry + exits}.values())
-    drain_s = spec.interval_s + spec.tuning.lead_time_s
+    backlog = waiting / (spec.interval_s + spec.tuning.lead_time_s)
     osl = _weighted(
         [
             (
@@ -235,22 +265,85 @@ def observe_total(spec: PlannerSpec, obs: Observation) -> tuple[float, float | N
             for r in exits
         ]
     )
-    arrivals = router_arrivals(obs)
-    if arrivals is not None:
-        rate = arrivals.requests_per_s or 0.0
-        isl = arrivals.mean_prompt_tokens if rate > 0 else None
-        hists = [arrivals.prompt_tokens_buckets] if arrivals.prompt_tokens_buckets else []
-        return rate + waiting / drain_s, isl, osl, hists
-    rate = sum(r.metrics.requests_per_s or 0.0 for r in entry)
+    finished = sum(r.metrics.requests_per_s or 0.0 for r in entry)
     isl = _weighted([(r.metrics.mean_prompt_tokens, r.metrics.requests_per_s or 0.0) for r in entry])
     hists = [r.metrics.prompt_tokens_buckets for r in entry if r.metrics.prompt_tokens_buckets]
-    return rate + waiting / drain_s, isl, osl, hists
+    arrivals = router_arrivals(obs)
+    if arrivals is not None and not bypassed:
+        arrived = arrivals.requests_per_s or 0.0
+        mean = arrivals.mean_prompt_tokens
+        return Entering(
+            arrived + backlog,
+            mean * scale if arrived > 0 and mean is not None else None,
+            osl,
+            [_scaled_buckets(b, scale)] if (b := arrivals.prompt_tokens_buckets) else [],
+            "router",
+            finished,
+            isl,
+        )
+    return Entering(finished + backlog, isl, osl, hists, "pools", finished, isl)
+
+
+def update_prompt_counts(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> None:
+    """Fold the interval into ``st.prompt_counts``, decayed over ``slo_window_s``: the requests
+    the router counted and the entry engines finished (``"seen"``), and, over the intervals
+    where both report a mean prompt, their prompt tokens and requests (``"router"``,
+    ``"engines"``). Both sides count the same requests over a window, the engines later."""
+    arrivals = router_arrivals(obs)
+    if arrivals is None:
+        return
+    t = spec.tuning
+    seen = observe_total(spec, obs)
+    dt = spec.interval_s if st.last_time is None else min(2 * spec.interval_s, max(0.0, now - st.last_time))
+    decay = math.exp(-dt / max(1.0, t.slo_window_s))
+    counts = {
+        k: [v * decay for v in st.prompt_counts.get(k, [0.0, 0.0])] for k in ("seen", "router", "engines")
+    }
+    arrived = arrivals.requests_per_s or 0.0
+    counts["seen"][0] += arrived * dt
+    counts["seen"][1] += seen.engines_rate * dt
+    if seen.isl is not None and seen.engines_isl is not None:
+        counts["router"][0] += arrived * seen.isl * dt
+        counts["router"][1] += arrived * dt
+        counts["engines"][0] += seen.engines_rate * seen.engines_isl * dt
+        counts["engines"][1] += seen.engines_rate * dt
+    st.prompt_counts = counts
+
+
+def router_bypassed(spec: PlannerSpec, st: PlannerState) -> bool:
+    """Whether, over ``slo_window_s``, the router counted fewer than ``router_min_share`` of
+    the requests the entry engines finished (once they finished ``slo_min_requests``): traffic
+    bypasses it, say a Gateway API inference gateway routing straight to the pods, and its
+    count is not the demand. Over a window, not per interval: after a burst the engines
+    finish its queue while few arrive, and flipping to their lagging counts then cost
+    synthetic-shift 1.7x -> 2.5x the oracle's cost."""
+    arrived, finished = st.prompt_counts.get("seen", [0.0, 0.0])
+    t = spec.tuning
+    return finished >= t.slo_min_requests and arrived < t.router_min_share * finished
+
+
+def prompt_scale(spec: PlannerSpec, st: PlannerState) -> float:
+    """The engines' mean prompt / the router's over ``slo_window_s`` (`update_prompt_counts`),
+    within [1/``router_scale_max``, ``router_scale_max``]; 1 until each side counted
+    ``slo_min_requests`` requests, and while the two agree within ``router_scale_deadband``.
+    The router estimates tokens from bytes unless it has the model's tokenizer (~4 bytes per
+    token of English prose, fewer for code)."""
+    t = spec.tuning
+    (r_tokens, r_n), (e_tokens, e_n) = (st.prompt_counts.get(k, [0.0, 0.0]) for k in ("router", "engines"))
+    if min(r_n, e_n) < t.slo_min_requests or r_tokens <= 0 or e_tokens <= 0:
+        return 1.0
+    scale = (e_tokens / e_n) / (r_tokens / r_n)
+    if abs(math.log(scale)) < math.log1p(t.router_scale_deadband):
+        return 1.0  # counting noise (the two sides count a window's requests at different times)
+    return min(t.router_scale_max, max(1.0 / t.router_scale_max, scale))
 
 
 def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> Total:
     """Observed demand folded into the forecasts (updates ``st.forecast``)."""
     horizon = spec.interval_s + spec.tuning.lead_time_s
-    rate, isl, osl, hists = observe_total(spec, obs)
+    update_prompt_counts(spec, obs, st, now)
+    entering = observe_total(spec, obs, prompt_scale(spec, st), router_bypassed(spec, st))
+    rate, isl, osl, hists = entering.rate, entering.isl, entering.osl, entering.hists
     st.forecast["total"] = forecast.update(st.forecast.get("total"), rate, now, spec.interval_s)
     means: list[float] = []
     for key, value, default in (("isl", isl, DEFAULT_ISL), ("osl", osl, DEFAULT_OSL)):
@@ -270,7 +363,7 @@ def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float
     if dist is None:
         dist = lengths.lognormal(means[0])
     predicted = forecast.predict(st.forecast["total"], horizon, spec.interval_s) or 0.0
-    return Total(max(rate, predicted), rate, dist, max(1.0, means[1]))
+    return Total(max(rate, predicted), rate, dist, max(1.0, means[1]), entering.source)
 
 
 def dispersion(spec: PlannerSpec, st: PlannerState) -> float | None:
@@ -330,7 +423,7 @@ def held_total(spec: PlannerSpec, total: Total, st: PlannerState, now: float) ->
     st.demand = [(t, r) for t, r in st.demand if now - t < full] + [(now, total.rate)]
     window = down_window(spec, st, now)
     held = max(r for t, r in st.demand if _in_window(t, now, window))
-    return Total(held, held, total.lengths, total.osl)
+    return Total(held, held, total.lengths, total.osl, total.source)
 
 
 def class_demand(spec: PlannerSpec, total: Total, threshold: int) -> dict[str, Demand]:
@@ -531,7 +624,9 @@ def update_budget(
     decay = math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
     st.slo_met = st.slo_met * decay + met * dt
     st.slo_seen = st.slo_seen * decay + seen * dt
-    st.slo_unreachable = st.slo_unreachable * decay + seen * unreachable * dt
+    # never more than the interval missed: prompts the model wrongly calls unreachable that
+    # met the target do not excuse other misses
+    st.slo_unreachable = st.slo_unreachable * decay + min(seen * unreachable, max(0.0, seen - met)) * dt
     return source
 
 
@@ -1418,7 +1513,8 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     total = plan_total(spec, observation, st, now)
     routed = st.split_threshold if st.split_threshold is not None else spec.split_threshold
     update_corrections(spec, observation, st, class_demand(spec, total, routed))
-    source = update_budget(spec, observation, st, now, unreachable_share(spec, st, total.lengths))
+    unreachable = unreachable_share(spec, st, total.lengths)
+    source = update_budget(spec, observation, st, now, unreachable)
     floor = burst_floor(spec, st, total.observed, now)
     if floor > total.rate and budget_spent(spec, st):
         total = replace(total, rate=floor)
@@ -1451,10 +1547,16 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     st.split_threshold = threshold
     st.last_time = now
     reason, message = _reason(observation, out, plan, budget_cut)
+    if unreachable >= UNREACHABLE_NOTE:
+        longest = longest_reachable_prompt(spec, st)
+        message += (
+            f" {unreachable:.0%} of prompts are longer than {longest} tokens, which no pool"
+            " prefills within the TTFT target: they miss it on any fleet."
+        )
     signals = _signals(spec, demand, plan, st, threshold, planned, costs, now, source)
     if floor > 0:
         signals["burstFloorRps"] = f"{floor:.3g}"
-    signals["demandSource"] = "router" if router_arrivals(observation) is not None else "pools"
+    signals["demandSource"] = total.source
     return Decision(out, changed_threshold, reason, message, signals, limited, st)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 # vLLM's build_1_2_5_buckets up to 200k tokens (the simulator uses the same bounds).
-BUCKETS: tuple[float, ...] = (*(float(m * 10**e) for e in range(6) for m in (1, 2, 5)), 1e5, 2e5)
+BUCKETS: tuple[float, ...] = (*(float(m * 10**e) for e in range(5) for m in (1, 2, 5)), 1e5, 2e5)
 DEFAULT_SIGMA = 1.0
 TOP = 1e9  # stands for the +Inf bucket where infinity cannot be stored (JSON)
 Spread = tuple[tuple[float, float], ...]  # (prompt length, probability) pairs

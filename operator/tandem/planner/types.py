@@ -225,6 +225,20 @@ class Tuning:
     # 1.66 at 60 s, 1.73 at 180 s, 1.79 at 300 s, attainment unchanged; held-out seeds
     # 11/12/13 likewise). Not while the service is idle (the Azure trace's silences).
     idle_release_s: float = 60.0
+    # The router's arrivals stand for the demand while, over ``slo_window_s``, they are at
+    # least this share of the requests the entry engines finish; fewer, and traffic bypasses
+    # the router (a Gateway API inference gateway routing straight to the pods): its count
+    # would read as no demand.
+    router_min_share: float = 0.5
+    # The router's prompt lengths (estimated from bytes unless it has the tokenizer) are scaled
+    # to the engines' exact counts by at most this factor either way (code runs ~3 bytes per
+    # token, English prose ~4: the estimate's error is tens of percent, not a factor of 2).
+    router_scale_max: float = 2.0
+    # ... and not at all while the two agree within this share: they count a window's
+    # requests at different times (arrival, finish), which alone moves the ratio by ~1%
+    # (simulator, exact counts on both sides: 0.997-1.03), and a length that jitters moves
+    # integer replica counts for nothing.
+    router_scale_deadband: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -388,6 +402,10 @@ class PlannerState:
     arrivals: list[tuple[float, float]] = field(default_factory=list)
     # role -> since when its ready replicas have served no token while other roles served
     idle_since: dict[str, float] = field(default_factory=dict)
+    # decayed over ``slo_window_s``: "seen" -> [requests the router counted, requests the entry
+    # engines finished]; "router" / "engines" -> [prompt tokens, requests] of the same traffic
+    # (the router's estimated and the engines' exact lengths)
+    prompt_counts: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -423,6 +441,7 @@ class PlannerState:
                 slo_unreachable=float(raw.get("slo_unreachable", 0.0)),
                 arrivals=[(float(t), float(r)) for t, r in raw.get("arrivals", [])],
                 idle_since={k: float(v) for k, v in raw.get("idle_since", {}).items()},
+                prompt_counts={k: [float(x) for x in v] for k, v in raw.get("prompt_counts", {}).items()},
             )
         except (TypeError, ValueError, AttributeError):
             return PlannerState()

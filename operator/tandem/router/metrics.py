@@ -12,7 +12,11 @@
   ``decode`` (another decode replica), ``mixed`` (another replica for a whole request),
   ``fallback`` (a split request served whole by one replica).
 * ``tandem_router_prompt_tokens`` (histogram; ``method``: ``tokenizer`` or ``bytes``, the estimate
-  ``ceil(utf8 bytes / 4)``).
+  ``ceil(utf8 bytes / 4)``): every valid request as it arrives, before routing (refused ones
+  too): the planner's demand.
+* ``tandem_router_dispatched_total`` (counter; ``pool``, ``role``): requests sent to a replica of
+  the pool, every attempt: the load each pool is offered (its engine counts a request only when
+  it finishes). The label is the metric's own: scrape the router without a ``pool`` label.
 * ``tandem_router_split_threshold_tokens`` (gauge): the threshold in force.
 * ``tandem_router_replicas`` (gauge; ``pool``, ``role``): replicas known.
 * ``tandem_router_config_reloads_total`` (counter; ``result``: ``ok`` or ``error``).
@@ -32,8 +36,11 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 20.0, 40.0,
     80.0, 160.0, 320.0, 640.0,
 )  # fmt: skip
+# Prompt tokens: vLLM's 1-2-5 series of request_prompt_tokens (the planner's
+# tandem.planner.lengths.BUCKETS), so that the planner reads the router's arrivals at the
+# resolution of the engines' histograms (power-of-two bounds cost it accuracy on long prompts).
 TOKEN_BUCKETS = (
-    16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072,
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000,
 )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from tandem.perf.catalog import Accelerator
 from tandem.perf.model import PerfProfile, build_profile, kv_transfer_seconds
 from tandem.perf.models import ModelArch
 from tandem.planner.lengths import BUCKETS as PROMPT_BUCKETS
+from tandem.router.metrics import TOKEN_BUCKETS as ROUTER_PROMPT_BUCKETS
 from tandem.sim.policies import (
     AutoscalePolicy,
     ObservesClients,
@@ -466,7 +467,7 @@ class _Engine:
         # the requests the router saw arrive since the last tick: count, prompt tokens, histogram
         self.a_reqs = 0
         self.a_prompt = 0
-        self.a_hist = [0] * (len(PROMPT_BUCKETS) + 1)
+        self.a_hist = [0] * (len(ROUTER_PROMPT_BUCKETS) + 1)
         self.clients: ObservesClients | None = autoscaler if isinstance(autoscaler, ObservesClients) else None
         self.last_tick = 0.0
         self.thresholds: list[tuple[float, int]] = [(0.0, self.router.split_threshold_tokens)]
@@ -528,6 +529,11 @@ class _Engine:
         ]
 
     def route(self, req: _Req, now: float) -> None:
+        # the router counts the prompt before it routes it, refused requests too
+        # (tandem_router_prompt_tokens, with the router's buckets)
+        self.a_reqs += 1
+        self.a_prompt += req.prompt
+        self.a_hist[bisect.bisect_left(ROUTER_PROMPT_BUCKETS, req.prompt)] += 1
         mixed = self.accepting("mixed")
         prefill = self.accepting("prefill")
         split_ok = bool(prefill) and self.has_decode()
@@ -566,10 +572,6 @@ class _Engine:
         req.path = "split" if use_split else "mixed"
         req.pool = best.pool
         best.pool.w_routed += 1
-        # the router counts the prompt before it routes it (tandem_router_prompt_tokens)
-        self.a_reqs += 1
-        self.a_prompt += req.prompt
-        self.a_hist[bisect.bisect_left(PROMPT_BUCKETS, req.prompt)] += 1
         best.pq.append(req)
         best.pq_tokens += req.prompt
         if not best.busy:
@@ -877,7 +879,7 @@ class _Engine:
         w = max(window_s, 1e-9)
         cumulative: list[tuple[float, float]] = []
         seen = 0
-        for le, count in zip((*PROMPT_BUCKETS, math.inf), self.a_hist, strict=True):
+        for le, count in zip((*ROUTER_PROMPT_BUCKETS, math.inf), self.a_hist, strict=True):
             seen += count
             cumulative.append((le, seen / w))
         out = replace(
@@ -888,7 +890,7 @@ class _Engine:
         )
         self.a_reqs = 0
         self.a_prompt = 0
-        self.a_hist = [0] * (len(PROMPT_BUCKETS) + 1)
+        self.a_hist = [0] * (len(ROUTER_PROMPT_BUCKETS) + 1)
         return out
 
     def on_tick(self, now: float) -> None:
