@@ -540,3 +540,22 @@ def test_the_prefill_correction_prices_the_load_the_router_sent() -> None:
 
     assert corrected(routed_per_s=1.8) < corrected()  # more load predicts a longer TTFT
     assert corrected(routed_per_s=1.0) == corrected()
+
+
+def test_a_jump_of_the_mean_prompt_is_sized_at_once_and_noise_is_smoothed() -> None:
+    """A workload that turns to long prompts is sized at the new mean in the same interval
+    (fast up, as a rate is); a smaller rise is smoothed like any other reading."""
+
+    def level_after(second_isl: float, spec: PlannerSpec = SPEC) -> float:
+        st = PlannerState()
+        for i in range(1, 11):
+            st = decide(spec, fleet(split_rps=1.0, isl=1000.0), st, 30.0 * i).state
+        st = decide(spec, fleet(split_rps=1.0, isl=second_isl), st, 330.0).state
+        level = st.forecast["total.isl"].level
+        assert level is not None
+        return level
+
+    assert level_after(6000.0) == pytest.approx(6000.0)
+    slow = replace(SPEC, tuning=replace(SPEC.tuning, isl_jump=100.0))
+    assert 1000.0 < level_after(6000.0, slow) < 4000.0  # without the restart: smoothed
+    assert 1000.0 < level_after(1400.0) < 1400.0  # +40%: within the noise, smoothed

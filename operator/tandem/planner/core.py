@@ -349,7 +349,13 @@ def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float
     for key, value, default in (("isl", isl, DEFAULT_ISL), ("osl", osl, DEFAULT_OSL)):
         name = f"total.{key}"
         if value is not None and value > 0:
-            st.forecast[name] = forecast.update(st.forecast.get(name), value, now, spec.interval_s)
+            before = st.forecast.get(name)
+            level = before.level if before is not None else None
+            if key == "isl" and level is not None and value > level * (1.0 + spec.tuning.isl_jump):
+                # the workload changed, not the noise: the smoothing restarts at the new mean
+                st.forecast[name] = Trend(level=value, trend=0.0, updated=now)
+            else:
+                st.forecast[name] = forecast.update(before, value, now, spec.interval_s)
         known = st.forecast.get(name)
         means.append(known.level if known is not None and known.level is not None else default)
     if hists:  # remember the shape (normalised; JSON has no infinity) for intervals without data
