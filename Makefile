@@ -126,6 +126,10 @@ bench: $(STAMP) ## Planner vs baselines in the simulator on the shipped and synt
 bench-heldout: $(STAMP) ## Planner vs oracle at held-out seeds 11-13: synthetic shapes, 5-min block resamples of the shipped trace (bench/out/heldout)
 	$(PY) -m tandem.bench --trace ../shared/traces/azure-llm-2023-code.csv --resample-blocks 300 --synthetic --seeds 11,12,13 --policies tandem,oracle --no-png --out bench/out/heldout
 
+.PHONY: bench-dev
+bench-dev: $(STAMP) ## Planner vs oracle at development seeds 31-40 (where tuning is judged; ~10 min) (bench/out/dev)
+	$(PY) -m tandem.bench --trace ../shared/traces/azure-llm-2023-code.csv --resample-blocks 300 --synthetic --seeds 31,32,33,34,35,36,37,38,39,40 --policies tandem,oracle --no-png --out bench/out/dev
+
 .PHONY: bench-kv
 bench-kv: $(STAMP) ## KV sidecar: NIXL pull vs memcpy, pipelined exposed latency, translation (bench/out/kv.json)
 	$(PY) -m tandem.sidecar.bench --out bench/out/kv.json
