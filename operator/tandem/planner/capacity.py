@@ -134,6 +134,17 @@ def max_load(
     return lo
 
 
+def split_first_token_s(
+    prof: PerfProfile, model: ModelArch, pool: PoolTarget, length: int, alone_s: float
+) -> float:
+    """Seconds to a split request's first token at the client: its prefill alone (``alone_s``)
+    on ``pool``, the KV hand-off and the decode replica's first step (the first token comes
+    from the decode replica, tandem.sim SimConfig.ttft_on_decode)."""
+    link = NIC_GBS_PER_DEVICE * pool.tp
+    hand_off = kv_transfer_seconds(model, length, link, compute_seconds=alone_s)
+    return alone_s + hand_off + prof.decode_step(1, length)
+
+
 def prefill_capacity(
     pool: PoolTarget,
     model: ModelArch,
@@ -156,10 +167,8 @@ def prefill_capacity(
     per_req_s = work_seconds(prof, length, budget, spread)[0] * corr
     short = max(1, round(min(isl, typical or isl)))
     single_s = prompt_seconds(prof, short, budget)[1] * corr
-    link = NIC_GBS_PER_DEVICE * pool.tp
-    # The first token reaches the client from the decode replica (tandem.sim SimConfig.ttft_on_decode).
-    extra = kv_transfer_seconds(model, short, link, compute_seconds=single_s) + prof.decode_step(1, short)
-    rho = max_load(single_s + extra, per_req_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation, servers)
+    first_s = split_first_token_s(prof, model, pool, short, single_s)
+    rho = max_load(first_s, per_req_s, ttft_s * tune.ttft_headroom, q, tune.max_utilisation, servers)
     if rho <= 0:
         return Capacity(0.0, "infeasible")
     return Capacity(rho / per_req_s, "ttft" if rho < tune.max_utilisation else "compute")
@@ -365,17 +374,10 @@ def longest_prompt_within(pool: PoolTarget, model: ModelArch, ttft_s: float, cor
     pool whatever the fleet: no replica added makes them meet it."""
     prof = profile(pool.accelerator, model, pool.tp)
     budget = pool.max_batch_tokens or DEFAULT_BUDGET["prefill" if pool.role == "prefill" else "mixed"]
-    link = NIC_GBS_PER_DEVICE * pool.tp
 
     def first_token_s(length: int) -> float:
         alone = prompt_seconds(prof, length, budget)[1] * corr
-        if pool.role != "prefill":
-            return alone
-        return (
-            alone
-            + kv_transfer_seconds(model, length, link, compute_seconds=alone)
-            + prof.decode_step(1, length)
-        )
+        return split_first_token_s(prof, model, pool, length, alone) if pool.role == "prefill" else alone
 
     if first_token_s(1) > ttft_s:
         return 0

@@ -75,7 +75,6 @@ from tandem.planner.types import (
     PoolTarget,
     Role,
     Trend,
-    finite,
 )
 
 # Used until a length has been observed: the Azure LLM 2023 traces' means are 1,155-2,048
@@ -213,9 +212,12 @@ def router_arrivals(obs: Observation) -> PoolObservation | None:
     non-negative rate, and a mean prompt whenever requests arrived; else None (the engines'
     readings stand in)."""
     a = obs.arrivals
-    if a is None or not a.complete or not finite(a.requests_per_s) or a.requests_per_s < 0:  # type: ignore[operator]
+    if a is None or not a.complete:
         return None
-    if a.requests_per_s > 0 and not (finite(a.mean_prompt_tokens) and a.mean_prompt_tokens > 0):  # type: ignore[operator]
+    rate, mean = a.requests_per_s, a.mean_prompt_tokens
+    if rate is None or not math.isfinite(rate) or rate < 0:
+        return None
+    if rate > 0 and (mean is None or not math.isfinite(mean) or mean <= 0):
         return None
     return a
 
@@ -284,18 +286,25 @@ def observe_total(
     return Entering(finished + backlog, isl, osl, hists, "pools", finished, isl)
 
 
-def update_prompt_counts(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> None:
-    """Fold the interval into ``st.prompt_counts``, decayed over ``slo_window_s``: the requests
-    the router counted and the entry engines finished (``"seen"``), and, over the intervals
-    where both report a mean prompt, their prompt tokens and requests (``"router"``,
-    ``"engines"``). Both sides count the same requests over a window, the engines later."""
+def _span(spec: PlannerSpec, st: PlannerState, now: float) -> tuple[float, float]:
+    """(seconds this decision's rates stand for, the decay of ``slo_window_s`` over them):
+    about one interval; a late decision does not stand for a longer span."""
+    dt = spec.interval_s if st.last_time is None else min(2 * spec.interval_s, max(0.0, now - st.last_time))
+    return dt, math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
+
+
+def update_prompt_counts(
+    spec: PlannerSpec, obs: Observation, seen: Entering, st: PlannerState, now: float
+) -> None:
+    """Fold the interval (``seen``: `observe_total` unscaled) into ``st.prompt_counts``,
+    decayed over ``slo_window_s``: the requests the router counted and the entry engines
+    finished (``"seen"``), and, over the intervals where both report a mean prompt, their
+    prompt tokens and requests (``"router"``, ``"engines"``). Both sides count the same
+    requests over a window, the engines later."""
     arrivals = router_arrivals(obs)
     if arrivals is None:
         return
-    t = spec.tuning
-    seen = observe_total(spec, obs)
-    dt = spec.interval_s if st.last_time is None else min(2 * spec.interval_s, max(0.0, now - st.last_time))
-    decay = math.exp(-dt / max(1.0, t.slo_window_s))
+    dt, decay = _span(spec, st, now)
     counts = {
         k: [v * decay for v in st.prompt_counts.get(k, [0.0, 0.0])] for k in ("seen", "router", "engines")
     }
@@ -341,7 +350,7 @@ def prompt_scale(spec: PlannerSpec, st: PlannerState) -> float:
 def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float) -> Total:
     """Observed demand folded into the forecasts (updates ``st.forecast``)."""
     horizon = spec.interval_s + spec.tuning.lead_time_s
-    update_prompt_counts(spec, obs, st, now)
+    update_prompt_counts(spec, obs, observe_total(spec, obs), st, now)
     entering = observe_total(spec, obs, prompt_scale(spec, st), router_bypassed(spec, st))
     rate, isl, osl, hists = entering.rate, entering.isl, entering.osl, entering.hists
     st.forecast["total"] = forecast.update(st.forecast.get("total"), rate, now, spec.interval_s)
@@ -625,9 +634,7 @@ def update_budget(
     (`unreachable_share`) into ``st.slo_unreachable``; returns whose first tokens they were."""
     source, counts = budget_source(spec, obs)
     met, seen = counts or (0.0, 0.0)
-    # the rates cover about one interval: a late decision does not stand for a longer span
-    dt = spec.interval_s if st.last_time is None else min(2 * spec.interval_s, max(0.0, now - st.last_time))
-    decay = math.exp(-dt / max(1.0, spec.tuning.slo_window_s))
+    dt, decay = _span(spec, st, now)
     st.slo_met = st.slo_met * decay + met * dt
     st.slo_seen = st.slo_seen * decay + seen * dt
     # never more than the interval missed: prompts the model wrongly calls unreachable that

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 import time as wallclock
 from collections import deque
@@ -849,11 +850,6 @@ class _Engine:
         kv = sum(i.kv_used / i.cap for i in ready) / len(ready)
         w = max(window_s, 1e-9)
         ttfts = sorted(pool.w_ttfts)
-        cumulative: list[tuple[float, float]] = []
-        seen = 0
-        for le, count in zip((*PROMPT_BUCKETS, math.inf), pool.w_prompt_hist, strict=True):
-            seen += count
-            cumulative.append((le, seen / w))
         return PoolObservation(
             waiting=float(waiting),
             running=float(running),
@@ -867,7 +863,7 @@ class _Engine:
             mean_output_tokens=pool.w_osl_sum / pool.w_len_n if pool.w_len_n else None,
             p90_ttft_s=ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))] if ttfts else None,
             scrape_age_s=0.0,
-            prompt_tokens_buckets=tuple(cumulative),
+            prompt_tokens_buckets=_cumulative(PROMPT_BUCKETS, pool.w_prompt_hist, w),
             ttft_buckets=_ttft_buckets(ttfts, w),
             routed_per_s=pool.w_routed / w,
         )
@@ -877,16 +873,11 @@ class _Engine:
         prompt and the cumulative prompt-length histogram, as the planner reads them from
         tandem_router_prompt_tokens."""
         w = max(window_s, 1e-9)
-        cumulative: list[tuple[float, float]] = []
-        seen = 0
-        for le, count in zip((*ROUTER_PROMPT_BUCKETS, math.inf), self.a_hist, strict=True):
-            seen += count
-            cumulative.append((le, seen / w))
         out = replace(
             PoolObservation.empty(),
             requests_per_s=self.a_reqs / w,
             mean_prompt_tokens=self.a_prompt / self.a_reqs if self.a_reqs else None,
-            prompt_tokens_buckets=tuple(cumulative) if self.a_reqs else None,
+            prompt_tokens_buckets=_cumulative(ROUTER_PROMPT_BUCKETS, self.a_hist, w) if self.a_reqs else None,
         )
         self.a_reqs = 0
         self.a_prompt = 0
@@ -996,6 +987,17 @@ class _Engine:
                 self.spans.append((inst.created, stop, pool.spec.tp * pool.spec.device_price))
             timelines[pool.spec.name] = pool.timeline
         return out, device_hours, cost, timelines
+
+
+def _cumulative(
+    bounds: Sequence[float], counts: Sequence[int], window_s: float
+) -> tuple[tuple[float, float], ...]:
+    """Per-bucket counts (the last beyond ``bounds``) -> Prometheus-style cumulative
+    (upper bound, per second) pairs, the last bound infinite."""
+    return tuple(
+        (le, seen / window_s)
+        for le, seen in zip((*bounds, math.inf), itertools.accumulate(counts), strict=True)
+    )
 
 
 def _ttft_buckets(ttfts: Sequence[float], window_s: float) -> tuple[tuple[float, float], ...]:
