@@ -130,6 +130,10 @@ bench-heldout: $(STAMP) ## Planner vs oracle at held-out seeds 11-13: synthetic 
 bench-dev: $(STAMP) ## Planner vs oracle at development seeds 31-40 (where tuning is judged; ~10 min) (bench/out/dev)
 	$(PY) -m tandem.bench --trace ../shared/traces/azure-llm-2023-code.csv --resample-blocks 300 --synthetic --seeds 31,32,33,34,35,36,37,38,39,40 --policies tandem,oracle --no-png --out bench/out/dev
 
+.PHONY: bench-queue
+bench-queue: $(STAMP) ## Planner's TTFT queueing model vs the simulator on static prefill fleets (bench/out/queue.json)
+	$(PY) -m tandem.bench.queueing --shape mi300x:6000:60:1.5:3,4,5,6,8,12,18 --shape b200:6000:60:1.5:2,3,4,6,7 --shape mi300x:1000:250:3:1,2,3 --out bench/out/queue.json
+
 .PHONY: bench-kv
 bench-kv: $(STAMP) ## KV sidecar: NIXL pull vs memcpy, pipelined exposed latency, translation (bench/out/kv.json)
 	$(PY) -m tandem.sidecar.bench --out bench/out/kv.json

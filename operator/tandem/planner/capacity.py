@@ -23,7 +23,7 @@ choice, llm-d workload-variant-autoscaler docs/saturation-analyzer.md; perf-anch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -114,6 +114,27 @@ def wait_quantile(rho: float, service_s: float, q: float, servers: int = 1) -> f
     if wait <= q:
         return 0.0
     return service_s / (c * (1.0 - rho)) * math.log(wait / q)
+
+
+def queue_attainment(
+    firsts: Sequence[tuple[float, float]], service_s: float, target_s: float, rho: float, servers: int = 1
+) -> float:
+    """Predicted share of prompts whose first token comes within ``target_s`` on a pool of
+    ``servers`` replicas queueing as one (M/M/c, the router sending each prompt to the
+    least-loaded replica) at per-replica utilisation ``rho`` and mean work ``service_s``.
+    ``firsts``: (seconds to the first token of a prompt alone, weight) over the prompt
+    lengths; a prompt meets the target unless it waits longer than its own slack, and one
+    slower than the target alone never does. 0 when ``rho >= 1`` or there is no weight."""
+    total = sum(w for _, w in firsts)
+    if total <= 0 or rho >= 1 or service_s <= 0:
+        return 0.0
+    c = max(1, servers)
+    wait = erlang_c(c, c * max(0.0, rho))
+    drain = c * (1.0 - rho) / service_s
+    met = sum(
+        w * max(0.0, 1.0 - wait * math.exp(-drain * (target_s - f))) for f, w in firsts if f <= target_s
+    )
+    return met / total
 
 
 def max_load(
