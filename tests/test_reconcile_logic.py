@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from tandem.children import is_subset, needs_apply, plan_changes
+from tandem.children import is_subset, needs_apply, plan_changes, replicas_handovers
 from tandem.models import InferenceServiceSpec, InferenceServiceStatus
 from tandem.models.common import Condition
 from tandem.planner import base_replicas
 from tandem.resolve import resolve
-from tandem.status import compute_status, merge_condition, ratio, set_conditions, status_changed
+from tandem.status import compute_status, merge_condition, merge_patch, ratio, set_conditions, status_changed
 
 
 def spec(**pools_override: Any) -> InferenceServiceSpec:
@@ -358,3 +358,81 @@ def test_other_apply_errors_still_raise_after_the_rest_is_applied() -> None:
     with pytest.raises(KubeError):
         asyncio.run(_apply_waves(kube, _manifests(), outcome, {}, None))  # type: ignore[arg-type]
     assert kube.applied == ["svc-router", "svc-d"] and outcome.rejected == []
+
+
+def _deployment(name: str, replicas: int | None, managers: dict[str, bool]) -> dict[str, Any]:
+    """A Deployment; ``managers``: field manager -> whether its apply set spec.replicas."""
+    fields = [
+        {
+            "manager": m,
+            "operation": "Apply",
+            "fieldsV1": {"f:spec": {"f:replicas": {}} if owns else {"f:template": {}}},
+        }
+        for m, owns in managers.items()
+    ]
+    spec = {} if replicas is None else {"replicas": replicas}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "ns", "managedFields": fields},
+        "spec": spec,
+    }
+
+
+def test_replicas_are_handed_over_only_when_tandem_stops_setting_them() -> None:
+    live = [
+        _deployment("a", 3, {"tandem-operator": True}),  # Tandem set 3 and now leaves the field
+        _deployment("b", 2, {"tandem-operator": False, "kube-controller-manager": True}),  # HPA's
+        _deployment("c", 4, {"tandem-operator": True}),  # still set by Tandem
+        _deployment("d", 5, {"tandem-operator": True}),  # gone from the desired set: pruned instead
+        {"kind": "Service", "metadata": {"name": "a", "namespace": "ns"}, "spec": {}},
+    ]
+    desired = [
+        _deployment("a", None, {}),
+        _deployment("b", None, {}),
+        _deployment("c", 4, {}),
+        {"kind": "Service", "metadata": {"name": "a", "namespace": "ns"}, "spec": {}},
+    ]
+    out = replicas_handovers(desired, live, "tandem-operator")
+    assert out == [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "a", "namespace": "ns"},
+         "spec": {"replicas": 3}},
+    ]  # fmt: skip
+    # an Update by the same manager (not an apply) or a Deployment being deleted is left alone
+    live[0]["metadata"]["managedFields"][0]["operation"] = "Update"
+    assert replicas_handovers(desired, live, "tandem-operator") == []
+    live[0]["metadata"]["managedFields"][0]["operation"] = "Apply"
+    live[0]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert replicas_handovers(desired, live, "tandem-operator") == []
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 applied, as the apiserver applies a merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(out.get(key), value)
+    return out
+
+
+def test_merge_patch_removes_what_the_new_status_dropped() -> None:
+    old = {
+        "conditions": [{"type": "Ready"}, {"type": "MetricsAvailable"}],
+        "lastDecision": {"reason": "ScaledUp", "signals": {"a": "1", "burstFloorRps": "2"}},
+        "targetRatio": "2:1",
+        "ratio": "1:1",
+    }
+    new = {
+        "conditions": [{"type": "Ready"}],
+        "lastDecision": {"reason": "Steady", "signals": {"a": "3"}},
+        "ratio": "1:1",
+    }
+    patch = merge_patch(old, new)
+    assert patch["targetRatio"] is None and patch["lastDecision"]["signals"]["burstFloorRps"] is None
+    assert _merge(old, patch) == new
+    assert _merge(old, merge_patch(old, {})) == {}
+    assert merge_patch(None, new) == new

@@ -50,3 +50,38 @@ def plan_changes(
     to_apply = [d for k, d in wanted.items() if needs_apply(d, live.get(k))]
     to_prune = [o for k, o in live.items() if k not in wanted and not o["metadata"].get("deletionTimestamp")]
     return to_apply, to_prune
+
+
+def _owns_replicas(live: Mapping[str, Any], manager: str) -> bool:
+    """Whether ``manager`` applied ``spec.replicas`` of ``live`` (its managedFields)."""
+    for entry in live.get("metadata", {}).get("managedFields") or []:
+        if entry.get("manager") == manager and entry.get("operation") == "Apply":
+            spec = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+            if "f:replicas" in spec:
+                return True
+    return False
+
+
+def replicas_handovers(
+    desired: Iterable[Manifest], observed: Iterable[Mapping[str, Any]], manager: str
+) -> list[Manifest]:
+    """Deployments whose ``spec.replicas`` ``manager`` applied but now leaves out (autoscaling
+    mode ``external`` or ``recommend``), each as a manifest of the live count alone: applied by
+    another manager first, it keeps the count when ``manager`` drops the field, which server-side
+    apply would otherwise reset to 1 (an HPA then takes it over from the live value)."""
+    live = {key_of(o): o for o in observed if o.get("kind") == "Deployment"}
+    out: list[Manifest] = []
+    for d in desired:
+        if d.get("kind") != "Deployment" or "replicas" in (d.get("spec") or {}):
+            continue
+        obj = live.get(key_of(d))
+        if obj is None or obj["metadata"].get("deletionTimestamp") or not _owns_replicas(obj, manager):
+            continue
+        replicas = (obj.get("spec") or {}).get("replicas")
+        if replicas is None:
+            continue
+        meta = {"name": obj["metadata"]["name"], "namespace": obj["metadata"].get("namespace")}
+        out.append(
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {"replicas": replicas}}
+        )
+    return out

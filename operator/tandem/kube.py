@@ -178,14 +178,15 @@ class Kube:
         return any(r.get("name") == plural for r in doc.get("resources", []))
 
     # writes
-    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply with Tandem's single field manager, taking fields back from hand edits."""
+    def apply(self, manifest: Mapping[str, Any], field_manager: str = names.FIELD_MANAGER) -> dict[str, Any]:
+        """Server-side apply with Tandem's field manager (``field_manager``: another of Tandem's,
+        `names.REPLICAS_HANDOVER_MANAGER`), taking fields back from hand edits."""
         meta = manifest["metadata"]
         return self.request(
             "PATCH",
             path_of(manifest["kind"], meta.get("namespace"), meta["name"]),
             body=apply_body(manifest),
-            query=[("fieldManager", names.FIELD_MANAGER), ("force", "true")],
+            query=[("fieldManager", field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
 

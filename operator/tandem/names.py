@@ -18,6 +18,9 @@ KIND_POOL: Final = "AcceleratorPool"
 PLURAL_POOL: Final = "acceleratorpools"
 
 FIELD_MANAGER: Final = "tandem-operator"
+# Co-owns a Deployment's spec.replicas for the moment Tandem stops setting it (autoscaling.mode
+# external or recommend): server-side apply resets a field its only manager drops, to 1 for replicas.
+REPLICAS_HANDOVER_MANAGER: Final = "tandem-replicas-handover"
 
 # Labels on everything the operator creates.
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"

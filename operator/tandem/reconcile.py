@@ -26,7 +26,7 @@ from tandem.builders import (
 )
 from tandem.builders.kv import PairProblem
 from tandem.builders.router import router_name
-from tandem.children import plan_changes
+from tandem.children import key_of, plan_changes, replicas_handovers
 from tandem.kube import OWNED_KINDS, Kube, KubeError
 from tandem.kv_status import kv_condition_from_pods
 from tandem.models.common import Condition
@@ -38,6 +38,7 @@ from tandem.status import (
     InferencePoolApi,
     compute_status,
     inference_pools_condition,
+    merge_patch,
     set_conditions,
     status_changed,
 )
@@ -165,6 +166,7 @@ async def reconcile(
         served = outcome.inference_pool_api == "served"
         desired = desired_objects(ctx, planned.split_threshold, inference_pools=served)
         to_apply, to_prune = plan_changes(desired, observed)
+        to_apply += await _hand_over_replicas(kube, desired, observed, to_apply)
         router_live = await _apply_waves(kube, to_apply, outcome, live_deployments, router_live)
         outcome.problems += outcome.rejected
         for obj in to_prune:
@@ -234,9 +236,25 @@ async def reconcile(
             )
     outcome.ready_after = _ready_reason(status)
     if status_changed(raw_status, status):
-        await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, status.to_wire())
+        patch = merge_patch(raw_status, status.to_wire())
+        await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, patch)
         outcome.status_written = True
     return outcome
+
+
+async def _hand_over_replicas(
+    kube: Kube, desired: list[dict[str, Any]], observed: list[dict[str, Any]], to_apply: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Deployments whose ``spec.replicas`` Tandem stops setting (`children.replicas_handovers`):
+    their live count is applied by the handover manager first, and they are returned to be
+    applied now (if not already), so that Tandem's field manager releases the field at once."""
+    handovers = replicas_handovers(desired, observed, names.FIELD_MANAGER)
+    for manifest in handovers:  # before the apply that drops the field, or it resets to 1
+        await asyncio.to_thread(kube.apply, manifest, names.REPLICAS_HANDOVER_MANAGER)
+        count = manifest["spec"]["replicas"]
+        log.info("Kept %s at %s replicas: Tandem stops setting them", describe(manifest), count)
+    handed = {key_of(m) for m in handovers}
+    return [d for d in desired if key_of(d) in handed and d not in to_apply]
 
 
 async def _apply_waves(

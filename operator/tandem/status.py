@@ -278,6 +278,25 @@ def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str
     }
 
 
+def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: what ``new`` no longer
+    has is sent as null, maps are patched key by key, lists replaced. Sending ``new`` alone
+    would keep what it dropped (a service leaving planner mode kept its ``lastDecision``, so the
+    next reconcile found the status changed and wrote it again, every time)."""
+    out: dict[str, Any] = {}
+    before = old or {}
+    for key, value in new.items():
+        prev = before.get(key)
+        if isinstance(value, Mapping) and isinstance(prev, Mapping):
+            out[key] = merge_patch(prev, value)
+        else:
+            out[key] = value
+    for key in before:
+        if key not in new:
+            out[key] = None
+    return out
+
+
 def status_changed(old: Mapping[str, Any] | None, new: InferenceServiceStatus) -> bool:
     """Compares wire forms so that an unchanged status is never written again."""
     return dict(old or {}) != new.to_wire()
@@ -355,7 +374,8 @@ def compute_pool_status(
 def pool_status_update(
     body: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], now: str
 ) -> dict[str, Any] | None:
-    """The AcceleratorPool status to write, or None when it is unchanged or the spec unreadable."""
+    """The AcceleratorPool status to write (a merge patch), or None when it is unchanged or the
+    spec unreadable."""
     from pydantic import ValidationError
 
     raw = body.get("status") or {}
@@ -373,4 +393,4 @@ def pool_status_update(
         now=now,
     )
     wire = new.to_wire()
-    return None if wire == raw else wire
+    return None if wire == raw else merge_patch(raw, wire)
