@@ -258,6 +258,61 @@ def test_hand_edits_and_deletions_are_restored(cluster: Any, namespace: str, op:
     wait_for(restored, timeout=60, what="the hand edits reverted and the Service re-created")
 
 
+def test_leaving_replicas_to_an_autoscaler_keeps_the_running_count(
+    cluster: Any, namespace: str, op: OperatorProcess
+) -> None:
+    """autoscaling.mode external or recommend leaves spec.replicas to others. Server-side apply
+    resets a field its only manager stops applying (replicas to 1): the live count must stay."""
+    doc = sample()
+    apply(cluster, doc, namespace)
+    wait_ready(cluster, namespace, "llama")
+    assert deployments(cluster, namespace)["llama-decode"]["spec"]["replicas"] == 2  # off: min
+
+    def managers(name: str) -> set[str]:
+        dep = get(cluster, namespace, "deployment", name, "--show-managed-fields")
+        fields = dep["metadata"].get("managedFields") or []
+        return {f["manager"] for f in fields if "f:replicas" in (f.get("fieldsV1") or {}).get("f:spec", {})}
+
+    doc["spec"]["autoscaling"] = {"mode": "external"}
+    apply(cluster, doc, namespace)
+    wait_ready(cluster, namespace, "llama")
+    wait_for(
+        lambda: "tandem-operator" not in managers("llama-decode"),
+        timeout=30,
+        what="Tandem to stop applying llama-decode's replicas",
+    )
+    assert "tandem-replicas-handover" in managers("llama-decode")
+    wait_seconds(RESYNC * 3)
+    assert deployments(cluster, namespace)["llama-decode"]["spec"]["replicas"] == 2
+    cluster.kubectl("scale", "deployment/llama-decode", "--replicas=3", "-n", namespace)  # as an HPA would
+
+    # recommend: the planner reports (here: no Prometheus configured) and changes nothing
+    doc["spec"]["autoscaling"] = {"mode": "recommend"}
+    apply(cluster, doc, namespace)
+
+    def not_configured() -> dict[str, Any] | None:
+        svc = get(cluster, namespace, "tisvc", "llama")
+        c = condition(svc, "MetricsAvailable")
+        return svc if c and c["reason"] == "PrometheusNotConfigured" else None
+
+    svc = wait_for(not_configured, timeout=30, what="MetricsAvailable=False/PrometheusNotConfigured")
+    assert svc["status"]["lastDecision"]["reason"] == "PrometheusNotConfigured"
+    wait_seconds(RESYNC * 3)
+    assert deployments(cluster, namespace)["llama-decode"]["spec"]["replicas"] == 3
+
+    # off again: Tandem pins every pool to its min and owns the field once more
+    doc["spec"]["autoscaling"] = {"mode": "off"}
+    apply(cluster, doc, namespace)
+    wait_for(
+        lambda: deployments(cluster, namespace)["llama-decode"]["spec"]["replicas"] == 2,
+        timeout=30,
+        what="llama-decode back at its min",
+    )
+    assert "tandem-operator" in managers("llama-decode")
+    svc = wait_ready(cluster, namespace, "llama")
+    assert condition(svc, "MetricsAvailable") is None and "lastDecision" not in svc["status"]
+
+
 def test_unknown_accelerator_pool_is_reported_not_crashed_on(
     cluster: Any, namespace: str, op: OperatorProcess
 ) -> None:

@@ -103,3 +103,54 @@ def test_a_good_read_stores_a_decision_and_requests_a_reconcile(sample_pools: di
     assert again is not None
     a.forget(KEY)
     assert a.current(KEY) is None
+
+
+class BusyProm(Prom):
+    """Every pool busy: 40 requests/s of 2,000-token prompts, 30 waiting, first tokens in 0.5 s."""
+
+    def custom_query(self, query: str, params: Any = None, timeout: Any = None) -> list[dict[str, Any]]:
+        value = "0"
+        if "request_success_total" in query or "_count" in query:
+            value = "40"
+        if "prompt_tokens_total" in query:
+            value = "80000"
+        elif "prompt_tokens_sum" in query:
+            value = "2000"  # the query divides by the count: a mean
+        elif "time_to_first_token" in query and "_sum" in query:
+            value = "0.5"
+        elif "_sum" in query:
+            value = "0.03"
+        if "num_requests_waiting" in query:
+            value = "30"
+        return [{"metric": {"pool": p}, "value": [0, value]} for p in ("prefill", "decode")]
+
+
+def recommend_body() -> dict[str, Any]:
+    b = body()
+    b["spec"]["autoscaling"]["mode"] = "recommend"
+    return b
+
+
+def test_recommend_mode_reports_the_planners_replicas_without_applying_them(
+    sample_pools: dict[str, dict],
+) -> None:
+    planner, _, planner_events = scaler(sample_pools, BusyProm())
+    applied = asyncio.run(planner.step(KEY, body(), now=100.0))
+    assert applied is not None and applied.last_decision is not None
+    assert applied.last_decision.reason == "ScaledUp", applied.last_decision
+    assert applied.replicas["prefill"] > 1
+
+    a, requested, events = scaler(sample_pools, BusyProm())
+    a.services[KEY] = recommend_body()
+    auto = asyncio.run(a.step(KEY, recommend_body(), now=100.0))
+    assert auto is not None and auto.last_decision is not None
+    assert auto.last_decision.reason == "RecommendScaleUp"
+    assert auto.last_decision.message.startswith("Not applied (autoscaling.mode: recommend). Would scale up:")
+    assert auto.recommended == applied.recommended  # what planner mode would have applied
+    assert auto.recommended["prefill"] == applied.replicas["prefill"]
+    assert events == [("Normal", "RecommendScaleUp")] and requested == [KEY]
+    # the same recommendation again (the Deployments still run one replica each): no new Event
+    again = asyncio.run(a.step(KEY, recommend_body(), now=105.0))
+    assert again is not None and again.recommended == auto.recommended
+    assert events == [("Normal", "RecommendScaleUp")]
+    assert planner_events[0] == ("Normal", "ScaledUp")

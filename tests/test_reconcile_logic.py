@@ -35,6 +35,7 @@ def spec(**pools_override: Any) -> InferenceServiceSpec:
         ("planner", {"p": {"spec": {"replicas": 3}}}, {"p": 3, "d": 2}),
         ("planner", {"p": {"spec": {"replicas": 9}}, "d": {"spec": {"replicas": 0}}}, {"p": 4, "d": 2}),
         ("external", {"p": {"spec": {"replicas": 3}}}, {"p": None, "d": 2}),
+        ("recommend", {"p": {"spec": {"replicas": 3}}}, {"p": None, "d": 2}),
     ],
 )
 def test_base_replicas(mode: str, live: dict, expected: dict) -> None:

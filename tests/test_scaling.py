@@ -12,6 +12,7 @@ from tandem import names
 from tandem.models import InferenceServiceSpec, InferenceServiceStatus
 from tandem.models.common import Condition
 from tandem.models.inference_service import Decision as DecisionStatus
+from tandem.models.inference_service import PoolStatus
 from tandem.planner import (
     Decision,
     PlannerState,
@@ -25,10 +26,12 @@ from tandem.planner.types import CLIENT
 from tandem.scaling import (
     METRICS_AVAILABLE,
     PROMETHEUS_UNAVAILABLE,
+    RECOMMEND_NOTE,
     SCALING_LIMITED,
     Autoscale,
     after_decision,
     after_hold,
+    as_recommendation,
     planner_status,
     pool_readings,
     target_ratio,
@@ -93,6 +96,7 @@ def cond(autoscale: Autoscale, type_: str) -> Condition:
         ("planner", {}, {"p": 1, "d": 2, "x": 1}),
         ("off", {"p": 3}, {"p": 1, "d": 1, "x": 1}),  # off pins to min whatever was planned
         ("external", {"p": 3}, {"p": None, "d": None, "x": None}),  # left to the HPA/KEDA
+        ("recommend", {"p": 3}, {"p": None, "d": None, "x": None}),  # reported, not applied
     ],
 )
 def test_base_replicas_takes_the_planner_replicas_in_planner_mode(
@@ -231,3 +235,32 @@ def test_planner_status_sets_and_clears_the_planner_fields() -> None:
     cleared = planner_status(st, "off", None, LATER)
     assert [c.type for c in cleared.conditions] == ["Ready"]
     assert cleared.last_decision is None and cleared.target_ratio is None
+
+
+def test_recommend_mode_reports_replicas_as_would_and_clears_when_left() -> None:
+    s = spec("recommend")
+    d = as_recommendation(replace(decision({"p": 3}), message="Scaled up: p 1->3."))
+    assert (d.reason, d.message) == ("RecommendScaleUp", f"{RECOMMEND_NOTE} Would scale up: p 1->3.")
+    held = as_recommendation(decision({}, reason="StabilisingScaleDown"))
+    assert held.reason == "StabilisingScaleDown" and held.message.startswith(RECOMMEND_NOTE)
+    current = {"p": 1, "d": 1, "x": 1}
+    auto = after_decision(s, 1, d, current, None, NOW)
+    assert auto.recommended == {"p": 3, "d": 1, "x": 1}  # pools it leaves alone: what runs
+    assert auto.replicas == auto.recommended and auto.target_ratio == "3:1"
+    base = InferenceServiceStatus(
+        pools=[
+            PoolStatus(name=n, role=r, accelerator_pool="a", desired_replicas=1, ready_replicas=1)
+            for n, r in (("p", "prefill"), ("d", "decode"), ("x", "mixed"))
+        ]
+    )
+    st = planner_status(base, "recommend", auto, LATER)
+    assert [(p.name, p.desired_replicas, p.recommended_replicas) for p in st.pools] == [
+        ("p", 1, 3),
+        ("d", 1, 1),
+        ("x", 1, 1),
+    ]
+    assert st.last_decision is not None and st.last_decision.reason == "RecommendScaleUp"
+    wire = st.to_wire()
+    assert wire["pools"][0]["recommendedReplicas"] == 3
+    cleared = planner_status(st, "external", None, LATER)
+    assert all(p.recommended_replicas is None for p in cleared.pools) and cleared.last_decision is None

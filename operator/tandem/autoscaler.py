@@ -1,4 +1,4 @@
-"""The autoscaling loop for ``autoscaling.mode: planner`` (I/O orchestration only).
+"""The autoscaling loop for ``autoscaling.mode: planner`` and ``recommend`` (I/O orchestration only).
 
 One loop ticks every second over the services the Controller knows; each planner-mode service
 whose interval has passed gets one step, run as its own task (a slow Prometheus for one
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import time
@@ -38,11 +39,13 @@ from tandem.models.accelerator_pool import AcceleratorPoolSpec
 from tandem.models.inference_service import InferenceServiceSpec
 from tandem.planner import Decision, PlannerState, Tuning, decide, planner_spec
 from tandem.scaling import (
+    PLANNED_MODES,
     PROMETHEUS_NOT_CONFIGURED,
     PROMETHEUS_UNAVAILABLE,
     Autoscale,
     after_decision,
     after_hold,
+    as_recommendation,
     pool_readings,
     tuning_from,
 )
@@ -152,7 +155,7 @@ class Autoscaler:
         """Starts a step for every planner-mode service whose interval has passed."""
         if not self.active():
             return
-        planned = {k for k, body in self.services.items() if _mode(body) == "planner"}
+        planned = {k for k, body in self.services.items() if _mode(body) in PLANNED_MODES}
         for key in [k for k in self._state if k not in planned]:
             self.forget(key)
         for key in planned:
@@ -211,11 +214,24 @@ class Autoscaler:
             return await self._hold(key, body, generation, PROMETHEUS_UNAVAILABLE, message, stamp)
         observation = pool_readings(spec, deployments, metrics)
         assert observation is not None
-        decision = decide(pspec, observation, st.state, time.time() if now is None else now)
+        recommend = spec.autoscaling.mode == "recommend"
+        state = st.state
+        if recommend:  # the router keeps the spec's threshold: the planner's was never applied
+            state = dataclasses.replace(state, split_threshold=None, route_changed=None)
+        decision = decide(pspec, observation, state, time.time() if now is None else now)
         st.state = decision.state
-        autoscale = after_decision(spec, generation, decision, current, st.autoscale, stamp)
+        if recommend:
+            decision = as_recommendation(decision)
+        previous = st.autoscale
+        autoscale = after_decision(spec, generation, decision, current, previous, stamp)
         self._record(key, decision, autoscale, current)
-        if decision.changes(current) or decision.split_threshold is not None:
+        post = bool(decision.changes(current)) or decision.split_threshold is not None
+        if recommend and previous is not None:  # one Event per new recommendation, not per interval
+            post = post and (previous.recommended, previous.split_threshold) != (
+                autoscale.recommended,
+                autoscale.split_threshold,
+            )
+        if post:
             await self._post(body, decision)
         return self._store(key, body, autoscale)
 

@@ -103,8 +103,9 @@ async def reconcile(
     autoscale: Autoscale | None = None,
     inference_pools: bool = False,
 ) -> Outcome:
-    """``autoscale``: the planner's latest decision for this service (``autoscaling.mode: planner``),
-    applied through this same path: replicas, the router's split threshold, status fields.
+    """``autoscale``: the planner's latest decision for this service, applied through this same
+    path in ``autoscaling.mode: planner`` (replicas, the router's split threshold, status fields)
+    and reported only, in the status, in ``recommend``.
     ``inference_pools``: API discovery says the cluster serves GIE's InferencePool; its objects are
     then listed, applied and pruned with the other children (``routing.inferencePool.mode: off``
     prunes them), and ``InferencePoolsEmitted`` reports the outcome. A failure to list them (the
@@ -164,7 +165,9 @@ async def reconcile(
             images=images,
         )
         served = outcome.inference_pool_api == "served"
-        desired = desired_objects(ctx, planned.split_threshold, inference_pools=served)
+        # the planner's threshold reaches the router in planner mode only (recommend reports it)
+        threshold = planned.split_threshold if spec.autoscaling.mode == "planner" else None
+        desired = desired_objects(ctx, threshold, inference_pools=served)
         to_apply, to_prune = plan_changes(desired, observed)
         to_apply += await _hand_over_replicas(kube, desired, observed, to_apply)
         router_live = await _apply_waves(kube, to_apply, outcome, live_deployments, router_live)

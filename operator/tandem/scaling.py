@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tandem import names
@@ -51,6 +51,9 @@ class Autoscale:
     ``replicas``: pool -> replicas the planner set (pools not listed: keep what runs).
     ``split_threshold``: prompt tokens at which the router splits (``None``: the spec's).
     ``conditions``: the planner's conditions, without transition times (the reconcile merges them).
+    ``recommended``: pool -> replicas the latest decision wants (what runs where it changes
+    nothing), ``status.pools[].recommendedReplicas``. In ``recommend`` mode the reconcile applies
+    neither ``replicas`` nor ``split_threshold``: they are reported only.
     """
 
     replicas: Mapping[str, int]
@@ -58,6 +61,29 @@ class Autoscale:
     last_decision: DecisionStatus | None = None
     target_ratio: str | None = None
     conditions: tuple[Condition, ...] = ()
+    recommended: Mapping[str, int] = field(default_factory=dict)
+
+
+PLANNED_MODES = frozenset({"planner", "recommend"})  # autoscaling modes in which the planner runs
+
+# In recommend mode nothing is applied: the reasons and messages say what the planner would do.
+_WOULD = {
+    "ScaledUp": ("RecommendScaleUp", "Scaled up:", "Would scale up:"),
+    "ScaledDown": ("RecommendScaleDown", "Scaled down:", "Would scale down:"),
+    "Rebalanced": ("RecommendRebalance", "Moved capacity:", "Would move capacity:"),
+}
+RECOMMEND_NOTE = "Not applied (autoscaling.mode: recommend)."
+
+
+def as_recommendation(decision: Decision) -> Decision:
+    """``decision`` worded as a recommendation (``autoscaling.mode: recommend``): a change the
+    planner would make gets a ``Recommend*`` reason and a "Would ..." message, and every message
+    says that nothing was applied."""
+    reason, message = decision.reason, decision.message
+    if reason in _WOULD:
+        reason, done, would = _WOULD[reason]
+        message = message.replace(done, would, 1)
+    return replace(decision, reason=reason, message=f"{RECOMMEND_NOTE} {message}")
 
 
 def tuning_from(annotations: Mapping[str, str] | None, base: Tuning) -> Tuning:
@@ -168,9 +194,16 @@ def after_decision(
     replicas = dict(previous.replicas) if previous else {}
     replicas.update({k: v for k, v in decision.replicas.items() if v is not None})
     replicas = {p.name: replicas[p.name] for p in spec.pools if p.name in replicas}
+    recommended = {
+        p.name: want if want is not None else current[p.name]
+        for p in spec.pools
+        if (want := decision.replicas.get(p.name)) is not None or p.name in current
+    }
     threshold = decision.state.split_threshold
     if threshold is None and previous is not None:
         threshold = previous.split_threshold
+    if spec.autoscaling.mode == "recommend":
+        replicas = recommended  # nothing applied: the target is the latest recommendation
     return Autoscale(
         replicas=replicas,
         split_threshold=threshold,
@@ -186,6 +219,7 @@ def after_decision(
             metrics_condition(decision.reason, decision.message, generation),
             limited_condition(decision.limited_by, generation),
         ),
+        recommended=recommended,
     )
 
 
@@ -205,28 +239,41 @@ def after_hold(generation: int, reason: str, message: str, previous: Autoscale |
 
 def apply_to_status(status: InferenceServiceStatus, autoscale: Autoscale, now: str) -> InferenceServiceStatus:
     """``status`` with the planner's fields and conditions (other conditions kept)."""
+    pools = [
+        p.model_copy(update={"recommended_replicas": autoscale.recommended.get(p.name)}) for p in status.pools
+    ]
     return status.model_copy(
         update={
             "conditions": set_conditions(status.conditions, autoscale.conditions, now),
             "last_decision": autoscale.last_decision,
             "target_ratio": autoscale.target_ratio,
+            "pools": pools,
         }
     )
 
 
 def without_planner(status: InferenceServiceStatus) -> InferenceServiceStatus:
-    """``status`` without the planner's fields, for services whose mode is not ``planner``."""
+    """``status`` without the planner's fields, for services whose planner does not run."""
     conds = [c for c in status.conditions if c.type not in (METRICS_AVAILABLE, SCALING_LIMITED)]
-    if len(conds) == len(status.conditions) and status.last_decision is None and status.target_ratio is None:
+    recommended = any(p.recommended_replicas is not None for p in status.pools)
+    if (
+        len(conds) == len(status.conditions)
+        and status.last_decision is None
+        and status.target_ratio is None
+        and not recommended
+    ):
         return status
-    return status.model_copy(update={"conditions": conds, "last_decision": None, "target_ratio": None})
+    pools = [p.model_copy(update={"recommended_replicas": None}) for p in status.pools]
+    return status.model_copy(
+        update={"conditions": conds, "last_decision": None, "target_ratio": None, "pools": pools}
+    )
 
 
 def planner_status(
     status: InferenceServiceStatus, mode: str, autoscale: Autoscale | None, now: str
 ) -> InferenceServiceStatus:
-    """The planner's part of the status: set in ``planner`` mode (once it decided), removed in
-    the other modes (a service that leaves planner mode keeps no stale planner conditions)."""
-    if mode != "planner":
+    """The planner's part of the status: set in ``planner`` and ``recommend`` modes (once it
+    decided), removed in the others (a service that leaves them keeps no stale planner conditions)."""
+    if mode not in PLANNED_MODES:
         return without_planner(status)
     return status if autoscale is None else apply_to_status(status, autoscale, now)

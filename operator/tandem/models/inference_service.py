@@ -83,7 +83,15 @@ class Budget(Model):
 
 
 class Autoscaling(Model):
-    mode: Literal["planner", "external", "off"] = "off"
+    mode: Literal["planner", "recommend", "external", "off"] = Field(
+        default="off",
+        description="planner: Tandem's planner sets each pool's replicas and the router's split "
+        "threshold. recommend: the planner runs and reports what it would set "
+        "(status.pools[].recommendedReplicas, status.lastDecision, Events) but changes nothing: "
+        "replicas are left as in external, the router keeps routing.minPromptTokens. external: "
+        "replicas are left to an HPA/KEDA (set to replicas.min at creation). off: every pool is "
+        "pinned to replicas.min.",
+    )
     interval_seconds: int = Field(default=30, ge=5, le=3600)
     prometheus_url: str | None = Field(default=None, pattern=r"^https?://")
     budget: Budget | None = None
@@ -199,6 +207,11 @@ class PoolStatus(StatusModel):
     vendor: str | None = None
     desired_replicas: int = 0
     ready_replicas: int = 0
+    recommended_replicas: int | None = Field(
+        default=None,
+        description="The planner's latest recommendation for this pool "
+        "(autoscaling.mode planner or recommend).",
+    )
 
 
 class Decision(StatusModel):

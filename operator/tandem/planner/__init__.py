@@ -56,7 +56,8 @@ def base_replicas(
 
     - ``off``: pinned to ``min``.
     - ``planner``: the planner's decision, else what runs; clamped into ``min..max`` (``min`` at first).
-    - ``external``: ``min`` at creation, then ``None``: the field is left to the HPA/KEDA.
+    - ``external``, ``recommend``: ``min`` at creation, then ``None``: the field is left to
+      the HPA/KEDA (``recommend`` only reports what the planner would set).
     """
     mode = spec.autoscaling.mode
     result: dict[str, int | None] = {}
@@ -68,7 +69,7 @@ def base_replicas(
             result[pool.name] = clamp(int(planned[pool.name]), low, high)
         elif mode == "off" or current is None:
             result[pool.name] = low
-        elif mode == "external":
+        elif mode in ("external", "recommend"):
             result[pool.name] = None
         else:
             result[pool.name] = clamp(int(current), low, high)
