@@ -67,6 +67,16 @@ def test_printer_columns() -> None:
     cols = [c["name"] for c in isvc["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert cols[:5] == ["Ready", "P:D", "Prefill", "Decode", "Mixed"] and "Age" in cols
     assert isvc["spec"]["names"]["shortNames"] == ["tisvc"]
+    wide = {c["name"]: c["jsonPath"] for c in isvc["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert (
+        wide["Autoscaling"] == ".spec.autoscaling.mode" and wide["Planner"] == ".status.lastDecision.reason"
+    )
+    # every plain path names a field of the schema (a typo would show an empty column)
+    root = schema(isvc)
+    for path in (p for p in wide.values() if "[" not in p and not p.startswith(".metadata")):
+        node = root
+        for part in path.strip(".").split("."):
+            node = node["properties"][part]
     pool = yaml.safe_load(crdgen.render_all()["inference.tandem.dev_acceleratorpools.yaml"])
     assert pool["spec"]["scope"] == "Cluster" and pool["spec"]["names"]["shortNames"] == ["accpool"]
 

@@ -208,6 +208,10 @@ def inference_service_crd() -> dict[str, Any]:
         {"name": "Decode", "type": "string", "jsonPath": ".status.replicas.decode"},
         {"name": "Mixed", "type": "string", "jsonPath": ".status.replicas.mixed"},
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
+        # kubectl get -o wide: who sets the replicas, and what the planner wants or would set
+        {"name": "Autoscaling", "type": "string", "jsonPath": ".spec.autoscaling.mode", "priority": 1},
+        {"name": "Target P:D", "type": "string", "jsonPath": ".status.targetRatio", "priority": 1},
+        {"name": "Planner", "type": "string", "jsonPath": ".status.lastDecision.reason", "priority": 1},
         {
             "name": "Reason",
             "type": "string",
