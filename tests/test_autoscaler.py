@@ -40,15 +40,18 @@ def body() -> dict[str, Any]:
 
 
 class Deployments:
+    def __init__(self) -> None:
+        self.replicas = {"prefill": 1, "decode": 1}  # what runs (an HPA may change it)
+
     def list_objects(self, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         assert kind == "Deployment" and namespace == "team-a"
         return [
             {
                 "metadata": {"name": f"chat-{p}", "labels": {"inference.tandem.dev/pool": p}},
-                "spec": {"replicas": 1},
-                "status": {"readyReplicas": 1},
+                "spec": {"replicas": n},
+                "status": {"readyReplicas": n},
             }
-            for p in ("prefill", "decode")
+            for p, n in self.replicas.items()
         ]
 
 
@@ -146,11 +149,23 @@ def test_recommend_mode_reports_the_planners_replicas_without_applying_them(
     assert auto is not None and auto.last_decision is not None
     assert auto.last_decision.reason == "RecommendScaleUp"
     assert auto.last_decision.message.startswith("Not applied (autoscaling.mode: recommend). Would scale up:")
-    assert auto.recommended == applied.recommended  # what planner mode would have applied
-    assert auto.recommended["prefill"] == applied.replicas["prefill"]
+    assert auto.recommended == applied.replicas  # what planner mode applies, reported only
+    assert auto.replicas == {} and auto.mode == "recommend"
     assert events == [("Normal", "RecommendScaleUp")] and requested == [KEY]
     # the same recommendation again (the Deployments still run one replica each): no new Event
     again = asyncio.run(a.step(KEY, recommend_body(), now=105.0))
     assert again is not None and again.recommended == auto.recommended
+    # nor when an HPA moves a pool the planner would leave alone
+    a.kube.replicas["decode"] = 2  # type: ignore[attr-defined]
+    third = asyncio.run(a.step(KEY, recommend_body(), now=110.0))
+    assert third is not None and third.recommended == auto.recommended
     assert events == [("Normal", "RecommendScaleUp")]
     assert planner_events[0] == ("Normal", "ScaledUp")
+
+    # to planner mode: nothing of the recommendations is applied until the planner decides
+    a.services[KEY] = body()
+    assert a.current(KEY) is not None and a.current(KEY).mode == "recommend"  # type: ignore[union-attr]
+    decided = asyncio.run(a.step(KEY, body(), now=115.0))
+    assert decided is not None and decided.mode == "planner" and decided.recommended == {}
+    assert set(decided.replicas) <= {"prefill", "decode"} and decided.replicas.get("prefill", 0) > 1
+    assert events[-1] == ("Normal", "ScaledUp")

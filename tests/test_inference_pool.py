@@ -240,7 +240,7 @@ class FakeKube:
             and all(o["metadata"].get("labels", {}).get(a) == b for a, b in (labels or {}).items())
         ]
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, manifest: dict[str, Any], field_manager: str = "tandem-operator") -> dict[str, Any]:
         if (manifest["kind"], manifest["metadata"]["name"]) == self.reject:
             raise KubeError(self.reject_status, "Refused", {"message": self.reject_message})
         self.objects[(manifest["kind"], manifest["metadata"]["name"])] = copy.deepcopy(manifest)

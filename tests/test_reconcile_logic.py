@@ -316,7 +316,7 @@ class RejectingKube:
     def __init__(self, refuse: str, status: int) -> None:
         self.refuse, self.status, self.applied = refuse, status, []  # type: ignore[var-annotated]
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, manifest: dict[str, Any], field_manager: str = "tandem-operator") -> dict[str, Any]:
         from tandem.kube import KubeError
 
         if manifest["metadata"]["name"] == self.refuse:
@@ -437,3 +437,12 @@ def test_merge_patch_removes_what_the_new_status_dropped() -> None:
     assert _merge(old, patch) == new
     assert _merge(old, merge_patch(old, {})) == {}
     assert merge_patch(None, new) == new
+    # a newer operator's field is neither removed nor a reason to write again
+    newer = {**old, "fromTheFuture": {"x": 1}}
+    kept = _merge(
+        newer, merge_patch(newer, new, known={"conditions", "lastDecision", "targetRatio", "ratio"})
+    )
+    assert kept == {**new, "fromTheFuture": {"x": 1}}
+    status = InferenceServiceStatus(ratio="1:1")
+    assert not status_changed({**status.to_wire(), "fromTheFuture": 1}, status)
+    assert status_changed({**status.to_wire(), "ratio": "1:2", "fromTheFuture": 1}, status)

@@ -241,12 +241,20 @@ def test_recommend_mode_reports_replicas_as_would_and_clears_when_left() -> None
     s = spec("recommend")
     d = as_recommendation(replace(decision({"p": 3}), message="Scaled up: p 1->3."))
     assert (d.reason, d.message) == ("RecommendScaleUp", f"{RECOMMEND_NOTE} Would scale up: p 1->3.")
+    capped = as_recommendation(
+        replace(decision({"p": 3}, reason="BudgetLimited"), message="Scaled up: p 1->3.")
+    )
+    assert (capped.reason, capped.message) == ("BudgetLimited", f"{RECOMMEND_NOTE} Would scale up: p 1->3.")
     held = as_recommendation(decision({}, reason="StabilisingScaleDown"))
     assert held.reason == "StabilisingScaleDown" and held.message.startswith(RECOMMEND_NOTE)
     current = {"p": 1, "d": 1, "x": 1}
     auto = after_decision(s, 1, d, current, None, NOW)
-    assert auto.recommended == {"p": 3, "d": 1, "x": 1}  # pools it leaves alone: what runs
-    assert auto.replicas == auto.recommended and auto.target_ratio == "3:1"
+    assert auto.recommended == {"p": 3}  # only the pools it would change
+    assert auto.replicas == {} and auto.target_ratio == "3:1" and auto.mode == "recommend"
+    # a hold under another mode does not carry the other mode's decision over
+    held_after = after_hold(1, "PrometheusUnavailable", "down", auto, LATER, "planner")
+    assert held_after.mode == "planner" and held_after.recommended == {} and held_after.last_decision
+    assert after_hold(1, "PrometheusUnavailable", "down", auto, LATER, "recommend").recommended == {"p": 3}
     base = InferenceServiceStatus(
         pools=[
             PoolStatus(name=n, role=r, accelerator_pool="a", desired_replicas=1, ready_replicas=1)
@@ -256,8 +264,8 @@ def test_recommend_mode_reports_replicas_as_would_and_clears_when_left() -> None
     st = planner_status(base, "recommend", auto, LATER)
     assert [(p.name, p.desired_replicas, p.recommended_replicas) for p in st.pools] == [
         ("p", 1, 3),
-        ("d", 1, 1),
-        ("x", 1, 1),
+        ("d", 1, None),
+        ("x", 1, None),
     ]
     assert st.last_decision is not None and st.last_decision.reason == "RecommendScaleUp"
     wire = st.to_wire()

@@ -1,15 +1,16 @@
 """The autoscaling loop for ``autoscaling.mode: planner`` and ``recommend`` (I/O orchestration only).
 
-One loop ticks every second over the services the Controller knows; each planner-mode service
-whose interval has passed gets one step, run as its own task (a slow Prometheus for one
-service delays no other):
+One loop ticks every second over the services the Controller knows; each service in planner or
+recommend mode whose interval has passed gets one step, run as its own task (a slow Prometheus
+for one service delays no other):
 
 1. gather: the pools' Deployments (replica counts) and a Prometheus read
    (:func:`tandem.metrics.read_observation`, in a thread, every query with a timeout);
 2. decide: :func:`tandem.planner.decide` (pure), with the state kept here in memory;
 3. store the result as a :class:`tandem.scaling.Autoscale` and, if it differs from the last,
-   ask the Controller for a reconcile, which applies replicas and the split threshold and
-   writes the status. The planner never writes a Deployment itself.
+   ask the Controller for a reconcile, which applies replicas and the split threshold (planner
+   mode; recommend mode only reports them) and writes the status. The planner never writes a
+   Deployment itself.
 
 Missing data never scales anything down: the planner holds on incomplete readings, and when
 Prometheus cannot be read at all the step does not call the planner (``MetricsAvailable=False``,
@@ -87,6 +88,8 @@ class _Service:
     task: asyncio.Task[None] | None = None
     read: asyncio.Future[Any] | None = None  # a Prometheus read in its thread
     gauged: set[str] = field(default_factory=set)  # pools with a desired-replicas gauge
+    mode: str | None = None  # the autoscaling mode of the last step
+    recommendation: tuple[Any, ...] | None = None  # recommend mode: the last one an Event told
 
 
 class Autoscaler:
@@ -152,7 +155,7 @@ class Autoscaler:
             await asyncio.sleep(self.settings.tick_seconds)
 
     def tick(self, mono: float) -> None:
-        """Starts a step for every planner-mode service whose interval has passed."""
+        """Starts a step for every planner- or recommend-mode service whose interval has passed."""
         if not self.active():
             return
         planned = {k for k, body in self.services.items() if _mode(body) in PLANNED_MODES}
@@ -193,6 +196,14 @@ class Autoscaler:
         except (ValidationError, KeyError, ValueError):
             return None  # the reconcile reports what is wrong with the spec
         st = self._state.setdefault(key, _Service())
+        mode = spec.autoscaling.mode
+        if st.mode is not None and st.mode != mode:
+            # planner <-> recommend: what one decided is not the other's; the router runs the
+            # spec's threshold after recommend (its own was never applied), the planner's after planner
+            st.autoscale, st.recommendation = None, None
+            if mode == "planner":
+                st.state = dataclasses.replace(st.state, split_threshold=None, route_changed=None)
+        st.mode = mode
         items = await asyncio.to_thread(self.kube.list_objects, "Deployment", namespace, owned_labels(name))
         deployments = {
             d["metadata"]["labels"][names.LABEL_POOL]: d
@@ -214,23 +225,23 @@ class Autoscaler:
             return await self._hold(key, body, generation, PROMETHEUS_UNAVAILABLE, message, stamp)
         observation = pool_readings(spec, deployments, metrics)
         assert observation is not None
-        recommend = spec.autoscaling.mode == "recommend"
+        recommend = mode == "recommend"
         state = st.state
         if recommend:  # the router keeps the spec's threshold: the planner's was never applied
             state = dataclasses.replace(state, split_threshold=None, route_changed=None)
         decision = decide(pspec, observation, state, time.time() if now is None else now)
         st.state = decision.state
+        post = bool(decision.changes(current)) or decision.split_threshold is not None
         if recommend:
             decision = as_recommendation(decision)
-        previous = st.autoscale
-        autoscale = after_decision(spec, generation, decision, current, previous, stamp)
-        self._record(key, decision, autoscale, current)
-        post = bool(decision.changes(current)) or decision.split_threshold is not None
-        if recommend and previous is not None:  # one Event per new recommendation, not per interval
-            post = post and (previous.recommended, previous.split_threshold) != (
-                autoscale.recommended,
-                autoscale.split_threshold,
-            )
+        autoscale = after_decision(spec, generation, decision, current, st.autoscale, stamp)
+        if recommend:
+            # one Event per new recommendation (the pools it would change, the threshold), not
+            # one per interval while the replicas stay with whoever sets them
+            told = (tuple(sorted(autoscale.recommended.items())), decision.split_threshold)
+            post = post and told != st.recommendation
+            st.recommendation = told if post else st.recommendation
+        self._record(key, decision, autoscale, current, applied=not recommend, logged=post)
         if post:
             await self._post(body, decision)
         return self._store(key, body, autoscale)
@@ -248,7 +259,8 @@ class Autoscaler:
                 await asyncio.to_thread(self.post_event, self.kube, body, "Warning", reason, message)
             except KubeError as exc:
                 log.warning("Could not post Event %s: %s", reason, exc)
-        return self._store(key, body, after_hold(generation, reason, message, st.autoscale, stamp))
+        mode = _mode(body)
+        return self._store(key, body, after_hold(generation, reason, message, st.autoscale, stamp, mode))
 
     async def _read(
         self, st: _Service, url: str, key: Key, spec: InferenceServiceSpec, interval_s: float
@@ -294,16 +306,29 @@ class Autoscaler:
             self.request(key)
         return autoscale
 
-    def _record(self, key: Key, decision: Decision, autoscale: Autoscale, current: Mapping[str, int]) -> None:
+    def _record(
+        self,
+        key: Key,
+        decision: Decision,
+        autoscale: Autoscale,
+        current: Mapping[str, int],
+        *,
+        applied: bool,
+        logged: bool,
+    ) -> None:
+        """Metrics and the log line of a decision: the desired replicas are the planner's own
+        (its recommendation in recommend mode); the split threshold gauge only moves when the
+        threshold is applied (planner mode)."""
         PLANNER_DECISIONS.labels(decision.reason).inc()
         st = self._state.get(key)
+        wanted = autoscale.replicas if applied else autoscale.recommended
         for pool, replicas in current.items():
-            PLANNER_DESIRED_REPLICAS.labels(*key, pool).set(autoscale.replicas.get(pool, replicas))
+            PLANNER_DESIRED_REPLICAS.labels(*key, pool).set(wanted.get(pool, replicas))
             if st is not None:
                 st.gauged.add(pool)
-        if autoscale.split_threshold is not None:
+        if applied and autoscale.split_threshold is not None:
             PLANNER_SPLIT_THRESHOLD.labels(*key).set(autoscale.split_threshold)
-        if decision.changes(current) or decision.split_threshold is not None:
+        if logged:
             log.info("Planner decided for %s/%s: %s %s", *key, decision.reason, decision.message)
 
     async def _post(self, body: Mapping[str, Any], decision: Decision) -> None:

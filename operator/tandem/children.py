@@ -68,7 +68,9 @@ def replicas_handovers(
     """Deployments whose ``spec.replicas`` ``manager`` applied but now leaves out (autoscaling
     mode ``external`` or ``recommend``), each as a manifest of the live count alone: applied by
     another manager first, it keeps the count when ``manager`` drops the field, which server-side
-    apply would otherwise reset to 1 (an HPA then takes it over from the live value)."""
+    apply would otherwise reset to 1 (an HPA then takes it over from the live value). The live
+    ``resourceVersion`` rides along as a precondition: if an HPA scaled the Deployment since it
+    was read, the apiserver answers 409 instead of putting the old count back."""
     live = {key_of(o): o for o in observed if o.get("kind") == "Deployment"}
     out: list[Manifest] = []
     for d in desired:
@@ -81,6 +83,8 @@ def replicas_handovers(
         if replicas is None:
             continue
         meta = {"name": obj["metadata"]["name"], "namespace": obj["metadata"].get("namespace")}
+        if obj["metadata"].get("resourceVersion"):
+            meta["resourceVersion"] = obj["metadata"]["resourceVersion"]
         out.append(
             {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {"replicas": replicas}}
         )

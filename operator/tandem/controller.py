@@ -62,7 +62,8 @@ class Controller:
         self.gate = (
             PeeringGate(kube, self.settings.peering, self._peering_changed) if self.settings.peering else None
         )
-        # autoscaling.mode: planner (its decisions reach the cluster through self.reconcile)
+        # autoscaling.mode planner and recommend (decisions reach the cluster, or the status only,
+        # through self.reconcile)
         self.autoscaler = Autoscaler(
             kube,
             self.services,

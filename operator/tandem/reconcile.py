@@ -41,6 +41,7 @@ from tandem.status import (
     merge_patch,
     set_conditions,
     status_changed,
+    wire_keys,
 )
 
 log = logging.getLogger("tandem.reconcile")
@@ -146,6 +147,8 @@ async def reconcile(
         resolution = Resolution(problems=[_invalid_spec(exc)])
     else:
         resolution = resolve(spec, pools)
+        autoscale = _same_mode(autoscale, spec)
+        planned = autoscale or Autoscale(replicas={})
     outcome.problems = list(resolution.problems)  # + the children the apiserver rejects, below
 
     # build + apply (only when every reference resolved: a half-understood spec changes nothing)
@@ -169,7 +172,7 @@ async def reconcile(
         threshold = planned.split_threshold if spec.autoscaling.mode == "planner" else None
         desired = desired_objects(ctx, threshold, inference_pools=served)
         to_apply, to_prune = plan_changes(desired, observed)
-        to_apply += await _hand_over_replicas(kube, desired, observed, to_apply)
+        to_apply = await _hand_over_replicas(kube, desired, observed, to_apply)
         router_live = await _apply_waves(kube, to_apply, outcome, live_deployments, router_live)
         outcome.problems += outcome.rejected
         for obj in to_prune:
@@ -239,25 +242,46 @@ async def reconcile(
             )
     outcome.ready_after = _ready_reason(status)
     if status_changed(raw_status, status):
-        patch = merge_patch(raw_status, status.to_wire())
+        patch = merge_patch(raw_status, status.to_wire(), wire_keys(InferenceServiceStatus))
         await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, patch)
         outcome.status_written = True
     return outcome
 
 
+def _same_mode(autoscale: Autoscale | None, spec: InferenceServiceSpec) -> Autoscale | None:
+    """``autoscale`` unless it was decided under another autoscaling mode (the spec just
+    changed it): the planner decides afresh, and until then nothing of the old mode applies."""
+    if autoscale is not None and autoscale.mode != spec.autoscaling.mode:
+        return None
+    return autoscale
+
+
 async def _hand_over_replicas(
     kube: Kube, desired: list[dict[str, Any]], observed: list[dict[str, Any]], to_apply: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Deployments whose ``spec.replicas`` Tandem stops setting (`children.replicas_handovers`):
-    their live count is applied by the handover manager first, and they are returned to be
-    applied now (if not already), so that Tandem's field manager releases the field at once."""
-    handovers = replicas_handovers(desired, observed, names.FIELD_MANAGER)
-    for manifest in handovers:  # before the apply that drops the field, or it resets to 1
-        await asyncio.to_thread(kube.apply, manifest, names.REPLICAS_HANDOVER_MANAGER)
+    """``to_apply`` for the Deployments whose ``spec.replicas`` Tandem stops setting
+    (`children.replicas_handovers`): the handover manager applies the live count first, and the
+    Deployment is applied now (if it was not to be) so that Tandem's field manager releases the
+    field at once. One that changed since it was read (409: an HPA scaled it) is left out of this
+    reconcile, Tandem keeping the field, and handed over on the next one."""
+    handed: set[tuple[str, str, str]] = set()
+    skipped: set[tuple[str, str, str]] = set()
+    for manifest in replicas_handovers(desired, observed, names.FIELD_MANAGER):
+        try:  # before the apply that drops the field, or it resets to 1
+            await asyncio.to_thread(kube.apply, manifest, names.REPLICAS_HANDOVER_MANAGER)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            skipped.add(key_of(manifest))
+            log.info(
+                "Did not hand over the replicas of %s yet: it changed since it was read", describe(manifest)
+            )
+            continue
+        handed.add(key_of(manifest))
         count = manifest["spec"]["replicas"]
         log.info("Kept %s at %s replicas: Tandem stops setting them", describe(manifest), count)
-    handed = {key_of(m) for m in handovers}
-    return [d for d in desired if key_of(d) in handed and d not in to_apply]
+    kept = [d for d in to_apply if key_of(d) not in skipped]
+    return kept + [d for d in desired if key_of(d) in handed and d not in kept]
 
 
 async def _apply_waves(

@@ -51,9 +51,10 @@ class Autoscale:
     ``replicas``: pool -> replicas the planner set (pools not listed: keep what runs).
     ``split_threshold``: prompt tokens at which the router splits (``None``: the spec's).
     ``conditions``: the planner's conditions, without transition times (the reconcile merges them).
-    ``recommended``: pool -> replicas the latest decision wants (what runs where it changes
-    nothing), ``status.pools[].recommendedReplicas``. In ``recommend`` mode the reconcile applies
-    neither ``replicas`` nor ``split_threshold``: they are reported only.
+    ``mode``: the autoscaling mode it was decided in; the reconcile ignores it under another.
+    ``recommended`` (``recommend`` mode): pool -> replicas the latest decision would set, for the
+    pools it would change (``status.pools[].recommendedReplicas``); ``replicas`` is then empty and
+    the reconcile does not apply ``split_threshold``: both are reported only.
     """
 
     replicas: Mapping[str, int]
@@ -62,6 +63,7 @@ class Autoscale:
     target_ratio: str | None = None
     conditions: tuple[Condition, ...] = ()
     recommended: Mapping[str, int] = field(default_factory=dict)
+    mode: str = "planner"
 
 
 PLANNED_MODES = frozenset({"planner", "recommend"})  # autoscaling modes in which the planner runs
@@ -80,9 +82,9 @@ def as_recommendation(decision: Decision) -> Decision:
     planner would make gets a ``Recommend*`` reason and a "Would ..." message, and every message
     says that nothing was applied."""
     reason, message = decision.reason, decision.message
-    if reason in _WOULD:
-        reason, done, would = _WOULD[reason]
-        message = message.replace(done, would, 1)
+    for done_reason, (would_reason, done, would) in _WOULD.items():
+        reason = would_reason if reason == done_reason else reason
+        message = message.replace(done, would)  # BudgetLimited and SloInfeasible list moves too
     return replace(decision, reason=reason, message=f"{RECOMMEND_NOTE} {message}")
 
 
@@ -194,16 +196,14 @@ def after_decision(
     replicas = dict(previous.replicas) if previous else {}
     replicas.update({k: v for k, v in decision.replicas.items() if v is not None})
     replicas = {p.name: replicas[p.name] for p in spec.pools if p.name in replicas}
-    recommended = {
-        p.name: want if want is not None else current[p.name]
-        for p in spec.pools
-        if (want := decision.replicas.get(p.name)) is not None or p.name in current
-    }
     threshold = decision.state.split_threshold
     if threshold is None and previous is not None:
         threshold = previous.split_threshold
-    if spec.autoscaling.mode == "recommend":
-        replicas = recommended  # nothing applied: the target is the latest recommendation
+    mode = spec.autoscaling.mode
+    recommended: dict[str, int] = {}
+    if mode == "recommend":  # nothing applied: the target is the latest recommendation
+        recommended = {p.name: v for p in spec.pools if (v := decision.replicas.get(p.name)) is not None}
+        replicas = {}
     return Autoscale(
         replicas=replicas,
         split_threshold=threshold,
@@ -214,19 +214,22 @@ def after_decision(
             decision.signals,
             now,
         ),
-        target_ratio=target_ratio(spec, replicas, current),
+        target_ratio=target_ratio(spec, recommended if mode == "recommend" else replicas, current),
         conditions=(
             metrics_condition(decision.reason, decision.message, generation),
             limited_condition(decision.limited_by, generation),
         ),
         recommended=recommended,
+        mode=mode,
     )
 
 
-def after_hold(generation: int, reason: str, message: str, previous: Autoscale | None, now: str) -> Autoscale:
+def after_hold(
+    generation: int, reason: str, message: str, previous: Autoscale | None, now: str, mode: str = "planner"
+) -> Autoscale:
     """The Autoscale when no decision could be made (no Prometheus): nothing changes but the
     ``MetricsAvailable`` condition and ``lastDecision``; ``ScalingLimited`` stays as it was."""
-    base = previous or Autoscale(replicas={})
+    base = previous if previous is not None and previous.mode == mode else Autoscale(replicas={}, mode=mode)
     return replace(
         base,
         last_decision=_last_decision(base.last_decision, reason, message, {}, now),

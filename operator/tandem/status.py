@@ -7,9 +7,11 @@ when the condition's status flips.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from math import gcd
 from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from tandem import names
 from tandem.models.accelerator_pool import AcceleratorPoolSpec, AcceleratorPoolStatus
@@ -278,11 +280,14 @@ def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str
     }
 
 
-def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+def merge_patch(
+    old: Mapping[str, Any] | None, new: Mapping[str, Any], known: Collection[str] | None = None
+) -> dict[str, Any]:
     """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: what ``new`` no longer
     has is sent as null, maps are patched key by key, lists replaced. Sending ``new`` alone
     would keep what it dropped (a service leaving planner mode kept its ``lastDecision``, so the
-    next reconcile found the status changed and wrote it again, every time)."""
+    next reconcile found the status changed and wrote it again, every time). ``known``: the
+    top-level keys this operator writes; others (a newer operator's fields) are left alone."""
     out: dict[str, Any] = {}
     before = old or {}
     for key, value in new.items():
@@ -292,14 +297,21 @@ def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[s
         else:
             out[key] = value
     for key in before:
-        if key not in new:
+        if key not in new and (known is None or key in known):
             out[key] = None
     return out
 
 
+def wire_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The top-level keys of ``model`` as the apiserver stores them (camelCase aliases)."""
+    return frozenset(f.alias or name for name, f in model.model_fields.items())
+
+
 def status_changed(old: Mapping[str, Any] | None, new: InferenceServiceStatus) -> bool:
-    """Compares wire forms so that an unchanged status is never written again."""
-    return dict(old or {}) != new.to_wire()
+    """Compares wire forms so that an unchanged status is never written again (fields this
+    operator does not know, a newer one's, are neither compared nor removed)."""
+    known = wire_keys(InferenceServiceStatus)
+    return {k: v for k, v in (old or {}).items() if k in known} != new.to_wire()
 
 
 def _quantity_int(value: Any) -> int:
@@ -393,4 +405,6 @@ def pool_status_update(
         now=now,
     )
     wire = new.to_wire()
-    return None if wire == raw else merge_patch(raw, wire)
+    known = wire_keys(AcceleratorPoolStatus)
+    mine = {k: v for k, v in raw.items() if k in known}
+    return None if wire == mine else merge_patch(raw, wire, known)

@@ -2,7 +2,7 @@
 
 The planner sizes a prefill pool per replica: the median prompt's first token plus an M/M/1
 waiting-time quantile must fit ``ttft_headroom`` of the TTFT target (`capacity.max_load`).
-This replays a steady log-normal load (`traces.generate`) on static fleets of 1..n replicas
+This replays a steady log-normal load (`traces.generate`) on static fleets of the given sizes
 of one prefill pool and prints, per fleet size, the share of first tokens within the target
 in the simulator beside two predictions of it by `capacity.queue_attainment`: one queue per
 replica (M/M/1) and one queue for the pool (M/M/c, the router sending each prompt to the

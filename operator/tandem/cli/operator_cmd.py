@@ -46,7 +46,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--prometheus-url",
         default=None,
-        help="Prometheus for autoscaling.mode: planner (a service's spec.autoscaling.prometheusUrl wins)",
+        help="Prometheus for autoscaling.mode planner and recommend "
+        "(a service's spec.autoscaling.prometheusUrl wins)",
     )
     p.add_argument(
         "--planner-scale-down-window-seconds",

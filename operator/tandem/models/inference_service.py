@@ -209,8 +209,8 @@ class PoolStatus(StatusModel):
     ready_replicas: int = 0
     recommended_replicas: int | None = Field(
         default=None,
-        description="The planner's latest recommendation for this pool "
-        "(autoscaling.mode planner or recommend).",
+        description="autoscaling.mode recommend: the replicas the planner would set now; "
+        "absent when it would leave the pool as it runs.",
     )
 
 

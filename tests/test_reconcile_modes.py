@@ -1,0 +1,185 @@
+"""The reconcile under each autoscaling mode, against an in-memory apiserver that keeps
+server-side apply's ownership of a Deployment's spec.replicas: a field its only manager stops
+applying is reset (to 1 for replicas), and a stale resourceVersion is refused with 409.
+
+What the planner's Autoscale may change: replicas and the router's threshold in planner mode,
+nothing in recommend mode, nothing of another mode's decision; and that switching to a mode in
+which Tandem stops setting replicas keeps the running count (the handover manager)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from typing import Any
+
+from tandem import names
+from tandem.builders.common import Images
+from tandem.kube import KubeError
+from tandem.reconcile import reconcile
+from tandem.scaling import Autoscale
+
+UID = "uid-1"
+MAIN, HANDOVER = names.FIELD_MANAGER, names.REPLICAS_HANDOVER_MANAGER
+
+
+class SsaKube:
+    """One namespace's objects; Deployments remember which managers applied spec.replicas."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.owners: dict[str, set[str]] = {}  # Deployment -> managers owning spec.replicas
+        self.calls: list[tuple[str, str]] = []  # (manager, Deployment) in order
+        self.version = 0
+        self.conflict: str | None = None  # a Deployment an "HPA" scales before the next handover
+
+    def list_objects(
+        self, kind: str, namespace: str | None = None, labels: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        out = []
+        for (k, name), obj in self.objects.items():
+            if k != kind or any(
+                obj["metadata"].get("labels", {}).get(a) != b for a, b in (labels or {}).items()
+            ):
+                continue
+            obj = copy.deepcopy(obj)
+            if kind == "Deployment":
+                obj["metadata"]["managedFields"] = [
+                    {"manager": m, "operation": "Apply", "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+                    for m in sorted(self.owners.get(name, set()))
+                ]
+            out.append(obj)
+        return out
+
+    def apply(self, manifest: dict[str, Any], field_manager: str = MAIN) -> dict[str, Any]:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        live = self.objects.get((kind, name))
+        if kind == "Deployment" and field_manager == HANDOVER and name == self.conflict and live:
+            live["spec"]["replicas"] += 1  # the HPA scaled it since the reconcile's LIST
+            self.version += 1
+            live["metadata"]["resourceVersion"] = str(self.version)
+            self.conflict = None
+        wanted = manifest["metadata"].get("resourceVersion")
+        if wanted is not None and live is not None and wanted != live["metadata"]["resourceVersion"]:
+            raise KubeError(409, "Conflict", {"message": "the object has been modified"})
+        self.version += 1
+        if kind == "Deployment":
+            self.calls.append((field_manager, name))
+            owners = self.owners.setdefault(name, set())
+            replicas = (live or {}).get("spec", {}).get("replicas")
+            if "replicas" in manifest.get("spec", {}):
+                owners.add(field_manager)
+                replicas = manifest["spec"]["replicas"]
+            else:
+                owners.discard(field_manager)
+                if not owners:
+                    replicas = 1  # server-side apply drops the field: the default comes back
+            if field_manager == HANDOVER:
+                assert live is not None
+                obj = copy.deepcopy(live)
+            else:
+                obj = copy.deepcopy(manifest)
+            obj["spec"]["replicas"] = replicas
+        else:
+            obj = copy.deepcopy(manifest)
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        self.objects[(kind, name)] = obj
+        return copy.deepcopy(obj)
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        self.objects.pop((kind, name), None)
+
+    def patch_status(
+        self, kind: str, name: str, namespace: str | None, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {}
+
+    def replicas(self) -> dict[str, int]:
+        return {n.removeprefix("llama-"): o["spec"]["replicas"] for (k, n), o in self.objects.items()
+                if k == "Deployment" and n != "llama-router"}  # fmt: skip
+
+    def threshold(self) -> int:
+        doc = json.loads(self.objects[("ConfigMap", "llama-router")]["data"]["router.json"])
+        return int(doc["splitThresholdTokens"])
+
+
+def spec(mode: str) -> dict[str, Any]:
+    return {
+        "model": {"name": "m", "preset": "llama-3.1-8b"},
+        "engine": "sim",
+        "pools": [
+            {
+                "name": "prefill",
+                "role": "prefill",
+                "acceleratorPool": "b200",
+                "replicas": {"min": 1, "max": 6},
+            },
+            {
+                "name": "decode",
+                "role": "decode",
+                "acceleratorPool": "gaudi3",
+                "replicas": {"min": 2, "max": 6},
+            },
+        ],
+        "routing": {"minPromptTokens": 1024},
+        "autoscaling": {"mode": mode},
+    }
+
+
+def run(kube: SsaKube, mode: str, pools: dict[str, dict], autoscale: Autoscale | None = None) -> None:
+    body = {
+        "metadata": {"name": "llama", "namespace": "team-a", "uid": UID, "generation": 1},
+        "spec": spec(mode),
+    }
+    asyncio.run(
+        reconcile(
+            body, kube=kube, pools=pools, images=Images(), now="2026-01-01T00:00:00Z", autoscale=autoscale
+        )  # type: ignore[arg-type]
+    )
+
+
+def test_only_planner_mode_applies_the_planners_replicas_and_threshold(sample_pools: dict[str, dict]) -> None:
+    kube = SsaKube()
+    run(kube, "off", sample_pools)
+    assert kube.replicas() == {"prefill": 1, "decode": 2} and kube.threshold() == 1024
+    recommended = Autoscale(replicas={}, split_threshold=4096, recommended={"prefill": 3}, mode="recommend")
+    run(kube, "recommend", sample_pools, recommended)
+    assert kube.replicas() == {"prefill": 1, "decode": 2} and kube.threshold() == 1024
+    # a decision of recommend mode reaching a reconcile after the switch to planner: ignored
+    run(kube, "planner", sample_pools, recommended)
+    assert kube.replicas() == {"prefill": 1, "decode": 2} and kube.threshold() == 1024
+    planned = Autoscale(replicas={"prefill": 3}, split_threshold=4096, mode="planner")
+    run(kube, "planner", sample_pools, planned)
+    assert kube.replicas() == {"prefill": 3, "decode": 2} and kube.threshold() == 4096
+
+
+def test_leaving_replicas_to_others_hands_them_over_before_dropping_the_field(
+    sample_pools: dict[str, dict],
+) -> None:
+    kube = SsaKube()
+    run(kube, "planner", sample_pools, Autoscale(replicas={"prefill": 4}, mode="planner"))
+    assert kube.replicas() == {"prefill": 4, "decode": 2}
+    kube.calls.clear()
+    run(kube, "external", sample_pools)
+    assert kube.replicas() == {"prefill": 4, "decode": 2}  # not reset to 1
+    for pool in ("prefill", "decode"):
+        name = f"llama-{pool}"
+        assert kube.calls.index((HANDOVER, name)) < kube.calls.index((MAIN, name))
+        assert kube.owners[name] == {HANDOVER}
+    kube.calls.clear()
+    run(kube, "external", sample_pools)
+    assert all(manager == MAIN for manager, _ in kube.calls)  # handed over once
+
+
+def test_a_deployment_scaled_meanwhile_is_handed_over_on_the_next_reconcile(
+    sample_pools: dict[str, dict],
+) -> None:
+    kube = SsaKube()
+    run(kube, "off", sample_pools)
+    kube.conflict = "llama-decode"
+    kube.calls.clear()
+    run(kube, "recommend", sample_pools)
+    assert (MAIN, "llama-decode") not in kube.calls  # left alone: Tandem still owns its replicas
+    assert kube.owners["llama-decode"] == {MAIN} and kube.replicas()["decode"] == 3  # the HPA's 3
+    run(kube, "recommend", sample_pools)
+    assert kube.owners["llama-decode"] == {HANDOVER} and kube.replicas() == {"prefill": 1, "decode": 3}
