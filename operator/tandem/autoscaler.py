@@ -88,6 +88,7 @@ class _Service:
     task: asyncio.Task[None] | None = None
     read: asyncio.Future[Any] | None = None  # a Prometheus read in its thread
     gauged: set[str] = field(default_factory=set)  # pools with a desired-replicas gauge
+    reasons: set[str] = field(default_factory=set)  # reasons counted for this service
     mode: str | None = None  # the autoscaling mode of the last step
     recommendation: tuple[Any, ...] | None = None  # recommend mode: the last one an Event told
 
@@ -131,6 +132,9 @@ class Autoscaler:
                 PLANNER_DESIRED_REPLICAS.remove(*key, pool)
         with contextlib.suppress(KeyError):
             PLANNER_SPLIT_THRESHOLD.remove(*key)
+        for reason in st.reasons if st is not None else ():
+            with contextlib.suppress(KeyError):
+                PLANNER_DECISIONS.remove(*key, reason)
 
     # the loop
     def start(self) -> None:
@@ -251,7 +255,8 @@ class Autoscaler:
     ) -> Autoscale:
         """No decision possible: nothing changes but MetricsAvailable (a Warning Event when it flips)."""
         st = self._state.setdefault(key, _Service())
-        PLANNER_DECISIONS.labels(reason).inc()
+        PLANNER_DECISIONS.labels(*key, reason).inc()
+        st.reasons.add(reason)
         previous = st.autoscale.last_decision if st.autoscale else None
         if previous is None or previous.reason != reason:
             log.warning("Planner of %s/%s is holding: %s", *key, message)
@@ -319,8 +324,10 @@ class Autoscaler:
         """Metrics and the log line of a decision: the desired replicas are the planner's own
         (its recommendation in recommend mode); the split threshold gauge only moves when the
         threshold is applied (planner mode)."""
-        PLANNER_DECISIONS.labels(decision.reason).inc()
+        PLANNER_DECISIONS.labels(*key, decision.reason).inc()
         st = self._state.get(key)
+        if st is not None:
+            st.reasons.add(decision.reason)
         wanted = autoscale.replicas if applied else autoscale.recommended
         for pool, replicas in current.items():
             PLANNER_DESIRED_REPLICAS.labels(*key, pool).set(wanted.get(pool, replicas))

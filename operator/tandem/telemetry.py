@@ -20,8 +20,8 @@ CHILD_WRITES = Counter(
 # The autoscaling loop (tandem.autoscaler).
 PLANNER_DECISIONS = Counter(
     "tandem_planner_decisions_total",
-    "Planner decisions (and holds before the planner ran), by reason.",
-    ["reason"],
+    "Planner decisions (and holds before the planner ran), per service, by reason.",
+    ["namespace", "service", "reason"],
 )
 PLANNER_DESIRED_REPLICAS = Gauge(
     "tandem_planner_desired_replicas",

@@ -1,0 +1,135 @@
+"""The chart's PrometheusRule, checked and evaluated by Prometheus's own promtool: the rules
+parse, and on synthetic series each alert fires for the services it is about and for no other
+(`promtool test rules` evaluates them as a Prometheus server would, `for` durations included)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # e2e.harness.chart (helm)
+
+from e2e.harness.chart import find, render
+
+PROMTOOL = Path("/usr/bin/promtool")
+
+pytestmark = [
+    pytest.mark.prometheus,
+    pytest.mark.skipif(not PROMTOOL.exists(), reason="needs /usr/bin/promtool (apt-get install prometheus)"),
+]
+
+HOLD = "PrometheusUnavailable"
+
+
+def series(service: str, reason: str, per_minute: int) -> dict[str, str]:
+    labels = f'namespace="team-a",service="{service}",reason="{reason}"'
+    return {"series": f"tandem_planner_decisions_total{{{labels}}}", "values": f"0+{per_minute}x40"}
+
+
+def expected(rule: dict, **labels: str) -> dict:
+    """The alert promtool should report: the rule's labels plus ``labels``, its annotations with
+    the label templates expanded."""
+    notes = {}
+    for key, text in rule["annotations"].items():
+        for name, value in labels.items():
+            text = text.replace(f"{{{{ $labels.{name} }}}}", value)
+        notes[key] = text
+    return {"exp_labels": {**rule["labels"], **labels}, "exp_annotations": notes}
+
+
+def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> None:
+    docs = render(set_values=["metrics.prometheusRule.enabled=true"])
+    (rule_obj,) = find(docs, "PrometheusRule")
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rule_obj["spec"]))
+    check = subprocess.run([str(PROMTOOL), "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rules = {r["alert"]: r for g in rule_obj["spec"]["groups"] for r in g["rules"]}
+    assert set(rules) == {
+        "TandemPlannerHolding",
+        "TandemPlannerBudgetLimited",
+        "TandemPlannerSloInfeasible",
+        "TandemReconcileErrors",
+    }
+
+    inputs = [
+        series("held", HOLD, 2),  # Prometheus unreachable for the whole run
+        series("flaky", HOLD, 2),  # holds too, but also decides from data
+        series("flaky", "Steady", 1),
+        series("capped", "BudgetLimited", 2),
+        series("stuck", "SloInfeasible", 2),
+        series("fine", "Steady", 2),
+        {"series": 'tandem_reconciles_total{result="error"}', "values": "0+1x40"},
+        {"series": 'tandem_reconciles_total{result="ok"}', "values": "0+5x40"},
+    ]
+    tests = {
+        "rule_files": [rules_file.name],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": inputs,
+                "alert_rule_test": [
+                    # pending, not firing, before the `for` (10 minutes) has passed
+                    {"eval_time": "5m", "alertname": "TandemPlannerHolding", "exp_alerts": []},
+                    {
+                        "eval_time": "25m",
+                        "alertname": "TandemPlannerHolding",
+                        "exp_alerts": [
+                            expected(rules["TandemPlannerHolding"], namespace="team-a", service="held")
+                        ],
+                    },
+                    {
+                        "eval_time": "25m",
+                        "alertname": "TandemPlannerBudgetLimited",
+                        "exp_alerts": [
+                            expected(
+                                rules["TandemPlannerBudgetLimited"], namespace="team-a", service="capped"
+                            )
+                        ],
+                    },
+                    {
+                        "eval_time": "25m",
+                        "alertname": "TandemPlannerSloInfeasible",
+                        "exp_alerts": [
+                            expected(rules["TandemPlannerSloInfeasible"], namespace="team-a", service="stuck")
+                        ],
+                    },
+                    {
+                        "eval_time": "25m",
+                        "alertname": "TandemReconcileErrors",
+                        "exp_alerts": [expected(rules["TandemReconcileErrors"])],
+                    },
+                ],
+            },
+            {
+                "interval": "1m",
+                # everything healthy: no alert at all
+                "input_series": [
+                    series("fine", "Steady", 2),
+                    series("fine", "ScaledUp", 1),
+                    {"series": 'tandem_reconciles_total{result="ok"}', "values": "0+5x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": name, "exp_alerts": []} for name in rules
+                ],
+            },
+        ],
+    }
+    test_file = tmp_path / "rules_test.yaml"
+    test_file.write_text(yaml.safe_dump(tests))
+    run = subprocess.run(
+        [str(PROMTOOL), "test", "rules", str(test_file)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_alert_windows_follow_the_for_value() -> None:
+    docs = render(set_values=["metrics.prometheusRule.enabled=true", "metrics.prometheusRule.for=30m"])
+    (rule_obj,) = find(docs, "PrometheusRule")
+    for rule in (r for g in rule_obj["spec"]["groups"] for r in g["rules"]):
+        assert rule["for"] == "30m" and "[30m]" in rule["expr"], rule["alert"]
