@@ -254,6 +254,10 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
             ]
             == 1
         )
+        # the error budget it read, beside the target, for alerting (the chart's PrometheusRule)
+        slo = f"{{namespace={namespace},service={SERVICE}}}"
+        assert metrics[f"tandem_planner_attainment_target_ratio{slo}"] == 0.9
+        assert 0.0 <= metrics[f"tandem_planner_ttft_within_target_ratio{slo}"] <= 1.0
         print(
             f"planner e2e: reasons {watch.decision_reasons()}, thresholds {agent.stats.split_thresholds}, "
             f"{len(load.report.samples)} requests, dropped {load.report.dropped}"

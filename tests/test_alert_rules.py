@@ -22,12 +22,10 @@ pytestmark = [
     pytest.mark.skipif(not PROMTOOL.exists(), reason="needs /usr/bin/promtool (apt-get install prometheus)"),
 ]
 
-HOLD = "PrometheusUnavailable"
 
-
-def series(service: str, reason: str, per_minute: int) -> dict[str, str]:
-    labels = f'namespace="team-a",service="{service}",reason="{reason}"'
-    return {"series": f"tandem_planner_decisions_total{{{labels}}}", "values": f"0+{per_minute}x40"}
+def gauge(name: str, service: str, values: str, **extra: str) -> dict[str, str]:
+    labels = ",".join(f'{k}="{v}"' for k, v in {"namespace": "team-a", "service": service, **extra}.items())
+    return {"series": f"{name}{{{labels}}}", "values": values}
 
 
 def expected(rule: dict, **labels: str) -> dict:
@@ -52,19 +50,43 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
     assert set(rules) == {
         "TandemPlannerHolding",
         "TandemPlannerBudgetLimited",
+        "TandemPlannerAtMaxReplicas",
         "TandemPlannerSloInfeasible",
         "TandemReconcileErrors",
+        "TandemSloAttainmentLow",
     }
 
     inputs = [
-        series("held", HOLD, 2),  # Prometheus unreachable for the whole run
-        series("flaky", HOLD, 2),  # holds too, but also decides from data
-        series("flaky", "Steady", 1),
-        series("capped", "BudgetLimited", 2),
-        series("stuck", "SloInfeasible", 2),
-        series("fine", "Steady", 2),
+        gauge("tandem_planner_holding", "held", "1x40"),  # Prometheus unreachable all along
+        gauge("tandem_planner_holding", "flaky", "1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0"),
+        gauge("tandem_planner_holding", "fine", "0x40"),
+        gauge("tandem_planner_limited", "capped", "1x40", by="budget"),
+        gauge("tandem_planner_limited", "full", "1x40", by="max"),
+        gauge("tandem_planner_limited", "stuck", "1x40", by="infeasible"),
+        gauge("tandem_planner_limited", "fine", "0x40", by="budget"),
+        # attainment: "slow" below its 0.9 target, "fine" above it; "held" has no reading
+        gauge("tandem_planner_ttft_within_target_ratio", "slow", "0.8x40"),
+        gauge("tandem_planner_attainment_target_ratio", "slow", "0.9x40"),
+        gauge("tandem_planner_ttft_within_target_ratio", "fine", "0.95x40"),
+        gauge("tandem_planner_attainment_target_ratio", "fine", "0.9x40"),
+        gauge("tandem_planner_attainment_target_ratio", "held", "0.9x40"),
         {"series": 'tandem_reconciles_total{result="error"}', "values": "0+1x40"},
         {"series": 'tandem_reconciles_total{result="ok"}', "values": "0+5x40"},
+    ]
+    fired = {  # alert -> the labels of the one alert it should raise
+        "TandemPlannerHolding": {"service": "held"},
+        "TandemSloAttainmentLow": {"service": "slow"},
+        "TandemPlannerBudgetLimited": {"service": "capped", "by": "budget"},
+        "TandemPlannerAtMaxReplicas": {"service": "full", "by": "max"},
+        "TandemPlannerSloInfeasible": {"service": "stuck", "by": "infeasible"},
+    }
+    at_25m = [
+        {
+            "eval_time": "25m",
+            "alertname": name,
+            "exp_alerts": [expected(rules[name], namespace="team-a", **labels)],
+        }
+        for name, labels in fired.items()
     ]
     tests = {
         "rule_files": [rules_file.name],
@@ -76,29 +98,7 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
                 "alert_rule_test": [
                     # pending, not firing, before the `for` (10 minutes) has passed
                     {"eval_time": "5m", "alertname": "TandemPlannerHolding", "exp_alerts": []},
-                    {
-                        "eval_time": "25m",
-                        "alertname": "TandemPlannerHolding",
-                        "exp_alerts": [
-                            expected(rules["TandemPlannerHolding"], namespace="team-a", service="held")
-                        ],
-                    },
-                    {
-                        "eval_time": "25m",
-                        "alertname": "TandemPlannerBudgetLimited",
-                        "exp_alerts": [
-                            expected(
-                                rules["TandemPlannerBudgetLimited"], namespace="team-a", service="capped"
-                            )
-                        ],
-                    },
-                    {
-                        "eval_time": "25m",
-                        "alertname": "TandemPlannerSloInfeasible",
-                        "exp_alerts": [
-                            expected(rules["TandemPlannerSloInfeasible"], namespace="team-a", service="stuck")
-                        ],
-                    },
+                    *at_25m,
                     {
                         "eval_time": "25m",
                         "alertname": "TandemReconcileErrors",
@@ -110,8 +110,8 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
                 "interval": "1m",
                 # everything healthy: no alert at all
                 "input_series": [
-                    series("fine", "Steady", 2),
-                    series("fine", "ScaledUp", 1),
+                    gauge("tandem_planner_holding", "fine", "0x40"),
+                    gauge("tandem_planner_limited", "fine", "0x40", by="budget"),
                     {"series": 'tandem_reconciles_total{result="ok"}', "values": "0+5x40"},
                 ],
                 "alert_rule_test": [
@@ -132,4 +132,5 @@ def test_alert_windows_follow_the_for_value() -> None:
     docs = render(set_values=["metrics.prometheusRule.enabled=true", "metrics.prometheusRule.for=30m"])
     (rule_obj,) = find(docs, "PrometheusRule")
     for rule in (r for g in rule_obj["spec"]["groups"] for r in g["rules"]):
-        assert rule["for"] == "30m" and "[30m]" in rule["expr"], rule["alert"]
+        windowed = "increase(" in rule["expr"]  # the counters' lookback; gauges have none
+        assert rule["for"] == "30m" and (not windowed or "[30m]" in rule["expr"]), rule["alert"]

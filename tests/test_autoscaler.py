@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from tandem.autoscaler import Autoscaler, AutoscalerSettings
 from tandem.scaling import METRICS_AVAILABLE
 
@@ -93,6 +95,14 @@ def test_prometheus_down_holds_without_a_decision(sample_pools: dict[str, dict])
     assert (cond.status, cond.reason) == ("False", "PrometheusUnavailable")
     assert requested == [KEY] and events == [("Warning", "PrometheusUnavailable")]
     assert a.current(KEY) == auto
+    labels = {"namespace": "team-a", "service": "chat"}
+    assert REGISTRY.get_sample_value("tandem_planner_holding", labels) == 1  # for the alert
+    a._clients[URL] = Prom()  # Prometheus back: a decision from data ends the hold
+    asyncio.run(a.step(KEY, body(), now=105.0))
+    assert REGISTRY.get_sample_value("tandem_planner_holding", labels) == 0
+    assert REGISTRY.get_sample_value("tandem_planner_limited", {**labels, "by": "budget"}) == 0
+    a.forget(KEY)
+    assert REGISTRY.get_sample_value("tandem_planner_holding", labels) is None
 
 
 def test_a_good_read_stores_a_decision_and_requests_a_reconcile(sample_pools: dict[str, dict]) -> None:
@@ -104,8 +114,13 @@ def test_a_good_read_stores_a_decision_and_requests_a_reconcile(sample_pools: di
     assert requested == [KEY]
     again = asyncio.run(a.step(KEY, body(), now=105.0))
     assert again is not None
+    labels = {"namespace": "team-a", "service": "chat"}
+    assert REGISTRY.get_sample_value("tandem_planner_attainment_target_ratio", labels) == 0.9
+    # no first tokens read yet: the error budget is unknown, so no attainment series at all
+    assert REGISTRY.get_sample_value("tandem_planner_ttft_within_target_ratio", labels) is None
     a.forget(KEY)
     assert a.current(KEY) is None
+    assert REGISTRY.get_sample_value("tandem_planner_attainment_target_ratio", labels) is None
 
 
 class BusyProm(Prom):
@@ -169,3 +184,12 @@ def test_recommend_mode_reports_the_planners_replicas_without_applying_them(
     assert decided is not None and decided.mode == "planner" and decided.recommended == {}
     assert set(decided.replicas) <= {"prefill", "decode"} and decided.replicas.get("prefill", 0) > 1
     assert events[-1] == ("Normal", "ScaledUp")
+
+
+def test_forget_all_drops_every_services_decision(sample_pools: dict[str, dict]) -> None:
+    """A replica taking over as the active one must not apply what it decided in an earlier term."""
+    a, _, _ = scaler(sample_pools, BusyProm())
+    assert asyncio.run(a.step(KEY, body(), now=100.0)) is not None
+    assert a.current(KEY) is not None
+    a.forget_all()
+    assert a.current(KEY) is None

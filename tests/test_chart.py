@@ -299,6 +299,10 @@ def test_full_values_render_everything() -> None:
     (sm,) = find(docs, "ServiceMonitor")
     assert sm["metadata"]["labels"]["release"] == "prometheus"
     assert sm["spec"]["endpoints"][0]["port"] == "metrics" and sm["spec"]["endpoints"][0]["interval"] == "15s"
+    # the operator's series name the InferenceService in namespace/service: keep them
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
+    (rule,) = find(docs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
     pools = {p["metadata"]["name"]: p for p in find(docs, "AcceleratorPool")}
     assert set(pools) == {"ci-h100", "ci-mi300x"}
     assert pools["ci-h100"]["spec"]["vendor"] == "nvidia"

@@ -32,6 +32,7 @@ class SsaKube:
         self.calls: list[tuple[str, str]] = []  # (manager, Deployment) in order
         self.version = 0
         self.conflict: str | None = None  # a Deployment an "HPA" scales before the next handover
+        self.status: dict[str, Any] = {}  # the InferenceService's, as merge patches left it
 
     def list_objects(
         self, kind: str, namespace: str | None = None, labels: dict[str, str] | None = None
@@ -56,6 +57,7 @@ class SsaKube:
         live = self.objects.get((kind, name))
         if kind == "Deployment" and field_manager == HANDOVER and name == self.conflict and live:
             live["spec"]["replicas"] += 1  # the HPA scaled it since the reconcile's LIST
+            self.owners[name] = {"hpa"}  # an update (the scale subresource) takes the field over
             self.version += 1
             live["metadata"]["resourceVersion"] = str(self.version)
             self.conflict = None
@@ -92,6 +94,7 @@ class SsaKube:
     def patch_status(
         self, kind: str, name: str, namespace: str | None, status: dict[str, Any]
     ) -> dict[str, Any]:
+        self.status = merged(self.status, status)
         return {}
 
     def replicas(self) -> dict[str, int]:
@@ -101,6 +104,19 @@ class SsaKube:
     def threshold(self) -> int:
         doc = json.loads(self.objects[("ConfigMap", "llama-router")]["data"]["router.json"])
         return int(doc["splitThresholdTokens"])
+
+
+def merged(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the apiserver applies a merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merged(out.get(key), value)
+    return out
 
 
 def spec(mode: str) -> dict[str, Any]:
@@ -130,6 +146,7 @@ def run(kube: SsaKube, mode: str, pools: dict[str, dict], autoscale: Autoscale |
     body = {
         "metadata": {"name": "llama", "namespace": "team-a", "uid": UID, "generation": 1},
         "spec": spec(mode),
+        "status": copy.deepcopy(kube.status),
     }
     asyncio.run(
         reconcile(
@@ -171,15 +188,31 @@ def test_leaving_replicas_to_others_hands_them_over_before_dropping_the_field(
     assert all(manager == MAIN for manager, _ in kube.calls)  # handed over once
 
 
-def test_a_deployment_scaled_meanwhile_is_handed_over_on_the_next_reconcile(
-    sample_pools: dict[str, dict],
-) -> None:
+def test_a_deployment_scaled_meanwhile_is_left_to_the_scaler(sample_pools: dict[str, dict]) -> None:
     kube = SsaKube()
     run(kube, "off", sample_pools)
     kube.conflict = "llama-decode"
     kube.calls.clear()
     run(kube, "recommend", sample_pools)
-    assert (MAIN, "llama-decode") not in kube.calls  # left alone: Tandem still owns its replicas
-    assert kube.owners["llama-decode"] == {MAIN} and kube.replicas()["decode"] == 3  # the HPA's 3
-    run(kube, "recommend", sample_pools)
-    assert kube.owners["llama-decode"] == {HANDOVER} and kube.replicas() == {"prefill": 1, "decode": 3}
+    assert (MAIN, "llama-decode") not in kube.calls  # 409: left alone in this reconcile
+    assert kube.owners["llama-decode"] == {"hpa"} and kube.replicas()["decode"] == 3  # the HPA's 3
+    kube.calls.clear()
+    run(kube, "recommend", sample_pools)  # Tandem owns nothing to hand over now: it just drops it
+    assert (HANDOVER, "llama-decode") not in kube.calls and (MAIN, "llama-decode") in kube.calls
+    assert kube.owners["llama-decode"] == {"hpa"} and kube.replicas() == {"prefill": 1, "decode": 3}
+
+
+def test_the_previous_modes_planner_status_goes_at_the_switch(sample_pools: dict[str, dict]) -> None:
+    from tandem.models.inference_service import Decision as DecisionStatus
+
+    kube = SsaKube()
+    decided = Autoscale(
+        replicas={"prefill": 2},
+        last_decision=DecisionStatus(time="t", reason="ScaledUp", message="Scaled up: prefill 1->2."),
+        target_ratio="1:1",
+        mode="planner",
+    )
+    run(kube, "planner", sample_pools, decided)
+    assert kube.status["lastDecision"]["reason"] == "ScaledUp" and kube.status["targetRatio"] == "1:1"
+    run(kube, "recommend", sample_pools, decided)  # the spec switched before the planner decided again
+    assert "lastDecision" not in kube.status and "targetRatio" not in kube.status

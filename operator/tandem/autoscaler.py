@@ -38,8 +38,10 @@ from tandem.kube import Kube, KubeError
 from tandem.metrics import PromClient, connect, read_observation
 from tandem.models.accelerator_pool import AcceleratorPoolSpec
 from tandem.models.inference_service import InferenceServiceSpec
-from tandem.planner import Decision, PlannerState, Tuning, decide, planner_spec
+from tandem.planner import Decision, PlannerSpec, PlannerState, Tuning, decide, planner_spec
+from tandem.planner.core import met_share
 from tandem.scaling import (
+    DATA_REASONS,
     PLANNED_MODES,
     PROMETHEUS_NOT_CONFIGURED,
     PROMETHEUS_UNAVAILABLE,
@@ -51,10 +53,15 @@ from tandem.scaling import (
     tuning_from,
 )
 from tandem.telemetry import (
+    LIMITS,
+    PLANNER_ATTAINMENT_TARGET,
     PLANNER_DECISIONS,
     PLANNER_DESIRED_REPLICAS,
+    PLANNER_HOLDING,
+    PLANNER_LIMITED,
     PLANNER_READ_SECONDS,
     PLANNER_SPLIT_THRESHOLD,
+    PLANNER_TTFT_WITHIN_TARGET,
 )
 
 log = logging.getLogger("tandem.autoscaler")
@@ -130,11 +137,26 @@ class Autoscaler:
         for pool in st.gauged if st is not None else ():
             with contextlib.suppress(KeyError):
                 PLANNER_DESIRED_REPLICAS.remove(*key, pool)
-        with contextlib.suppress(KeyError):
-            PLANNER_SPLIT_THRESHOLD.remove(*key)
+        for gauge in (
+            PLANNER_SPLIT_THRESHOLD,
+            PLANNER_TTFT_WITHIN_TARGET,
+            PLANNER_ATTAINMENT_TARGET,
+            PLANNER_HOLDING,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*key)
+        for by in LIMITS:
+            with contextlib.suppress(KeyError):
+                PLANNER_LIMITED.remove(*key, by)
         for reason in st.reasons if st is not None else ():
             with contextlib.suppress(KeyError):
                 PLANNER_DECISIONS.remove(*key, reason)
+
+    def forget_all(self) -> None:
+        """Drop every service's state (this replica takes over as the active one: what it decided
+        in an earlier term is stale, and the modes may have changed meanwhile)."""
+        for key in list(self._state):
+            self.forget(key)
 
     # the loop
     def start(self) -> None:
@@ -246,6 +268,7 @@ class Autoscaler:
             post = post and told != st.recommendation
             st.recommendation = told if post else st.recommendation
         self._record(key, decision, autoscale, current, applied=not recommend, logged=post)
+        self._record_slo(key, pspec, decision)
         if post:
             await self._post(body, decision)
         return self._store(key, body, autoscale)
@@ -256,6 +279,7 @@ class Autoscaler:
         """No decision possible: nothing changes but MetricsAvailable (a Warning Event when it flips)."""
         st = self._state.setdefault(key, _Service())
         PLANNER_DECISIONS.labels(*key, reason).inc()
+        PLANNER_HOLDING.labels(*key).set(1)
         st.reasons.add(reason)
         previous = st.autoscale.last_decision if st.autoscale else None
         if previous is None or previous.reason != reason:
@@ -325,6 +349,14 @@ class Autoscaler:
         (its recommendation in recommend mode); the split threshold gauge only moves when the
         threshold is applied (planner mode)."""
         PLANNER_DECISIONS.labels(*key, decision.reason).inc()
+        PLANNER_HOLDING.labels(*key).set(1 if decision.reason in DATA_REASONS else 0)
+        limited = {
+            "budget": decision.limited_by == "budget" or decision.reason == "BudgetLimited",
+            "max": decision.limited_by == "max",
+            "infeasible": decision.reason == "SloInfeasible",
+        }
+        for by in LIMITS:
+            PLANNER_LIMITED.labels(*key, by).set(1 if limited[by] else 0)
         st = self._state.get(key)
         if st is not None:
             st.reasons.add(decision.reason)
@@ -337,6 +369,17 @@ class Autoscaler:
             PLANNER_SPLIT_THRESHOLD.labels(*key).set(autoscale.split_threshold)
         if logged:
             log.info("Planner decided for %s/%s: %s %s", *key, decision.reason, decision.message)
+
+    def _record_slo(self, key: Key, pspec: PlannerSpec, decision: Decision) -> None:
+        """The error budget the planner read (for alerting on the SLO): the share of first tokens
+        within the TTFT target, absent while too few were seen, beside the attainment target."""
+        PLANNER_ATTAINMENT_TARGET.labels(*key).set(pspec.attainment)
+        share = met_share(pspec, decision.state)
+        if share is None:
+            with contextlib.suppress(KeyError):
+                PLANNER_TTFT_WITHIN_TARGET.remove(*key)
+        else:
+            PLANNER_TTFT_WITHIN_TARGET.labels(*key).set(share)
 
     async def _post(self, body: Mapping[str, Any], decision: Decision) -> None:
         message = decision.message

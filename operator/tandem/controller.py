@@ -80,6 +80,7 @@ class Controller:
 
     def _peering_changed(self, active: bool) -> None:
         if active:  # taking over: everything may have changed while another replica acted
+            self.autoscaler.forget_all()  # its decisions of an earlier term would be applied as new
             for key in list(self.services):
                 self.request(key)
             self.request_pool_statuses()

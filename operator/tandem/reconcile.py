@@ -38,10 +38,10 @@ from tandem.status import (
     InferencePoolApi,
     compute_status,
     inference_pools_condition,
+    known,
     merge_patch,
     set_conditions,
     status_changed,
-    wire_keys,
 )
 
 log = logging.getLogger("tandem.reconcile")
@@ -112,6 +112,7 @@ async def reconcile(
     prunes them), and ``InferencePoolsEmitted`` reports the outcome. A failure to list them (the
     API gone since discovery, RBAC without them) only keeps them out of this reconcile."""
     planned = autoscale or Autoscale(replicas={})
+    switched = False
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     generation = int(meta.get("generation", 1))
@@ -147,6 +148,7 @@ async def reconcile(
         resolution = Resolution(problems=[_invalid_spec(exc)])
     else:
         resolution = resolve(spec, pools)
+        switched = autoscale is not None and _same_mode(autoscale, spec) is None
         autoscale = _same_mode(autoscale, spec)
         planned = autoscale or Autoscale(replicas={})
     outcome.problems = list(resolution.problems)  # + the children the apiserver rejects, below
@@ -223,7 +225,9 @@ async def reconcile(
             extra_problems=outcome.rejected,
             pods=pods,
         )
-        status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
+        # the planner's fields of the previous mode go until the planner decides in this one
+        mode = "off" if switched else spec.autoscaling.mode
+        status = planner_status(status, mode, autoscale, now)  # tandem.scaling
         if resolution.ok:
             kv, outcome.kv_problems = kv_condition_from_pods(
                 spec, resolution.accelerator_pools, pods, generation
@@ -242,7 +246,7 @@ async def reconcile(
             )
     outcome.ready_after = _ready_reason(status)
     if status_changed(raw_status, status):
-        patch = merge_patch(raw_status, status.to_wire(), wire_keys(InferenceServiceStatus))
+        patch = merge_patch(known(InferenceServiceStatus, raw_status), status.to_wire())
         await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, patch)
         outcome.status_written = True
     return outcome

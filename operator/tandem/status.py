@@ -7,15 +7,15 @@ when the condition's status flips.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from math import gcd
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import ValidationError
 
 from tandem import names
 from tandem.models.accelerator_pool import AcceleratorPoolSpec, AcceleratorPoolStatus
-from tandem.models.common import Condition, ConditionStatus
+from tandem.models.common import Condition, ConditionStatus, StatusModel
 from tandem.models.inference_service import (
     InferenceServiceSpec,
     InferenceServiceStatus,
@@ -280,14 +280,13 @@ def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str
     }
 
 
-def merge_patch(
-    old: Mapping[str, Any] | None, new: Mapping[str, Any], known: Collection[str] | None = None
-) -> dict[str, Any]:
+def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: what ``new`` no longer
     has is sent as null, maps are patched key by key, lists replaced. Sending ``new`` alone
     would keep what it dropped (a service leaving planner mode kept its ``lastDecision``, so the
-    next reconcile found the status changed and wrote it again, every time). ``known``: the
-    top-level keys this operator writes; others (a newer operator's fields) are left alone."""
+    next reconcile found the status changed and wrote it again, every time). ``old`` should be
+    the stored status as this operator reads it (`known`): fields it does not know, a newer
+    operator's, are then neither compared nor removed."""
     out: dict[str, Any] = {}
     before = old or {}
     for key, value in new.items():
@@ -297,21 +296,26 @@ def merge_patch(
         else:
             out[key] = value
     for key in before:
-        if key not in new and (known is None or key in known):
+        if key not in new:
             out[key] = None
     return out
 
 
-def wire_keys(model: type[BaseModel]) -> frozenset[str]:
-    """The top-level keys of ``model`` as the apiserver stores them (camelCase aliases)."""
-    return frozenset(f.alias or name for name, f in model.model_fields.items())
+def known(model: type[StatusModel], raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``raw`` status as this operator's ``model`` reads it back (unknown fields dropped at every
+    depth, as the model ignores them); {} for none or one it cannot read."""
+    if not raw:
+        return {}
+    try:
+        return model.model_validate(raw).to_wire()
+    except ValidationError:
+        return dict(raw)
 
 
 def status_changed(old: Mapping[str, Any] | None, new: InferenceServiceStatus) -> bool:
     """Compares wire forms so that an unchanged status is never written again (fields this
     operator does not know, a newer one's, are neither compared nor removed)."""
-    known = wire_keys(InferenceServiceStatus)
-    return {k: v for k, v in (old or {}).items() if k in known} != new.to_wire()
+    return known(InferenceServiceStatus, old) != new.to_wire()
 
 
 def _quantity_int(value: Any) -> int:
@@ -388,8 +392,6 @@ def pool_status_update(
 ) -> dict[str, Any] | None:
     """The AcceleratorPool status to write (a merge patch), or None when it is unchanged or the
     spec unreadable."""
-    from pydantic import ValidationError
-
     raw = body.get("status") or {}
     try:
         spec = AcceleratorPoolSpec.model_validate(body.get("spec") or {})
@@ -405,6 +407,5 @@ def pool_status_update(
         now=now,
     )
     wire = new.to_wire()
-    known = wire_keys(AcceleratorPoolStatus)
-    mine = {k: v for k, v in raw.items() if k in known}
-    return None if wire == mine else merge_patch(raw, wire, known)
+    mine = known(AcceleratorPoolStatus, raw)
+    return None if wire == mine else merge_patch(mine, wire)

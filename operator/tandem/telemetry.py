@@ -8,6 +8,8 @@ KUBE_REQUESTS = Counter(
     "tandem_kube_requests_total", "Requests the operator made to the Kubernetes API.", ["verb", "kind"]
 )
 RECONCILES = Counter("tandem_reconciles_total", "InferenceService reconciles, by result.", ["result"])
+for _result in ("ok", "problem", "error"):  # from 0, so that the first error counts in increase()
+    RECONCILES.labels(_result)
 RECONCILE_SECONDS = Histogram(
     "tandem_reconcile_duration_seconds",
     "Time one InferenceService reconcile took.",
@@ -31,6 +33,30 @@ PLANNER_DESIRED_REPLICAS = Gauge(
 PLANNER_SPLIT_THRESHOLD = Gauge(
     "tandem_planner_split_threshold_tokens",
     "Prompt length (tokens) at which the router splits prefill from decode, as the planner set it.",
+    ["namespace", "service"],
+)
+PLANNER_HOLDING = Gauge(
+    "tandem_planner_holding",
+    "1 while the planner's last step decided nothing from metrics (Prometheus unreachable or not "
+    "configured, metrics missing, implausible or stale): it changes no replicas meanwhile.",
+    ["namespace", "service"],
+)
+PLANNER_LIMITED = Gauge(
+    "tandem_planner_limited",
+    "1 while the planner's last decision was held back: by=budget (spec.autoscaling.budget), "
+    "by=max (a pool's replicas.max), by=infeasible (no pool of a role meets the SLO).",
+    ["namespace", "service", "by"],
+)
+LIMITS = ("budget", "max", "infeasible")
+PLANNER_TTFT_WITHIN_TARGET = Gauge(
+    "tandem_planner_ttft_within_target_ratio",
+    "Share of first tokens within the TTFT target over about 30 minutes, as the planner reads it "
+    "(its error budget; absent until enough requests were seen).",
+    ["namespace", "service"],
+)
+PLANNER_ATTAINMENT_TARGET = Gauge(
+    "tandem_planner_attainment_target_ratio",
+    "The share of requests that must meet the SLO (spec.slo.attainment).",
     ["namespace", "service"],
 )
 PLANNER_READ_SECONDS = Histogram(
