@@ -97,6 +97,9 @@ def test_prometheus_down_holds_without_a_decision(sample_pools: dict[str, dict])
     assert a.current(KEY) == auto
     labels = {"namespace": "team-a", "service": "chat"}
     assert REGISTRY.get_sample_value("tandem_planner_holding", labels) == 1  # for the alert
+    # no metrics: neither the error budget nor the limits are known, so none is exported
+    assert REGISTRY.get_sample_value("tandem_planner_ttft_within_target_ratio", labels) is None
+    assert REGISTRY.get_sample_value("tandem_planner_limited", {**labels, "by": "budget"}) is None
     a._clients[URL] = Prom()  # Prometheus back: a decision from data ends the hold
     asyncio.run(a.step(KEY, body(), now=105.0))
     assert REGISTRY.get_sample_value("tandem_planner_holding", labels) == 0

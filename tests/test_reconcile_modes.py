@@ -208,7 +208,9 @@ def test_the_previous_modes_planner_status_goes_at_the_switch(sample_pools: dict
     kube = SsaKube()
     decided = Autoscale(
         replicas={"prefill": 2},
-        last_decision=DecisionStatus(time="t", reason="ScaledUp", message="Scaled up: prefill 1->2."),
+        last_decision=DecisionStatus(
+            time="t", reason="ScaledUp", message="Scaled up: prefill 1->2.", mode="planner"
+        ),
         target_ratio="1:1",
         mode="planner",
     )
@@ -216,3 +218,10 @@ def test_the_previous_modes_planner_status_goes_at_the_switch(sample_pools: dict
     assert kube.status["lastDecision"]["reason"] == "ScaledUp" and kube.status["targetRatio"] == "1:1"
     run(kube, "recommend", sample_pools, decided)  # the spec switched before the planner decided again
     assert "lastDecision" not in kube.status and "targetRatio" not in kube.status
+    # the same when the operator holds no decision at all (restarted, or took over as leader)
+    run(kube, "planner", sample_pools, decided)
+    assert kube.status["lastDecision"]["mode"] == "planner"
+    run(kube, "recommend", sample_pools, None)
+    assert "lastDecision" not in kube.status
+    run(kube, "recommend", sample_pools, None)  # and nothing to clear once it is gone
+    assert "lastDecision" not in kube.status

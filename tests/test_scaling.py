@@ -163,7 +163,7 @@ def test_after_decision_merges_replicas_threshold_ratio_and_conditions() -> None
     assert first.split_threshold == 512
     assert first.target_ratio == "3:1"
     assert first.last_decision == DecisionStatus(
-        time=NOW, reason="ScaledUp", message="ScaledUp.", signals={"split.rps": "3"}
+        time=NOW, reason="ScaledUp", message="ScaledUp.", signals={"split.rps": "3"}, mode="planner"
     )
     assert cond(first, METRICS_AVAILABLE).status == "True"
     assert (cond(first, SCALING_LIMITED).status, cond(first, SCALING_LIMITED).reason) == (

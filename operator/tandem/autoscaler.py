@@ -137,20 +137,24 @@ class Autoscaler:
         for pool in st.gauged if st is not None else ():
             with contextlib.suppress(KeyError):
                 PLANNER_DESIRED_REPLICAS.remove(*key, pool)
-        for gauge in (
-            PLANNER_SPLIT_THRESHOLD,
-            PLANNER_TTFT_WITHIN_TARGET,
-            PLANNER_ATTAINMENT_TARGET,
-            PLANNER_HOLDING,
-        ):
+        with contextlib.suppress(KeyError):
+            PLANNER_SPLIT_THRESHOLD.remove(*key)
+        self._clear_alerting(key)
+        for reason in st.reasons if st is not None else ():
+            with contextlib.suppress(KeyError):
+                PLANNER_DECISIONS.remove(*key, reason)
+
+    @staticmethod
+    def _clear_alerting(key: Key, *, keep: tuple[Any, ...] = ()) -> None:
+        """Remove the per-service gauges the alerts read (those in ``keep`` stay): a planner that
+        does not run, or cannot read its metrics, has no current value to export."""
+        gauges = (PLANNER_HOLDING, PLANNER_TTFT_WITHIN_TARGET, PLANNER_ATTAINMENT_TARGET)
+        for gauge in (g for g in gauges if g not in keep):
             with contextlib.suppress(KeyError):
                 gauge.remove(*key)
         for by in LIMITS:
             with contextlib.suppress(KeyError):
                 PLANNER_LIMITED.remove(*key, by)
-        for reason in st.reasons if st is not None else ():
-            with contextlib.suppress(KeyError):
-                PLANNER_DECISIONS.remove(*key, reason)
 
     def forget_all(self) -> None:
         """Drop every service's state (this replica takes over as the active one: what it decided
@@ -220,6 +224,7 @@ class Autoscaler:
             }
             pspec = planner_spec(spec, accel, tuning_from(meta.get("annotations"), self.settings.tuning))
         except (ValidationError, KeyError, ValueError):
+            self._clear_alerting(key)  # the planner does not run: its gauges would be stale
             return None  # the reconcile reports what is wrong with the spec
         st = self._state.setdefault(key, _Service())
         mode = spec.autoscaling.mode
@@ -238,6 +243,7 @@ class Autoscaler:
         }
         observation = pool_readings(spec, deployments, {})
         if observation is None:
+            self._clear_alerting(key)
             return None  # not created yet
         current = {pool: r.replicas for pool, r in observation.pools.items()}
         stamp = utcnow()
@@ -279,6 +285,8 @@ class Autoscaler:
         """No decision possible: nothing changes but MetricsAvailable (a Warning Event when it flips)."""
         st = self._state.setdefault(key, _Service())
         PLANNER_DECISIONS.labels(*key, reason).inc()
+        # the error budget and the limits are not known without metrics; the hold is
+        self._clear_alerting(key, keep=(PLANNER_HOLDING, PLANNER_ATTAINMENT_TARGET))
         PLANNER_HOLDING.labels(*key).set(1)
         st.reasons.add(reason)
         previous = st.autoscale.last_decision if st.autoscale else None

@@ -79,8 +79,10 @@ class Controller:
         return self.gate is None or self.gate.active
 
     def _peering_changed(self, active: bool) -> None:
+        # either way the autoscaler starts afresh: decisions of an earlier term would be applied
+        # as new after a takeover, and a standby must not keep exporting the gauges alerts read
+        self.autoscaler.forget_all()
         if active:  # taking over: everything may have changed while another replica acted
-            self.autoscaler.forget_all()  # its decisions of an earlier term would be applied as new
             for key in list(self.services):
                 self.request(key)
             self.request_pool_statuses()

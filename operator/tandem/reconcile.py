@@ -148,8 +148,12 @@ async def reconcile(
         resolution = Resolution(problems=[_invalid_spec(exc)])
     else:
         resolution = resolve(spec, pools)
-        switched = autoscale is not None and _same_mode(autoscale, spec) is None
         autoscale = _same_mode(autoscale, spec)
+        stored = previous.last_decision
+        # what the status says was decided in another mode goes until this one decides
+        switched = (
+            autoscale is None and stored is not None and (stored.mode or "planner") != spec.autoscaling.mode
+        )
         planned = autoscale or Autoscale(replicas={})
     outcome.problems = list(resolution.problems)  # + the children the apiserver rejects, below
 

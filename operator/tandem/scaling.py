@@ -172,16 +172,21 @@ def limited_condition(limited_by: str | None, generation: int) -> Condition:
 
 
 def _last_decision(
-    previous: DecisionStatus | None, reason: str, message: str, signals: Mapping[str, str], now: str
+    previous: DecisionStatus | None,
+    reason: str,
+    message: str,
+    signals: Mapping[str, str],
+    now: str,
+    mode: str = "planner",
 ) -> DecisionStatus:
     """A new ``lastDecision`` when the reason or message changed, else the previous one.
 
     Repeating an unchanged decision (``Steady`` every interval) would rewrite the status each
     interval only to move a timestamp; the signals are those of the decision that changed it.
     """
-    if previous is not None and previous.reason == reason and previous.message == message:
+    if previous is not None and (previous.reason, previous.message, previous.mode) == (reason, message, mode):
         return previous
-    return DecisionStatus(time=now, reason=reason, message=message, signals=dict(signals))
+    return DecisionStatus(time=now, reason=reason, message=message, signals=dict(signals), mode=mode)
 
 
 def after_decision(
@@ -213,6 +218,7 @@ def after_decision(
             decision.message,
             decision.signals,
             now,
+            spec.autoscaling.mode,
         ),
         target_ratio=target_ratio(spec, recommended if mode == "recommend" else replicas, current),
         conditions=(
@@ -232,7 +238,7 @@ def after_hold(
     base = previous if previous is not None and previous.mode == mode else Autoscale(replicas={}, mode=mode)
     return replace(
         base,
-        last_decision=_last_decision(base.last_decision, reason, message, {}, now),
+        last_decision=_last_decision(base.last_decision, reason, message, {}, now, mode),
         conditions=(
             metrics_condition(reason, message, generation),
             *(c for c in base.conditions if c.type != METRICS_AVAILABLE),

@@ -303,13 +303,14 @@ def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[s
 
 def known(model: type[StatusModel], raw: Mapping[str, Any] | None) -> dict[str, Any]:
     """``raw`` status as this operator's ``model`` reads it back (unknown fields dropped at every
-    depth, as the model ignores them); {} for none or one it cannot read."""
+    depth, as the model ignores them); {} for none or one it cannot read (nothing of it is then
+    removed: the new status is written over it)."""
     if not raw:
         return {}
     try:
         return model.model_validate(raw).to_wire()
     except ValidationError:
-        return dict(raw)
+        return {}
 
 
 def status_changed(old: Mapping[str, Any] | None, new: InferenceServiceStatus) -> bool:

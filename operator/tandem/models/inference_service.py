@@ -219,6 +219,7 @@ class Decision(StatusModel):
     reason: str
     message: str = ""
     signals: dict[str, str] = Field(default_factory=dict)
+    mode: str | None = Field(default=None, description="The autoscaling mode it was made in.")
 
 
 class RoleSummary(StatusModel):
