@@ -17,6 +17,9 @@ lead time through the planner-tuning annotations (no CRD field yet), workers at 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +261,17 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
         slo = f"{{namespace={namespace},service={SERVICE}}}"
         assert metrics[f"tandem_planner_attainment_target_ratio{slo}"] == 0.9
         assert 0.0 <= metrics[f"tandem_planner_ttft_within_target_ratio{slo}"] <= 1.0
+        # and `tandem explain` groups what the status says for a person
+        explain = subprocess.run(
+            [sys.executable, "-m", "tandem.cli", "explain", SERVICE, "-n", namespace],
+            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert explain.returncode == 0, explain.stderr
+        assert "Last decision:" in explain.stdout and "Error budget and routing" in explain.stdout
+        assert all(f"│ {pool} " in explain.stdout for pool in MINS), explain.stdout
         print(
             f"planner e2e: reasons {watch.decision_reasons()}, thresholds {agent.stats.split_thresholds}, "
             f"{len(load.report.samples)} requests, dropped {load.report.dropped}"

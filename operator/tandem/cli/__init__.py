@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "tandem.cli.simulate_cmd",
     "plan": "tandem.cli.plan_cmd",
     "router": "tandem.cli.router_cmd",
+    "explain": "tandem.cli.explain_cmd",
 }
 
 
