@@ -42,3 +42,16 @@ def check_golden(name: str, objects: list[dict[str, Any]]) -> None:
         if not os.environ.get("UPDATE_GOLDEN"):
             pytest.fail(f"golden file {path.name} was missing and has been written; re-run")
     assert text == path.read_text(), f"{path.name} differs; run UPDATE_GOLDEN=1 pytest if intended"
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """A JSON merge patch (RFC 7386) applied, as the apiserver applies one: null removes."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = apply_merge_patch(out.get(key), value)
+    return out

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from helpers import apply_merge_patch
 from tandem.children import is_subset, needs_apply, plan_changes, replicas_handovers
 from tandem.models import InferenceServiceSpec, InferenceServiceStatus
 from tandem.models.common import Condition
@@ -416,19 +417,6 @@ def test_replicas_are_handed_over_only_when_tandem_stops_setting_them() -> None:
     assert replicas_handovers(desired, live, "tandem-operator") == []
 
 
-def _merge(target: Any, patch: Any) -> Any:
-    """RFC 7386 applied, as the apiserver applies a merge patch."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge(out.get(key), value)
-    return out
-
-
 def test_merge_patch_removes_what_the_new_status_dropped() -> None:
     old = {
         "conditions": [{"type": "Ready"}, {"type": "MetricsAvailable"}],
@@ -443,8 +431,8 @@ def test_merge_patch_removes_what_the_new_status_dropped() -> None:
     }
     patch = merge_patch(old, new)
     assert patch["targetRatio"] is None and patch["lastDecision"]["signals"]["burstFloorRps"] is None
-    assert _merge(old, patch) == new
-    assert _merge(old, merge_patch(old, {})) == {}
+    assert apply_merge_patch(old, patch) == new
+    assert apply_merge_patch(old, merge_patch(old, {})) == {}
     assert merge_patch(None, new) == new
     # a newer operator's fields, at any depth, are neither removed nor a reason to write again
     status = InferenceServiceStatus(ratio="1:1", replicas=RoleSummary(prefill="1/1"))

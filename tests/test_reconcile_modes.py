@@ -13,6 +13,7 @@ import copy
 import json
 from typing import Any
 
+from helpers import apply_merge_patch
 from tandem import names
 from tandem.builders.common import Images
 from tandem.kube import KubeError
@@ -94,7 +95,7 @@ class SsaKube:
     def patch_status(
         self, kind: str, name: str, namespace: str | None, status: dict[str, Any]
     ) -> dict[str, Any]:
-        self.status = merged(self.status, status)
+        self.status = apply_merge_patch(self.status, status)
         return {}
 
     def replicas(self) -> dict[str, int]:
@@ -104,19 +105,6 @@ class SsaKube:
     def threshold(self) -> int:
         doc = json.loads(self.objects[("ConfigMap", "llama-router")]["data"]["router.json"])
         return int(doc["splitThresholdTokens"])
-
-
-def merged(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the apiserver applies a merge patch."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merged(out.get(key), value)
-    return out
 
 
 def spec(mode: str) -> dict[str, Any]:
