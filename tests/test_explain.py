@@ -55,7 +55,7 @@ def test_explain_groups_every_pool_and_path_signal() -> None:
     for key in ("split.plannedRps", "mixed.plannedRps", "ttftWithinTarget", "splitThreshold"):
         assert key in signals  # the planner still names them as explain expects
     # what explain does not group is listed as it is, so nothing the planner said is hidden
-    rest = set(signals) - _known(signals, [p.name for p in fleet.pools])
+    rest = set(signals) - _known([p.name for p in fleet.pools])
     for key in rest:
         assert f"{key}={signals[key]}" in text
 

@@ -41,7 +41,6 @@ from tandem.models.inference_service import InferenceServiceSpec
 from tandem.planner import Decision, PlannerSpec, PlannerState, Tuning, decide, planner_spec
 from tandem.planner.core import met_share
 from tandem.scaling import (
-    DATA_REASONS,
     PLANNED_MODES,
     PROMETHEUS_NOT_CONFIGURED,
     PROMETHEUS_UNAVAILABLE,
@@ -49,6 +48,7 @@ from tandem.scaling import (
     after_decision,
     after_hold,
     as_recommendation,
+    holding,
     pool_readings,
     tuning_from,
 )
@@ -229,9 +229,9 @@ class Autoscaler:
         st = self._state.setdefault(key, _Service())
         mode = spec.autoscaling.mode
         if st.mode is not None and st.mode != mode:
-            # planner <-> recommend: what one decided is not the other's; the router runs the
-            # spec's threshold after recommend (its own was never applied), the planner's after planner
-            st.autoscale, st.recommendation = None, None
+            # planner <-> recommend (after_decision ignores the other mode's Autoscale): the
+            # router runs the spec's threshold after recommend (its own was never applied)
+            st.recommendation = None
             if mode == "planner":
                 st.state = dataclasses.replace(st.state, split_threshold=None, route_changed=None)
         st.mode = mode
@@ -357,7 +357,7 @@ class Autoscaler:
         (its recommendation in recommend mode); the split threshold gauge only moves when the
         threshold is applied (planner mode)."""
         PLANNER_DECISIONS.labels(*key, decision.reason).inc()
-        PLANNER_HOLDING.labels(*key).set(1 if decision.reason in DATA_REASONS else 0)
+        PLANNER_HOLDING.labels(*key).set(1 if holding(decision.reason) else 0)
         limited = {
             "budget": decision.limited_by == "budget" or decision.reason == "BudgetLimited",
             "max": decision.limited_by == "max",

@@ -95,7 +95,7 @@ def conditions_table(status: Mapping[str, Any]) -> Table:
     return table
 
 
-def _known(signals: Mapping[str, str], pools: Sequence[str]) -> set[str]:
+def _known(pools: Sequence[str]) -> set[str]:
     known = {key for key, _ in BUDGET_SIGNALS}
     known |= {f"{p}.{s}" for p in pools for s in POOL_SIGNALS}
     known |= {f"{c}.{s}" for c in CLASSES for s in CLASS_SIGNALS}
@@ -131,7 +131,7 @@ def renderables(obj: Mapping[str, Any]) -> list[RenderableType]:
         if table is not None:
             parts.append(table)
     pools = [str(p.get("name", "")) for p in status.get("pools") or []]
-    rest = {k: v for k, v in signals.items() if k not in _known(signals, pools)}
+    rest = {k: v for k, v in signals.items() if k not in _known(pools)}
     if rest:
         parts.append(Text("Other signals: " + ", ".join(f"{k}={v}" for k, v in sorted(rest.items()))))
     parts.append(conditions_table(status))

@@ -33,15 +33,13 @@ from tandem.models.common import Condition
 from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
 from tandem.planner import base_replicas
 from tandem.resolve import Problem, Resolution, resolve
-from tandem.scaling import Autoscale, planner_status
+from tandem.scaling import Autoscale, for_mode, planner_status
 from tandem.status import (
     InferencePoolApi,
     compute_status,
     inference_pools_condition,
-    known,
-    merge_patch,
     set_conditions,
-    status_changed,
+    status_patch,
 )
 
 log = logging.getLogger("tandem.reconcile")
@@ -112,7 +110,6 @@ async def reconcile(
     prunes them), and ``InferencePoolsEmitted`` reports the outcome. A failure to list them (the
     API gone since discovery, RBAC without them) only keeps them out of this reconcile."""
     planned = autoscale or Autoscale(replicas={})
-    switched = False
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     generation = int(meta.get("generation", 1))
@@ -148,12 +145,7 @@ async def reconcile(
         resolution = Resolution(problems=[_invalid_spec(exc)])
     else:
         resolution = resolve(spec, pools)
-        autoscale = _same_mode(autoscale, spec)
-        stored = previous.last_decision
-        # what the status says was decided in another mode goes until this one decides
-        switched = (
-            autoscale is None and stored is not None and (stored.mode or "planner") != spec.autoscaling.mode
-        )
+        autoscale = for_mode(autoscale, spec.autoscaling.mode)  # decided under the spec's mode
         planned = autoscale or Autoscale(replicas={})
     outcome.problems = list(resolution.problems)  # + the children the apiserver rejects, below
 
@@ -229,9 +221,7 @@ async def reconcile(
             extra_problems=outcome.rejected,
             pods=pods,
         )
-        # the planner's fields of the previous mode go until the planner decides in this one
-        mode = "off" if switched else spec.autoscaling.mode
-        status = planner_status(status, mode, autoscale, now)  # tandem.scaling
+        status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
         if resolution.ok:
             kv, outcome.kv_problems = kv_condition_from_pods(
                 spec, resolution.accelerator_pools, pods, generation
@@ -249,19 +239,11 @@ async def reconcile(
                 update={"conditions": set_conditions(status.conditions, [kv, gie], now)}
             )
     outcome.ready_after = _ready_reason(status)
-    if status_changed(raw_status, status):
-        patch = merge_patch(known(InferenceServiceStatus, raw_status), status.to_wire())
+    patch = status_patch(InferenceServiceStatus, raw_status, status)
+    if patch is not None:
         await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, patch)
         outcome.status_written = True
     return outcome
-
-
-def _same_mode(autoscale: Autoscale | None, spec: InferenceServiceSpec) -> Autoscale | None:
-    """``autoscale`` unless it was decided under another autoscaling mode (the spec just
-    changed it): the planner decides afresh, and until then nothing of the old mode applies."""
-    if autoscale is not None and autoscale.mode != spec.autoscaling.mode:
-        return None
-    return autoscale
 
 
 async def _hand_over_replicas(

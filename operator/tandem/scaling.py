@@ -68,6 +68,19 @@ class Autoscale:
 
 PLANNED_MODES = frozenset({"planner", "recommend"})  # autoscaling modes in which the planner runs
 
+
+def for_mode(autoscale: Autoscale | None, mode: str) -> Autoscale | None:
+    """``autoscale`` unless it was decided under another autoscaling mode (the spec changed it
+    since): nothing of the old mode applies, the planner decides afresh."""
+    return autoscale if autoscale is not None and autoscale.mode == mode else None
+
+
+def holding(reason: str) -> bool:
+    """Whether a decision (or a hold before the planner ran) with this reason was made without
+    usable metrics: nothing changes, and ``MetricsAvailable`` is False."""
+    return reason in (PROMETHEUS_UNAVAILABLE, PROMETHEUS_NOT_CONFIGURED) or reason in DATA_REASONS
+
+
 # In recommend mode nothing is applied: the reasons and messages say what the planner would do.
 _WOULD = {
     "ScaledUp": ("RecommendScaleUp", "Scaled up:", "Would scale up:"),
@@ -157,7 +170,7 @@ def _cond(type_: str, status: ConditionStatus, reason: str, message: str, genera
 
 def metrics_condition(reason: str, message: str, generation: int) -> Condition:
     """``MetricsAvailable`` after a decision (or a hold) with this reason."""
-    if reason in (PROMETHEUS_UNAVAILABLE, PROMETHEUS_NOT_CONFIGURED) or reason in DATA_REASONS:
+    if holding(reason):
         return _cond(METRICS_AVAILABLE, "False", reason, message, generation)
     return _cond(
         METRICS_AVAILABLE, "True", "MetricsRead", "The planner read every pool's metrics.", generation
@@ -198,6 +211,7 @@ def after_decision(
     now: str,
 ) -> Autoscale:
     """The Autoscale after ``decision``; ``current``: pool -> replicas running now."""
+    previous = for_mode(previous, spec.autoscaling.mode)
     replicas = dict(previous.replicas) if previous else {}
     replicas.update({k: v for k, v in decision.replicas.items() if v is not None})
     replicas = {p.name: replicas[p.name] for p in spec.pools if p.name in replicas}
@@ -235,7 +249,7 @@ def after_hold(
 ) -> Autoscale:
     """The Autoscale when no decision could be made (no Prometheus): nothing changes but the
     ``MetricsAvailable`` condition and ``lastDecision``; ``ScalingLimited`` stays as it was."""
-    base = previous if previous is not None and previous.mode == mode else Autoscale(replicas={}, mode=mode)
+    base = for_mode(previous, mode) or Autoscale(replicas={}, mode=mode)
     return replace(
         base,
         last_decision=_last_decision(base.last_decision, reason, message, {}, now, mode),
@@ -282,7 +296,15 @@ def planner_status(
     status: InferenceServiceStatus, mode: str, autoscale: Autoscale | None, now: str
 ) -> InferenceServiceStatus:
     """The planner's part of the status: set in ``planner`` and ``recommend`` modes (once it
-    decided), removed in the others (a service that leaves them keeps no stale planner conditions)."""
+    decided), removed in the others (a service that leaves them keeps no stale planner conditions),
+    and removed too while what the status holds was decided in the other planned mode (the spec
+    switched; the operator may hold no decision at all after a restart or a leader change)."""
     if mode not in PLANNED_MODES:
         return without_planner(status)
-    return status if autoscale is None else apply_to_status(status, autoscale, now)
+    autoscale = for_mode(autoscale, mode)
+    if autoscale is not None:
+        return apply_to_status(status, autoscale, now)
+    stored = status.last_decision
+    if stored is not None and (stored.mode or "planner") != mode:
+        return without_planner(status)
+    return status

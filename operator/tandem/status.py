@@ -313,10 +313,19 @@ def known(model: type[StatusModel], raw: Mapping[str, Any] | None) -> dict[str, 
         return {}
 
 
+def status_patch(
+    model: type[StatusModel], raw: Mapping[str, Any] | None, new: StatusModel
+) -> dict[str, Any] | None:
+    """The merge patch that writes ``new`` over the stored status ``raw`` (read as `known`), or
+    None when they are the same, so that an unchanged status is never written again."""
+    stored, wire = known(model, raw), new.to_wire()
+    return None if stored == wire else merge_patch(stored, wire)
+
+
 def status_changed(old: Mapping[str, Any] | None, new: InferenceServiceStatus) -> bool:
-    """Compares wire forms so that an unchanged status is never written again (fields this
-    operator does not know, a newer one's, are neither compared nor removed)."""
-    return known(InferenceServiceStatus, old) != new.to_wire()
+    """Whether ``new`` differs from the stored ``old`` (fields this operator does not know, a
+    newer one's, are neither compared nor removed)."""
+    return status_patch(InferenceServiceStatus, old, new) is not None
 
 
 def _quantity_int(value: Any) -> int:
@@ -407,6 +416,4 @@ def pool_status_update(
         previous=previous,
         now=now,
     )
-    wire = new.to_wire()
-    mine = known(AcceleratorPoolStatus, raw)
-    return None if wire == mine else merge_patch(mine, wire)
+    return status_patch(AcceleratorPoolStatus, raw, new)
