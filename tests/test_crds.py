@@ -56,6 +56,35 @@ def test_every_rule_has_a_message(crd: dict[str, Any]) -> None:
         assert r["message"] and r["message"][0].islower(), r
 
 
+def _undocumented(node: dict[str, Any], path: str) -> list[str]:
+    out: list[str] = []
+    for key, sub in (node.get("properties") or {}).items():
+        if "description" not in sub:
+            out.append(f"{path}.{key}")
+        out += _undocumented(sub, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        out += _undocumented(node["items"], f"{path}[]")
+    return out
+
+
+def test_every_spec_field_is_documented(crd: dict[str, Any]) -> None:
+    """`kubectl explain` shows a field's description: every field a user writes has one."""
+    spec = schema(crd)["properties"].get("spec")
+    if spec is None or crd["spec"]["group"] != "inference.tandem.dev":
+        pytest.skip("not one of Tandem's kinds")
+    assert _undocumented(spec, "spec") == []
+
+
+def test_undocumented_fields_are_found() -> None:
+    node = {
+        "properties": {
+            "a": {"description": "x", "properties": {"b": {}}},
+            "c": {"items": {"properties": {"d": {}}}},
+        }
+    }
+    assert _undocumented(node, "spec") == ["spec.a.b", "spec.c", "spec.c[].d"]
+
+
 def test_exclusive_minimum_is_openapi_v3(crd: dict[str, Any]) -> None:
     for path, node in walk(schema(crd)):
         if "exclusiveMinimum" in node:

@@ -54,47 +54,77 @@ class RdmaResource(Model):
         pattern=r"^[a-z0-9.-]+/[A-Za-z0-9_.-]+$",
         description="Extended resource of the RDMA device plugin, e.g. rdma/rdma_shared_device_a.",
     )
-    count: int = Field(default=1, ge=1, le=64)
+    count: int = Field(default=1, ge=1, le=64, description="How many of it each worker pod requests.")
 
 
 class Fabric(Model):
     """How KV caches leave this pool's nodes."""
 
-    type: Literal["rdma", "tcp"] = "tcp"
-    rdma_resource: RdmaResource | None = None
+    type: Literal["rdma", "tcp"] = Field(
+        default="tcp",
+        description="rdma: the nodes have an RDMA NIC that KV transfer may use; tcp: only TCP.",
+    )
+    rdma_resource: RdmaResource | None = Field(
+        default=None,
+        description="The RDMA device plugin's resource that workers request (required with type rdma).",
+    )
     networks: list[str] = Field(
         default_factory=list,
         max_length=8,
         description="Multus networks for the KV-transfer interface (k8s.v1.cni.cncf.io/networks).",
     )
-    transport: Literal["ucx", "libfabric"] = "ucx"
+    transport: Literal["ucx", "libfabric"] = Field(
+        default="ucx",
+        description="NIXL backend for KV transfer: ucx, or libfabric (e.g. for AWS EFA). Both ends of a "
+        "prefill -> decode pair must use the same.",
+    )
     allow_tcp_fallback: bool = Field(
         default=False, description="Accept TCP when RDMA was asked for but is not what runs."
     )
 
 
 class AcceleratorPoolSpec(Model):
-    vendor: Vendor
+    vendor: Vendor = Field(
+        description="nvidia, amd, intel or other: picks the device resource, the engine image and "
+        "KV-transfer defaults."
+    )
     model: str = Field(
         min_length=1,
         max_length=63,
         description=f"Accelerator model from Tandem's catalog ({', '.join(KNOWN_MODELS)}) "
         "or a custom name with a profile.",
     )
-    profile: AcceleratorProfile | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=16)
+    profile: AcceleratorProfile | None = Field(
+        default=None, description="Performance figures, required for a model outside the catalog."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels that select this pool's nodes; workers get them as required node affinity.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Tolerations workers on this pool get, e.g. for the vendor's device taint.",
+    )
     resource_name: str | None = Field(
         default=None,
         pattern=r"^[a-z0-9.-]+/[A-Za-z0-9_.-]+$",
         description="Device resource; defaults to nvidia.com/gpu, amd.com/gpu or habana.ai/gaudi by vendor.",
     )
-    devices_per_node: int = Field(default=8, ge=1, le=64)
+    devices_per_node: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Devices on one node; a pool's tensorParallelSize may not exceed it "
+        "(one pod per replica).",
+    )
     cost_per_device_hour: str | None = Field(
         default=None, pattern=DECIMAL, description="Price of one device for one hour, a decimal string."
     )
-    engine: PoolEngineDefaults = Field(default_factory=PoolEngineDefaults)
-    fabric: Fabric = Field(default_factory=Fabric)
+    engine: PoolEngineDefaults = Field(
+        default_factory=PoolEngineDefaults, description="Defaults for the engine on this pool's workers."
+    )
+    fabric: Fabric = Field(default_factory=Fabric, description="How KV caches leave this pool's nodes.")
 
     def effective_resource_name(self) -> str:
         if self.resource_name:

@@ -83,11 +83,21 @@ class Toleration(Model):
     """A pod toleration, validated as the apiserver validates a Pod's (so a pool that passes
     admission never yields Deployments the apiserver rejects). ``operator`` defaults to Equal."""
 
-    key: str | None = Field(default=None, max_length=317)
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(default=None, max_length=63)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    key: str | None = Field(
+        default=None,
+        max_length=317,
+        description="The taint key it tolerates; empty with Exists: every taint.",
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Equal (default): the taint's value must match; Exists: any value."
+    )
+    value: str | None = Field(default=None, max_length=63, description="The taint value, with Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="The taint effect it tolerates; empty: every effect."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="With NoExecute: how long the pod stays after the taint appears."
+    )
 
     @model_validator(mode="after")
     def _like_a_pod(self) -> Toleration:
@@ -149,20 +159,24 @@ TOLERATION_RULES = [
 class KeyRef(Model):
     """A key of a ConfigMap or Secret in the pod's own namespace."""
 
-    name: str = Field(min_length=1, max_length=253)
-    key: str = Field(min_length=1, max_length=253)
-    optional: bool | None = None
+    name: str = Field(min_length=1, max_length=253, description="The ConfigMap's or Secret's name.")
+    key: str = Field(min_length=1, max_length=253, description="The key whose value is used.")
+    optional: bool | None = Field(default=None, description="Start the pod even if it is missing.")
 
 
 class FieldRef(Model):
-    field_path: str = Field(min_length=1)
-    api_version: str | None = None
+    """A field of the pod, e.g. status.podIP."""
+
+    field_path: str = Field(min_length=1, description="The field's path, e.g. metadata.name.")
+    api_version: str | None = Field(default=None, description="Schema version of the path (default v1).")
 
 
 class ResourceFieldRef(Model):
-    resource: str = Field(min_length=1)
-    container_name: str | None = None
-    divisor: IntOrString | None = None
+    """A resource request or limit of a container, e.g. limits.memory."""
+
+    resource: str = Field(min_length=1, description="The resource, e.g. limits.memory.")
+    container_name: str | None = Field(default=None, description="The container (default: this one).")
+    divisor: IntOrString | None = Field(default=None, description="Unit of the value (default 1).")
 
 
 class EnvVarSource(Model):
@@ -175,11 +189,13 @@ class EnvVarSource(Model):
 
 
 class EnvVar(Model):
-    name: str = Field(min_length=1, max_length=253)
-    value: str | None = None
-    value_from: EnvVarSource | None = None
+    name: str = Field(min_length=1, max_length=253, description="The variable's name.")
+    value: str | None = Field(default=None, description="Its value (or valueFrom).")
+    value_from: EnvVarSource | None = Field(default=None, description="Where its value comes from.")
 
 
 class ResourceRequirements(Model):
-    requests: dict[str, IntOrString] | None = None
-    limits: dict[str, IntOrString] | None = None
+    requests: dict[str, IntOrString] | None = Field(
+        default=None, description="Resource requests, e.g. {cpu: 8, memory: 64Gi}."
+    )
+    limits: dict[str, IntOrString] | None = Field(default=None, description="Resource limits.")

@@ -35,11 +35,11 @@ class Architecture(Model):
     active_parameters_billions: float | None = Field(
         default=None, gt=0, description="Parameters active per token (mixture-of-experts), in billions."
     )
-    layers: int = Field(ge=1, le=1024)
-    hidden_size: int = Field(ge=1)
-    kv_heads: int = Field(ge=1)
-    head_dim: int = Field(ge=1)
-    dtype: Dtype = "bfloat16"
+    layers: int = Field(ge=1, le=1024, description="Transformer layers.")
+    hidden_size: int = Field(ge=1, description="Hidden (model) dimension.")
+    kv_heads: int = Field(ge=1, description="Key/value heads (fewer than attention heads with GQA).")
+    head_dim: int = Field(ge=1, description="Dimension of one attention head.")
+    dtype: Dtype = Field(default="bfloat16", description="Weights' and KV cache's data type.")
 
 
 class ModelSpec(Model):
@@ -50,23 +50,52 @@ class ModelSpec(Model):
         default=None, description="Where workers load weights from (hf://, s3://, pvc://...)."
     )
     preset: str | None = Field(default=None, description="A known architecture, e.g. llama-3.1-8b.")
-    architecture: Architecture | None = None
-    max_model_len: int | None = Field(default=None, ge=1)
+    architecture: Architecture | None = Field(
+        default=None, description="The model's shape, for a model without a preset (exactly one of the two)."
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest context in tokens (vLLM --max-model-len, SGLang --context-length).",
+    )
 
 
 class Replicas(Model):
-    min: int = Field(default=1, ge=0, le=1000)
-    max: int = Field(default=1, ge=0, le=1000)
+    min: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fewest replicas: what autoscaling off pins the pool to, external and recommend "
+        "start with, and the planner never goes below.",
+    )
+    max: int = Field(default=1, ge=0, le=1000, description="Most replicas the planner may run.")
 
 
 class PoolSpec(Model):
-    name: str = Field(pattern=DNS_LABEL, max_length=MAX_POOL_NAME)
-    role: Role
+    name: str = Field(
+        pattern=DNS_LABEL,
+        max_length=MAX_POOL_NAME,
+        description="Unique within the service; names its Deployment and Service (<service>-<name>).",
+    )
+    role: Role = Field(
+        description="prefill: builds KV caches and hands them to a decode pool; decode: generates "
+        "from handed-over KV caches; mixed: serves whole requests (short prompts)."
+    )
     accelerator_pool: str = Field(min_length=1, max_length=253, description="Name of an AcceleratorPool.")
-    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
-    replicas: Replicas = Field(default_factory=Replicas)
-    resources: ResourceRequirements | None = None
-    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="Devices per replica (one pod), a power of two."
+    )
+    replicas: Replicas = Field(default_factory=Replicas, description="Bounds on the pool's replicas.")
+    resources: ResourceRequirements | None = Field(
+        default=None,
+        description="Extra requests and limits of the worker container (CPU, memory...); the "
+        "device count always comes from tensorParallelSize.",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Environment variables of the worker container; they win over Tandem's own.",
+    )
     args: list[str] = Field(default_factory=list, max_length=64, description="Extra engine arguments.")
     image: str | None = Field(default=None, description="Overrides the AcceleratorPool's engine image.")
 
@@ -78,8 +107,20 @@ class Slo(Model):
 
 
 class Budget(Model):
-    max_devices: int | None = Field(default=None, ge=0)
-    max_cost_per_hour: str | None = Field(default=None, pattern=DECIMAL)
+    max_devices: int | None = Field(
+        default=None,
+        ge=0,
+        description="Most accelerator devices (replicas x tensorParallelSize, summed over the pools) "
+        "the planner runs: it removes the most expensive replicas first to stay within it "
+        "(ScalingLimited), never below a pool's replicas.min.",
+    )
+    max_cost_per_hour: str | None = Field(
+        default=None,
+        pattern=DECIMAL,
+        description="Most the fleet may cost per hour at the AcceleratorPools' costPerDeviceHour, "
+        'a decimal string such as "120": the planner removes the most expensive replicas first to '
+        "stay within it (ScalingLimited), never below a pool's replicas.min.",
+    )
 
 
 class Autoscaling(Model):
@@ -92,9 +133,17 @@ class Autoscaling(Model):
         "replicas are left to an HPA/KEDA (set to replicas.min at creation). off: every pool is "
         "pinned to replicas.min.",
     )
-    interval_seconds: int = Field(default=30, ge=5, le=3600)
-    prometheus_url: str | None = Field(default=None, pattern=r"^https?://")
-    budget: Budget | None = None
+    interval_seconds: int = Field(
+        default=30, ge=5, le=3600, description="Seconds between planner decisions (5-3600)."
+    )
+    prometheus_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="The Prometheus the planner queries; default: the operator's --prometheus-url.",
+    )
+    budget: Budget | None = Field(
+        default=None, description="Caps on the whole fleet that the planner keeps to (planner mode)."
+    )
 
 
 class InferencePoolSettings(Model):
@@ -129,7 +178,12 @@ class InferencePoolSettings(Model):
 
 
 class Routing(Model):
-    disaggregation: Literal["auto", "always", "never"] = "auto"
+    disaggregation: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="auto: split prompts of at least minPromptTokens (in planner mode, of the "
+        "planner's threshold); always: split every request while a prefill and a decode replica "
+        "run; never: serve each request whole on one replica.",
+    )
     min_prompt_tokens: int = Field(
         default=512, ge=0, description="Prompts shorter than this go to a mixed replica when one exists."
     )
@@ -137,18 +191,37 @@ class Routing(Model):
 
 
 class KvTransfer(Model):
-    connector: Literal["nixl", "mooncake", "lmcache"] = "nixl"
-    fabric: Literal["auto", "rdma", "tcp"] = "auto"
+    connector: Literal["nixl", "mooncake", "lmcache"] = Field(
+        default="nixl", description="The engines' KV connector (vLLM's NixlConnector by default)."
+    )
+    fabric: Literal["auto", "rdma", "tcp"] = Field(
+        default="auto",
+        description="auto: RDMA when both AcceleratorPools of a pair have it, else TCP; rdma: "
+        "RDMA (KVTransferReady=False when a pair lacks it); tcp: TCP always.",
+    )
 
 
 class InferenceServiceSpec(Model):
-    model: ModelSpec
-    engine: Engine = "vllm"
-    pools: list[PoolSpec] = Field(min_length=1, max_length=MAX_POOLS)
-    slo: Slo = Field(default_factory=Slo)
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
-    routing: Routing = Field(default_factory=Routing)
-    kv_transfer: KvTransfer = Field(default_factory=KvTransfer)
+    model: ModelSpec = Field(description="The model served: its name, weights and shape.")
+    engine: Engine = Field(
+        default="vllm",
+        description="vllm, sglang, or sim (Tandem's simulated worker, for clusters without accelerators).",
+    )
+    pools: list[PoolSpec] = Field(
+        min_length=1,
+        max_length=MAX_POOLS,
+        description="The worker pools, each of one role on one AcceleratorPool.",
+    )
+    slo: Slo = Field(default_factory=Slo, description="Latency targets the planner sizes the pools for.")
+    autoscaling: Autoscaling = Field(
+        default_factory=Autoscaling, description="Who sets the pools' replicas, and the planner's settings."
+    )
+    routing: Routing = Field(
+        default_factory=Routing, description="How the router chooses between the split and mixed paths."
+    )
+    kv_transfer: KvTransfer = Field(
+        default_factory=KvTransfer, description="How KV caches move from prefill to decode pools."
+    )
 
     def pools_by_role(self, role: Role) -> list[PoolSpec]:
         return [p for p in self.pools if p.role == role]
