@@ -176,3 +176,20 @@ def test_router_may_only_read_endpointslices(sample_service: dict, sample_pools:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llama-router", "namespace": "team-a"}]
     router = deployment(objects, "llama-router")["spec"]["template"]["spec"]
     assert router["serviceAccountName"] == "llama-router"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_engines_serve_prometheus_metrics(engine: str, sample_pools: dict[str, dict]) -> None:
+    """The planner and the router's load polling read every worker's /metrics: vLLM serves them
+    on its API port by default, SGLang only with --enable-metrics."""
+    ctx = make_ctx(spec_for(engine, "h100", "mixed"), sample_pools)
+    deployment = next(
+        o for o in desired_objects(ctx) if o["kind"] == "Deployment" and "mixed" in o["metadata"]["name"]
+    )
+    command = deployment["spec"]["template"]["spec"]["containers"][0].get("command", []) + deployment["spec"][
+        "template"
+    ]["spec"]["containers"][0].get("args", [])
+    if engine == "sglang":
+        assert "--enable-metrics" in command
+    else:
+        assert "--port" in command and "--disable-log-stats" not in command

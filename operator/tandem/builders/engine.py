@@ -53,6 +53,8 @@ def sglang_args(
         str(names.PORT_HTTP),
         "--tp-size",
         str(pool.tensor_parallel_size),
+        # SGLang serves no /metrics without it; the planner and the router's load polling read them
+        "--enable-metrics",
     ]
     if spec.model.max_model_len:
         args += ["--context-length", str(spec.model.max_model_len)]
