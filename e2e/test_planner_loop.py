@@ -95,6 +95,25 @@ def get(cluster: Any, namespace: str, *what: str) -> dict[str, Any]:
     return json.loads(cluster.kubectl("get", *what, "-n", namespace, "-o", "json").stdout)  # type: ignore[no-any-return]
 
 
+def tandem_explain(cluster: Any, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "explain", SERVICE, "-n", namespace, *args],
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def explain_events(stdout: str) -> list[tuple[str, str]]:
+    """(type, reason) of each row of `tandem explain`'s Events table, its last section (none when
+    that section is a note instead: no Events, or they could not be listed)."""
+    _, title, section = stdout.rpartition("\nEvents")
+    assert title, stdout
+    rows = [line.split("│") for line in section.splitlines() if line.startswith("│ ")]
+    return [(row[1].strip(), row[2].strip()) for row in rows if row[1].strip()]  # not a message's 2nd line
+
+
 def deployment_replicas(cluster: Any, namespace: str) -> dict[str, int]:
     items = get(cluster, namespace, "deployments", "-l", f"inference.tandem.dev/service={SERVICE}")["items"]
     return {
@@ -262,16 +281,18 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
         assert metrics[f"tandem_planner_attainment_target_ratio{slo}"] == 0.9
         assert 0.0 <= metrics[f"tandem_planner_ttft_within_target_ratio{slo}"] <= 1.0
         # and `tandem explain` groups what the status says for a person
-        explain = subprocess.run(
-            [sys.executable, "-m", "tandem.cli", "explain", SERVICE, "-n", namespace],
-            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        explain = tandem_explain(cluster, namespace)
         assert explain.returncode == 0, explain.stderr
         assert "Last decision:" in explain.stdout and "Error budget and routing" in explain.stdout
         assert all(f"│ {pool} " in explain.stdout for pool in MINS), explain.stdout
+        # then the newest Events about it, listed from the real apiserver (at most 10 by default)
+        assert 1 <= len(explain_events(explain.stdout)) <= 10, explain.stdout
+        # older ones on request: the Warning posted when Prometheus went away, and a scale-up's
+        explain = tandem_explain(cluster, namespace, "--events", "1000")
+        assert explain.returncode == 0, explain.stderr
+        shown = explain_events(explain.stdout)
+        assert ("Warning", "PrometheusUnavailable") in shown, explain.stdout
+        assert {"ScaledUp", "Rebalanced"} & {reason for _, reason in shown}, explain.stdout
         print(
             f"planner e2e: reasons {watch.decision_reasons()}, thresholds {agent.stats.split_thresholds}, "
             f"{len(load.report.samples)} requests, dropped {load.report.dropped}"

@@ -3,18 +3,23 @@
 ``kubectl get tisvc NAME -o yaml`` carries everything, but the planner's decision is a flat map
 of some sixty signals. This groups them: per pool (replicas ready/desired, what the planner
 recommends, its capacity, bottleneck and online correction), per demand class (requests/s now
-and planned, mean prompt and output), the error budget and routing, then the conditions.
+and planned, mean prompt and output), the error budget and routing, then the conditions and,
+like ``kubectl describe``, the latest Events about the object.
 Signals it does not know are listed as they are, so nothing the planner said is hidden.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+
+from tandem import names
 
 POOL_SIGNALS = ("capacityRps", "bottleneck", "correction", "recommended")
 CLASS_SIGNALS = ("rps", "plannedRps", "isl", "osl")
@@ -102,8 +107,161 @@ def _known(pools: Sequence[str]) -> set[str]:
     return known
 
 
-def renderables(obj: Mapping[str, Any]) -> list[RenderableType]:
-    """The parts of ``explain`` for one InferenceService object (as the API returns it)."""
+@dataclass(frozen=True)
+class Events:
+    """The Events listed about an object, for ``explain``'s last section.
+
+    ``items``: as the API returns them, in either shape: ``events.k8s.io/v1`` (``regarding``,
+    ``note``, ``series``, ``deprecated*``; what the operator posts) or core ``v1``
+    (``involvedObject``, ``message``, ``count``, ``lastTimestamp``; what kopf posts). Both APIs
+    serve the same Events, so either list will do. ``now``: epoch seconds, the ages are taken
+    from it. ``limit``: how many of the newest to show. ``error``: why they could not be listed
+    (e.g. ``403 Forbidden``); the section then says so in one line instead.
+    """
+
+    now: float
+    items: Sequence[Mapping[str, Any]] = ()
+    limit: int = 10
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    type: str
+    reason: str
+    message: str
+    count: int
+    first: float | None  # epoch seconds
+    last: float | None
+
+
+def _time(value: Any) -> float | None:
+    """Epoch seconds of an RFC 3339 time (``Time`` or ``MicroTime``); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
+
+
+def _first_of(*values: Any) -> Any:
+    return next((v for v in values if v), None)
+
+
+def regarding(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The object an Event is about, in either shape."""
+    ref = event.get("regarding") or event.get("involvedObject") or {}
+    return ref if isinstance(ref, Mapping) else {}
+
+
+def is_about(event: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
+    """Whether ``event`` is about ``obj``: kind, name and namespace, and its uid when ``obj`` has
+    one (an earlier object of the same name, or another group's ``InferenceService``, is not it)."""
+    meta = obj.get("metadata") or {}
+    ref = regarding(event)
+    namespace = ref.get("namespace") or (event.get("metadata") or {}).get("namespace")
+    if (ref.get("kind"), ref.get("name")) != (obj.get("kind", names.KIND_SERVICE), meta.get("name")):
+        return False
+    if meta.get("namespace") and namespace != meta.get("namespace"):
+        return False
+    return not meta.get("uid") or ref.get("uid") == meta.get("uid")
+
+
+def event_row(event: Mapping[str, Any]) -> EventRow:
+    """One Event in either shape, as ``kubectl describe`` reads it: first seen, last seen, count."""
+    series = event.get("series") or {}
+    created = (event.get("metadata") or {}).get("creationTimestamp")
+    e = event.get
+    first = _time(_first_of(e("firstTimestamp"), e("deprecatedFirstTimestamp"), e("eventTime"), created))
+    seen = (series.get("lastObservedTime"), e("lastTimestamp"), e("deprecatedLastTimestamp"), e("eventTime"))
+    last = _time(_first_of(*seen))
+    count = _first_of(series.get("count"), e("count"), e("deprecatedCount"), 1)
+    return EventRow(
+        type=str(event.get("type") or ""),
+        reason=str(event.get("reason") or ""),
+        message=str(_first_of(event.get("note"), event.get("message"), "")).strip(),
+        count=int(count),
+        first=first,
+        last=first if last is None else last,
+    )
+
+
+# (below this many seconds: the unit in seconds, its name, the sub-unit in seconds or 0 for none, its
+# name), after Kubernetes' duration.HumanDuration so that ages read as in ``kubectl describe``:
+# 90s, 5m30s, 42m, 3h15m, 20h, 3d4h, 40d, 2y10d
+_AGE_STEPS = (
+    (10 * 60, 60, "m", 1, "s"),
+    (3 * 3600, 60, "m", 0, ""),
+    (8 * 3600, 3600, "h", 60, "m"),
+    (48 * 3600, 3600, "h", 0, ""),
+    (8 * 86400, 86400, "d", 3600, "h"),
+    (2 * 365 * 86400, 86400, "d", 0, ""),
+    (8 * 365 * 86400, 365 * 86400, "y", 86400, "d"),
+)
+
+
+def age(seconds: float) -> str:
+    """A duration as ``kubectl`` prints ages (Kubernetes' ``duration.HumanDuration``)."""
+    whole = int(seconds)
+    if whole < -1:
+        return "<invalid>"  # a clock ahead of ours by more than a second
+    if whole < 120:
+        return f"{max(whole, 0)}s"
+    for limit, unit_s, unit, sub_s, sub in _AGE_STEPS:
+        if whole < limit:
+            rest = (whole % unit_s) // sub_s if sub_s else 0
+            return f"{whole // unit_s}{unit}" + (f"{rest}{sub}" if rest else "")
+    return f"{whole // (365 * 86400)}y"
+
+
+def _age_of(row: EventRow, now: float) -> str:
+    if row.last is None:
+        return "<unknown>"
+    if row.count > 1 and row.first is not None:
+        return f"{age(now - row.last)} (x{row.count} over {age(now - row.first)})"
+    return age(now - row.last)
+
+
+def latest_events(obj: Mapping[str, Any], items: Sequence[Mapping[str, Any]], limit: int) -> list[EventRow]:
+    """The ``limit`` most recently seen Events about ``obj``, newest last (as ``kubectl describe``)."""
+    rows = [event_row(e) for e in items if is_about(e, obj)]
+    rows.sort(key=lambda r: (r.last is not None, r.last or 0.0, r.first or 0.0))
+    return rows[-limit:] if limit > 0 else []
+
+
+def events_part(obj: Mapping[str, Any], events: Events) -> list[RenderableType]:
+    """The Events section: a table of the newest, or one line saying there are none or why not."""
+    if events.error is not None:
+        return [Text(f"Events: not listed ({events.error}).", no_wrap=True, overflow="ellipsis")]
+    about = sum(1 for e in events.items if is_about(e, obj))
+    rows = latest_events(obj, events.items, events.limit)
+    if not rows:
+        return [Text("Events: <none>")]
+    table = Table(title="Events", title_justify="left")
+    for column in ("type", "reason", "age"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("message", overflow="fold")
+    for row in rows:
+        table.add_row(row.type, row.reason, _age_of(row, events.now), row.message)
+    parts: list[RenderableType] = [table]
+    if about > len(rows):
+        older = about - len(rows)
+        plural = "s" if older > 1 else ""
+        parts.append(Text(f"{older} older Event{plural} not shown (--events N shows more)."))
+    return parts
+
+
+def renderables(obj: Mapping[str, Any], events: Events | None = None) -> list[RenderableType]:
+    """The parts of ``explain`` for one InferenceService object (as the API returns it), and the
+    Events about it last when ``events`` is given (None: no Events section)."""
+    return _status_parts(obj) + (events_part(obj, events) if events is not None else [])
+
+
+def _status_parts(obj: Mapping[str, Any]) -> list[RenderableType]:
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
@@ -138,12 +296,12 @@ def renderables(obj: Mapping[str, Any]) -> list[RenderableType]:
     return parts
 
 
-def render(obj: Mapping[str, Any], width: int = 120) -> str:
+def render(obj: Mapping[str, Any], width: int = 120, events: Events | None = None) -> str:
     """``explain`` as plain text (no colour codes)."""
     console = Console(width=width, record=True, color_system=None, force_terminal=False)
     with console.capture() as capture:
-        console.print(Group(*renderables(obj)))
+        console.print(Group(*renderables(obj, events)))
     return capture.get()
 
 
-__all__ = ["render", "renderables"]
+__all__ = ["Events", "render", "renderables"]
