@@ -74,8 +74,15 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
         gauge("tandem_planner_ttft_within_target_ratio", "fine", "0.95x40"),
         gauge("tandem_planner_attainment_target_ratio", "fine", "0.9x40"),
         gauge("tandem_planner_attainment_target_ratio", "held", "0.9x40"),
-        {"series": 'tandem_reconciles_total{result="error"}', "values": "0+1x40"},
-        {"series": 'tandem_reconciles_total{result="ok"}', "values": "0+5x40"},
+        # reconciles: "broken" fails all along (exported by both pods of a hand-over for a while)
+        gauge("tandem_reconcile_consecutive_errors", "broken", "1+1x40", pod="op-a"),
+        gauge("tandem_reconcile_consecutive_errors", "broken", "1+1x14", pod="op-b"),
+        gauge("tandem_reconcile_consecutive_errors", "fine", "0x40"),
+        gauge("tandem_reconcile_consecutive_errors", "flaky", "1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0"),
+        # fail for 15 minutes, then one reconciles again and the other is deleted (its series
+        # removed: Prometheus marks it stale at the next scrape)
+        gauge("tandem_reconcile_consecutive_errors", "recovered", "1+1x14 0x25"),
+        gauge("tandem_reconcile_consecutive_errors", "deleted", "1+1x14 stale"),
     ]
     fired = {  # alert -> the labels of the one alert it should raise
         "TandemPlannerHolding": {"service": "held"},
@@ -103,10 +110,22 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
                     # pending, not firing, before the `for` (10 minutes) has passed
                     {"eval_time": "5m", "alertname": "TandemPlannerHolding", "exp_alerts": []},
                     *at_25m,
+                    # while failing, one alert per failing service, none for the others
                     {
-                        "eval_time": "25m",
+                        "eval_time": "12m",
                         "alertname": "TandemReconcileErrors",
-                        "exp_alerts": [expected(rules["TandemReconcileErrors"])],
+                        "exp_alerts": [
+                            expected(rules["TandemReconcileErrors"], namespace="team-a", service=service)
+                            for service in ("broken", "recovered", "deleted")
+                        ],
+                    },
+                    # after the recovery and the deletion, only the service still failing
+                    {
+                        "eval_time": "16m",
+                        "alertname": "TandemReconcileErrors",
+                        "exp_alerts": [
+                            expected(rules["TandemReconcileErrors"], namespace="team-a", service="broken")
+                        ],
                     },
                 ],
             },
@@ -116,7 +135,7 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
                 "input_series": [
                     gauge("tandem_planner_holding", "fine", "0x40"),
                     gauge("tandem_planner_limited", "fine", "0x40", by="budget"),
-                    {"series": 'tandem_reconciles_total{result="ok"}', "values": "0+5x40"},
+                    gauge("tandem_reconcile_consecutive_errors", "fine", "0x40"),
                 ],
                 "alert_rule_test": [
                     {"eval_time": "30m", "alertname": name, "exp_alerts": []} for name in rules

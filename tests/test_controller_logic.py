@@ -1,16 +1,21 @@
-"""The controller's scheduling of work (no cluster): pool-status updates are serialised."""
+"""The controller's scheduling of work (no cluster): pool-status updates are serialised; the
+per-service reconcile-error gauge the TandemReconcileErrors alert reads."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
-from tandem.controller import Controller, Settings
+from tandem import controller as controller_module
+from tandem.controller import Controller, Key, Settings
 from tandem.kube import KubeError
+from tandem.reconcile import Outcome
 
 
 class SlowKube:
@@ -97,3 +102,66 @@ def test_a_pool_deleted_since_the_list_is_skipped_and_the_others_still_get_their
     # any other failure still surfaces (the resync loop logs it and retries)
     with pytest.raises(KubeError):
         asyncio.run(Controller(GoneKube(500), Settings()).update_pool_statuses())  # type: ignore[arg-type]
+
+
+class NoGieKube:
+    def serves(self, kind: str) -> bool:
+        return False
+
+
+def errors_in_a_row(key: Key) -> float | None:
+    labels = {"namespace": key[0], "service": key[1]}
+    return REGISTRY.get_sample_value("tandem_reconcile_consecutive_errors", labels)
+
+
+def test_reconcile_errors_are_gauged_per_service_and_removed_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TandemReconcileErrors names the failing service and clears once it reconciles or is
+    deleted: the gauge counts one service's errors in a row, is 0 after a reconcile that ends
+    otherwise, and its series goes with the service (a deleted service must not keep alerting)."""
+    broken, fine = ("reconcile-errors", "broken"), ("reconcile-errors", "fine")
+    script: list[Exception | Key | None] = []  # per reconcile: raise, delete that service and raise, or end
+
+    async def scripted(body: dict[str, Any], **_: Any) -> Outcome:
+        step = script.pop(0)
+        if isinstance(step, tuple):  # deleted while its reconcile ran
+            controller.service_seen(None, step)
+            raise KubeError(500, "InternalError")
+        if step is not None:
+            raise step
+        return Outcome()
+
+    monkeypatch.setattr(controller_module, "reconcile", scripted)
+    controller = Controller(NoGieKube(), Settings())  # type: ignore[arg-type]
+
+    def seen(key: Key) -> None:
+        controller.service_seen({"metadata": {"namespace": key[0], "name": key[1]}, "spec": {}}, key)
+
+    async def run(key: Key, step: Exception | Key | None) -> None:
+        script.append(step)
+        with contextlib.suppress(Exception):
+            await controller.reconcile(key)
+
+    async def scenario() -> None:
+        seen(broken)
+        seen(fine)
+        await run(fine, None)
+        await run(broken, KubeError(500, "InternalError"))
+        await run(broken, KubeError(409, "Conflict"))
+        assert (errors_in_a_row(broken), errors_in_a_row(fine)) == (2, 0)
+        await run(broken, None)  # reconciles fine again
+        assert errors_in_a_row(broken) == 0
+        await run(broken, KubeError(500, "InternalError"))
+        # its namespace is being deleted: no failure of its own, the deletion removes the series
+        await run(broken, KubeError(403, "Forbidden", {"message": "because it is being terminated"}))
+        assert errors_in_a_row(broken) == 1
+        controller.service_seen(None, broken)  # deleted
+        assert (errors_in_a_row(broken), errors_in_a_row(fine)) == (None, 0)
+        seen(broken)
+        await run(broken, broken)  # deleted while its reconcile ran: the series does not come back
+        assert errors_in_a_row(broken) is None and script == []
+        seen(broken)
+        await run(broken, KubeError(500, "InternalError"))
+        controller._peering_changed(False)  # gone standby: the active replica exports them now
+        assert (errors_in_a_row(broken), errors_in_a_row(fine)) == (None, None)
+
+    asyncio.run(scenario())

@@ -22,7 +22,7 @@ from tandem.kube import Kube, KubeError
 from tandem.peering import PeeringGate, PeeringSettings
 from tandem.reconcile import Outcome, reconcile, utcnow
 from tandem.status import pool_status_update
-from tandem.telemetry import CHILD_WRITES, RECONCILE_SECONDS, RECONCILES
+from tandem.telemetry import CHILD_WRITES, RECONCILE_ERRORS_IN_A_ROW, RECONCILE_SECONDS, RECONCILES
 
 log = logging.getLogger("tandem.controller")
 
@@ -82,6 +82,7 @@ class Controller:
         # either way the autoscaler starts afresh: decisions of an earlier term would be applied
         # as new after a takeover, and a standby must not keep exporting the gauges alerts read
         self.autoscaler.forget_all()
+        RECONCILE_ERRORS_IN_A_ROW.clear()  # the active replica's next reconciles set them again
         if active:  # taking over: everything may have changed while another replica acted
             for key in list(self.services):
                 self.request(key)
@@ -108,6 +109,7 @@ class Controller:
             self.services.pop(key, None)
             self._locks.pop(key, None)
             self.autoscaler.forget(key)
+            self._forget_reconciles(key)
         else:
             self.services[key] = body
 
@@ -150,18 +152,38 @@ class Controller:
                         autoscale=self.autoscaler.current(key),
                         inference_pools=await self.inference_pools_served(),
                     )
-                except Exception:
+                except Exception as exc:
                     RECONCILES.labels("error").inc()
+                    if not (isinstance(exc, KubeError) and exc.namespace_gone):  # going: not failing
+                        self._count_reconcile(key, failed=True)
                     raise
             if self._gie and outcome.inference_pool_api == "absent":
                 self._gie_checked = None  # the API went away since discovery: look again next time
             RECONCILES.labels("problem" if outcome.problems else "ok").inc()
+            self._count_reconcile(key, failed=False)
             for what in outcome.applied:
                 CHILD_WRITES.labels("apply", what.split(" ", 1)[0]).inc()
             for what in outcome.pruned:
                 CHILD_WRITES.labels("prune", what.split(" ", 1)[0]).inc()
         await self._post_events(body, outcome)
         return outcome
+
+    def _count_reconcile(self, key: Key, *, failed: bool) -> None:
+        """Per service, the reconciles that failed in a row (TandemReconcileErrors reads it): one
+        more on an error, 0 on any other end. Nothing for a service deleted while its reconcile
+        ran (``service_seen`` removed its series) nor once this replica went standby
+        (``_peering_changed`` cleared them): such a series would never change again."""
+        if key not in self.services or not self.active():
+            return
+        if failed:
+            RECONCILE_ERRORS_IN_A_ROW.labels(*key).inc()
+        else:
+            RECONCILE_ERRORS_IN_A_ROW.labels(*key).set(0)
+
+    @staticmethod
+    def _forget_reconciles(key: Key) -> None:
+        with contextlib.suppress(KeyError):  # older prometheus-clients raise for a missing one
+            RECONCILE_ERRORS_IN_A_ROW.remove(*key)
 
     def request(self, key: Key) -> None:
         """Asks for a reconcile soon; requests arriving meanwhile are folded into one."""

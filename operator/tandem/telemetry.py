@@ -10,6 +10,15 @@ KUBE_REQUESTS = Counter(
 RECONCILES = Counter("tandem_reconciles_total", "InferenceService reconciles, by result.", ["result"])
 for _result in ("ok", "problem", "error"):  # from 0, so that the first error counts in increase()
     RECONCILES.labels(_result)
+# Per service, for the TandemReconcileErrors alert: a gauge, so the alert clears with the first
+# reconcile that succeeds and, the series removed with the service, once it is deleted (a
+# per-service counter's increase() would keep firing for a whole window after either).
+RECONCILE_ERRORS_IN_A_ROW = Gauge(
+    "tandem_reconcile_consecutive_errors",
+    "Reconciles of an InferenceService that ended in an error in a row: 0 since the last one that "
+    "did not, absent for a deleted service.",
+    ["namespace", "service"],
+)
 RECONCILE_SECONDS = Histogram(
     "tandem_reconcile_duration_seconds",
     "Time one InferenceService reconcile took.",
