@@ -74,7 +74,7 @@ def test_rendered_values_pass_server_dry_run(cluster: Any, namespace: str, crds:
     ).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     if not has_api(cluster, "monitoring.coreos.com/v1"):  # no prometheus-operator CRDs here
-        docs = [d for d in docs if d["kind"] not in ("ServiceMonitor", "PrometheusRule")]
+        docs = [d for d in docs if d["kind"] not in ("ServiceMonitor", "PodMonitor", "PrometheusRule")]
     assert docs
     proc = cluster.kubectl(
         "apply",

@@ -303,6 +303,9 @@ def test_full_values_render_everything() -> None:
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     (rule,) = find(docs, "PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "prometheus"
+    (pm,) = find(docs, "PodMonitor")  # tests/test_pod_monitor.py checks what it selects and labels
+    assert pm["metadata"]["labels"]["release"] == "prometheus"
+    assert pm["spec"]["podMetricsEndpoints"][0]["interval"] == "10s"
     pools = {p["metadata"]["name"]: p for p in find(docs, "AcceleratorPool")}
     assert set(pools) == {"ci-h100", "ci-mi300x"}
     assert pools["ci-h100"]["spec"]["vendor"] == "nvidia"

@@ -59,8 +59,11 @@ def prometheus_binary() -> str:
     return path
 
 
-def render_config(targets_dir: Path) -> dict[str, Any]:
-    """Prometheus config: one file_sd job watching ``targets_dir/*.json``, 1 s scrapes."""
+def render_config(
+    targets_dir: Path, extra_scrape_configs: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """Prometheus config: one file_sd job watching ``targets_dir/*.json``, 1 s scrapes, and
+    ``extra_scrape_configs`` after it."""
     return {
         "global": {
             "scrape_interval": SCRAPE_INTERVAL,
@@ -72,7 +75,8 @@ def render_config(targets_dir: Path) -> dict[str, Any]:
                 # A target group's own `job` label overrides this default (add_targets sets it).
                 "job_name": FILE_SD_JOB,
                 "file_sd_configs": [{"files": [str(targets_dir / "*.json")], "refresh_interval": "1s"}],
-            }
+            },
+            *[dict(c) for c in extra_scrape_configs],
         ],
     }
 
@@ -80,11 +84,18 @@ def render_config(targets_dir: Path) -> dict[str, Any]:
 class Prometheus:
     """One Prometheus server rooted at ``workdir`` (config, TSDB, file_sd targets, log, pid)."""
 
-    def __init__(self, workdir: Path | str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path | str,
+        port: int | None = None,
+        *,
+        extra_scrape_configs: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         self.workdir = Path(workdir)
         self.targets_dir = self.workdir / "targets"
         self.port = port or 0
         self.pid: int | None = None
+        self.extra_scrape_configs = list(extra_scrape_configs)
 
     @property
     def url(self) -> str:
@@ -103,7 +114,8 @@ class Prometheus:
         t0 = time.monotonic()
         self.targets_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(render_config(self.targets_dir), sort_keys=False))
+        config = render_config(self.targets_dir, self.extra_scrape_configs)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.port = self.port or free_port()
         cmd = [
             prometheus_binary(),
@@ -177,6 +189,15 @@ class Prometheus:
                 return bytes(resp.read())
         except (urllib.error.URLError, OSError):
             return None
+
+    def active_targets(self) -> list[dict[str, Any]]:
+        """``data.activeTargets`` of /api/v1/targets: each with its ``labels`` after relabelling
+        and its ``scrapePool`` (the job name), whether or not its scrapes succeed."""
+        raw = self._get("/api/v1/targets", {"state": "active"})
+        if raw is None:
+            raise HarnessError(f"no answer from {self.url}/api/v1/targets")
+        targets: list[dict[str, Any]] = json.loads(raw)["data"]["activeTargets"]
+        return targets
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """Instant query; returns ``data.result`` (a vector: ``[{"metric": {...}, "value": [t, "v"]}]``)."""
