@@ -81,6 +81,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "tensorParallelSize must be a power of two",
     ),
     (
+        "maxUnavailable 0 would block node drains",
+        edited(VALID_SERVICE, "spec.pools.0.maxUnavailable", 0),
+        "maxUnavailable must be a number of at least 1 or a percentage",
+    ),
+    (
+        "maxUnavailable percentage above 100",
+        edited(VALID_SERVICE, "spec.pools.0.maxUnavailable", "150%"),
+        "maxUnavailable must be a number of at least 1 or a percentage",
+    ),
+    (
         "pool name not DNS-safe",
         edited(VALID_SERVICE, "spec.pools.0.name", "Prefill_Pool"),
         "spec.pools[0].name in body should match",
@@ -202,7 +212,8 @@ def create(cluster: Any, doc: dict[str, Any], namespace: str) -> subprocess.Comp
 
 
 def test_valid_objects_are_accepted(cluster: Any, crds: None, namespace: str) -> None:
-    for doc in (VALID_SERVICE, VALID_POOL):
+    percent = edited(edited(VALID_SERVICE, "metadata.name", "percent"), "spec.pools.0.maxUnavailable", "25%")
+    for doc in (VALID_SERVICE, VALID_POOL, percent):
         proc = create(cluster, doc, namespace)
         assert proc.returncode == 0, proc.stderr
 
@@ -228,4 +239,5 @@ def test_defaults_are_visible_after_admission(cluster: Any, crds: None, namespac
     )
     assert spec["kvTransfer"] == {"connector": "nixl", "fabric": "auto"}
     assert spec["pools"][0]["replicas"] == {"min": 1, "max": 1}
+    assert spec["pools"][0]["maxUnavailable"] == 1
     assert spec["autoscaling"]["mode"] == "off"

@@ -114,6 +114,23 @@ def test_apply_runs_each_pool_on_its_vendor(cluster: Any, namespace: str, op: Op
             assert p["status"]["phase"] == "Running"
             assert models[p["spec"]["nodeName"]] == model, (pool, p["spec"]["nodeName"])
     assert models[pods["router"][0]["spec"]["nodeName"]] == "cpu"
+
+    # one PodDisruptionBudget per pool; the real disruption controller counts the pool's pods
+    def budgets_counted() -> dict[str, Any] | None:
+        pdbs = {p["metadata"]["name"]: p for p in get(cluster, namespace, "pdb")["items"]}
+        counted = all(
+            (pdbs.get(f"llama-{pool}") or {}).get("status", {}).get("expectedPods") for pool in expected
+        )
+        return pdbs if counted else None
+
+    pdbs = wait_for(budgets_counted, timeout=60, what="the pools' PodDisruptionBudgets counting their pods")
+    assert set(pdbs) == {"llama-prefill", "llama-decode", "llama-mixed"}
+    for pool, (_, count) in expected.items():
+        pdb = pdbs[f"llama-{pool}"]
+        assert pdb["spec"]["maxUnavailable"] == 1
+        assert pdb["status"]["expectedPods"] == count, pool
+        assert pdb["status"]["currentHealthy"] == count, pool
+        assert pdb["status"]["disruptionsAllowed"] == 1, pool
     status = svc["status"]
     assert status["ratio"] == "1:2"
     assert status["replicas"] == {"prefill": "1/1", "decode": "2/2", "mixed": "1/1"}
@@ -214,6 +231,11 @@ def test_removed_pool_is_pruned_and_deletion_collects_everything(
         timeout=30,
         what="Service llama-mixed pruned",
     )
+    wait_for(
+        lambda: "llama-mixed" not in {p["metadata"]["name"] for p in get(cluster, namespace, "pdb")["items"]},
+        timeout=30,
+        what="PodDisruptionBudget llama-mixed pruned",
+    )
     svc = wait_ready(cluster, namespace, "llama")
     assert [p["name"] for p in svc["status"]["pools"]] == ["prefill", "decode"]
 
@@ -223,7 +245,7 @@ def test_removed_pool_is_pruned_and_deletion_collects_everything(
         left = get(
             cluster,
             namespace,
-            "deployments,services,configmaps,pods",
+            "deployments,services,configmaps,poddisruptionbudgets,pods",
             "-l",
             "inference.tandem.dev/service=llama",
         )

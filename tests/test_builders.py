@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -48,10 +49,13 @@ def test_sample_service_objects(sample_service: dict, sample_pools: dict[str, di
     kinds = [(o["kind"], o["metadata"]["name"]) for o in objects]
     assert kinds == [
         ("Service", "llama-prefill"),
+        ("PodDisruptionBudget", "llama-prefill"),
         ("Deployment", "llama-prefill"),
         ("Service", "llama-decode"),
+        ("PodDisruptionBudget", "llama-decode"),
         ("Deployment", "llama-decode"),
         ("Service", "llama-mixed"),
+        ("PodDisruptionBudget", "llama-mixed"),
         ("Deployment", "llama-mixed"),
         ("ServiceAccount", "llama-router"),
         ("Role", "llama-router"),
@@ -193,3 +197,32 @@ def test_engines_serve_prometheus_metrics(engine: str, sample_pools: dict[str, d
         assert "--enable-metrics" in command
     else:
         assert "--port" in command and "--disable-log-stats" not in command
+
+
+@pytest.mark.parametrize("value", [1, 3, "25%", "100%"])
+def test_each_pool_gets_a_disruption_budget(
+    value: int | str, sample_service: dict, sample_pools: dict[str, dict]
+) -> None:
+    spec = copy.deepcopy(sample_service["spec"])
+    spec["pools"][0]["maxUnavailable"] = value
+    objects = desired_objects(make_ctx(spec, sample_pools))
+    pdbs = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PodDisruptionBudget"}
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    assert set(pdbs) == {"llama-prefill", "llama-decode", "llama-mixed"}
+    assert pdbs["llama-prefill"]["spec"]["maxUnavailable"] == value
+    assert pdbs["llama-decode"]["spec"]["maxUnavailable"] == 1  # the default
+    for name, pdb in pdbs.items():
+        # it selects exactly the pool's pods
+        assert pdb["spec"]["selector"] == deployments[name]["spec"]["selector"]
+
+
+@pytest.mark.parametrize("value", [0, -1, "0%", "101%", "25", "x%"])
+def test_a_budget_that_blocks_drains_is_refused(value: object) -> None:
+    from pydantic import ValidationError
+
+    from tandem.models.inference_service import PoolSpec
+
+    with pytest.raises(ValidationError, match="maxUnavailable must be"):
+        PoolSpec.model_validate(
+            {"name": "p", "role": "decode", "acceleratorPool": "a", "maxUnavailable": value}
+        )

@@ -48,6 +48,7 @@ NAMESPACED_RULES = {
     ("apps", "deployments"): {"list", "watch", "create", "patch", "delete"},
     ("", "services"): {"list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"list", "watch", "create", "patch", "delete"},
+    ("policy", "poddisruptionbudgets"): {"list", "create", "patch", "delete"},
     ("", "serviceaccounts"): {"list", "create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"list", "create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"list", "create", "patch", "delete"},
@@ -275,6 +276,8 @@ def test_rbac_is_least_privilege() -> None:
                 ("apps", "deployments"),
                 ("", "services"),
                 ("", "configmaps"),
+                # one PodDisruptionBudget per pool
+                ("policy", "poddisruptionbudgets"),
                 # the router's identity: a ServiceAccount with a Role to read EndpointSlices
                 ("", "serviceaccounts"),
                 ("rbac.authorization.k8s.io", "roles"),

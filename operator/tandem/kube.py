@@ -24,6 +24,7 @@ from tandem.telemetry import KUBE_REQUESTS
 # kind -> (API path prefix, plural, namespaced)
 KINDS: dict[str, tuple[str, str, bool]] = {
     "Deployment": ("/apis/apps/v1", "deployments", True),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
     "Service": ("/api/v1", "services", True),
     "ConfigMap": ("/api/v1", "configmaps", True),
     "ServiceAccount": ("/api/v1", "serviceaccounts", True),
@@ -36,7 +37,15 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     # Gateway API Inference Extension; optional: owned only where the cluster serves it
     "InferencePool": ("/apis/inference.networking.k8s.io/v1", "inferencepools", True),
 }
-OWNED_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Deployment")
+OWNED_KINDS = (
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ConfigMap",
+    "Service",
+    "PodDisruptionBudget",
+    "Deployment",
+)
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read
 

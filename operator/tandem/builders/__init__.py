@@ -18,7 +18,7 @@ from tandem.builders.router import (
     build_router_service_account,
     router_endpoint,
 )
-from tandem.builders.workers import build_pool_service, build_worker_deployment
+from tandem.builders.workers import build_pool_disruption_budget, build_pool_service, build_worker_deployment
 
 
 def desired_objects(
@@ -34,6 +34,7 @@ def desired_objects(
         if pool.name in blocked:
             continue
         objects.append(build_pool_service(ctx, pool))
+        objects.append(build_pool_disruption_budget(ctx, pool))
         objects.append(build_worker_deployment(ctx, pool))
     objects.append(build_router_service_account(ctx))
     objects.append(build_router_role(ctx))

@@ -160,3 +160,23 @@ def build_pool_service(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
         },
     }
     return with_hash(manifest)
+
+
+def build_pool_disruption_budget(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
+    """The pool's PodDisruptionBudget: a node drain or the cluster autoscaler evicts at most
+    ``maxUnavailable`` of its replicas at once, so a maintenance pass does not take a whole
+    pool down (one decode pool gone is the whole split path gone). Never 0: that would block
+    drains for good. The planner's own scale-downs are not evictions and are not limited."""
+    accel = ctx.accelerator_pools[pool.name]
+    manifest = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(ctx, child_name(ctx.name, pool.name), pool_labels(ctx, pool, accel)),
+        "spec": {
+            "maxUnavailable": pool.max_unavailable,
+            "selector": {"matchLabels": selector_labels(ctx, pool)},
+            # a replica that is not Ready yet (loading weights) may always be evicted
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+    return with_hash(manifest)

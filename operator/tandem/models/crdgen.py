@@ -200,6 +200,7 @@ def inference_service_crd() -> dict[str, Any]:
     _add_rules(spec, ["model"], isvc.MODEL_RULES)
     _add_rules(spec, ["pools", "[]", "replicas"], isvc.REPLICAS_RULES)
     _add_rules(spec, ["pools", "[]", "tensorParallelSize"], isvc.TP_RULES)
+    _add_rules(spec, ["pools", "[]", "maxUnavailable"], isvc.MAX_UNAVAILABLE_RULES)
     status = schema_of(isvc.InferenceServiceStatus)
     columns = [
         _ready_column(),

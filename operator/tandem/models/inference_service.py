@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, WithJsonSchema, field_validator
 
 from tandem.models.common import (
     DECIMAL,
@@ -22,6 +23,12 @@ from tandem.perf.models import MODEL_PRESETS
 Role = Literal["prefill", "decode", "mixed"]
 Engine = Literal["vllm", "sglang", "sim"]
 Dtype = Literal["float16", "bfloat16", "fp8", "auto"]
+
+PERCENT = r"([1-9][0-9]?|100)%"
+MAX_UNAVAILABLE_MESSAGE = (
+    "maxUnavailable must be a number of at least 1 or a percentage from 1% to 100% "
+    "(0 would block node drains for good)"
+)
 
 MAX_POOLS = 8
 MAX_SERVICE_NAME = 42  # + "-" + a 20-character pool name stays a 63-character DNS label
@@ -98,6 +105,25 @@ class PoolSpec(Model):
     )
     args: list[str] = Field(default_factory=list, max_length=64, description="Extra engine arguments.")
     image: str | None = Field(default=None, description="Overrides the AcceleratorPool's engine image.")
+    max_unavailable: Annotated[
+        int | str,
+        # maxLength bounds the CEL rule's cost (the apiserver refuses an unbounded string's regex)
+        WithJsonSchema({"x-kubernetes-int-or-string": True, "maxLength": 4}),
+    ] = Field(
+        default=1,
+        description="Most replicas of the pool a voluntary disruption (a node drain, the cluster "
+        "autoscaler) may evict at once: a number of at least 1, or a percentage such as 25%. "
+        "Tandem keeps a PodDisruptionBudget per pool with it.",
+    )
+
+    @field_validator("max_unavailable")
+    @classmethod
+    def _disruption_allowed(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(MAX_UNAVAILABLE_MESSAGE)
+        if isinstance(value, str) and not re.fullmatch(PERCENT, value):
+            raise ValueError(MAX_UNAVAILABLE_MESSAGE)
+        return value
 
 
 class Slo(Model):
@@ -240,6 +266,12 @@ MODEL_RULES = [
     ),
 ]
 REPLICAS_RULES = [rule("self.min <= self.max", "replicas.min must not exceed replicas.max")]
+MAX_UNAVAILABLE_RULES = [
+    rule(
+        f"type(self) == int ? self >= 1 : self.matches('^{PERCENT}$')",
+        MAX_UNAVAILABLE_MESSAGE,
+    )
+]
 TP_RULES = [
     rule(
         "self in [1, 2, 4, 8, 16, 32, 64]",
