@@ -146,6 +146,11 @@ def test_incompatible_pair_is_refused(cluster: Any, namespace: str, op: Operator
     assert "'prefill'" in c["message"] and "'decode'" in c["message"]
     deployments = {d["metadata"]["name"] for d in get(cluster, namespace, "deployments")["items"]}
     assert "bad-prefill" not in deployments and "bad-decode" not in deployments
+    # the service waits for a fix rather than "rolling out" Deployments that never come
+    svc = get(cluster, namespace, "tisvc", "bad")
+    for kind, status in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True")):
+        c = condition(svc, kind)
+        assert c is not None and (c["status"], c["reason"]) == (status, "Incompatible"), (kind, c)
     wait_for(
         lambda: any(
             e.get("reason") == "Incompatible" and e.get("type") == "Warning"

@@ -213,3 +213,26 @@ def test_the_previous_modes_planner_status_goes_at_the_switch(sample_pools: dict
     assert "lastDecision" not in kube.status
     run(kube, "recommend", sample_pools, None)  # and nothing to clear once it is gone
     assert "lastDecision" not in kube.status
+
+
+def test_a_pair_that_cannot_exchange_kv_waits_for_a_fix_instead_of_rolling_out(
+    sample_pools: dict[str, dict],
+) -> None:
+    pools = copy.deepcopy(sample_pools)
+    pools["b200"]["fabric"]["transport"] = "libfabric"  # the decode side (gaudi3) runs UCX
+    kube = SsaKube()
+    run(kube, "off", pools)
+    assert kube.replicas() == {}  # neither side of the pair is rolled out
+    conditions = {c["type"]: c for c in kube.status["conditions"]}
+    assert (conditions["KVTransferReady"]["status"], conditions["KVTransferReady"]["reason"]) == (
+        "False",
+        "Incompatible",
+    )
+    # not "RollingOut" forever: the Deployments never come until the pair is fixed
+    assert (conditions["Progressing"]["status"], conditions["Progressing"]["reason"]) == (
+        "False",
+        "Incompatible",
+    )
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "Incompatible")
+    assert conditions["Degraded"]["status"] == "True"
+    assert "different RDMA transports" in conditions["Ready"]["message"]

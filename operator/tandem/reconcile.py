@@ -24,7 +24,7 @@ from tandem.builders import (
     owned_labels,
     router_endpoint,
 )
-from tandem.builders.kv import PairProblem
+from tandem.builders.kv import PairProblem, check_compatibility
 from tandem.builders.router import router_name
 from tandem.children import key_of, plan_changes, replicas_handovers
 from tandem.kube import OWNED_KINDS, Kube, KubeError
@@ -218,7 +218,12 @@ async def reconcile(
             endpoint=router_endpoint(name, namespace),
             previous=previous,
             now=now,
-            extra_problems=outcome.rejected,
+            # a prefill/decode pair that cannot exchange KV is not rolled out: waiting for a fix,
+            # not rolling out (its Warning Event comes with KVTransferReady, below)
+            extra_problems=[
+                *outcome.rejected,
+                *(check_compatibility(spec, resolution.accelerator_pools) if resolution.ok else []),
+            ],
             pods=pods,
         )
         status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
