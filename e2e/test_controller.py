@@ -506,6 +506,9 @@ def test_a_crash_looping_pool_is_degraded(cluster: Any, namespace: str, op: Oper
 
     c = wait_for(crash_looping, timeout=60, what=f"Degraded=True PoolCrashLooping with {both!r}")
     assert "the planner adds no replicas to it until they become ready" in c["message"], c
+    wait_for(
+        lambda: _warning_event(cluster, namespace, "PoolCrashLooping"), timeout=30, what="a Warning Event"
+    )
     svc = get(cluster, namespace, "tisvc", "llama")
     ready = condition(svc, "Ready")
     assert ready and ready["status"] == "False" and "decode" in ready["message"]

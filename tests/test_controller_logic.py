@@ -165,3 +165,39 @@ def test_reconcile_errors_are_gauged_per_service_and_removed_with_it(monkeypatch
         assert (errors_in_a_row(broken), errors_in_a_row(fine)) == (None, None)
 
     asyncio.run(scenario())
+
+
+class EventKube:
+    """Records the Events posted (a POST of an events.k8s.io/v1 Event)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+
+    def request(self, method: str, path: str, body: dict | None = None, **_: object) -> dict:
+        assert method == "POST" and path.endswith("/events") and body is not None
+        self.events.append((body["type"], body["reason"], body["note"]))
+        return body
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "posted"),
+    [
+        ("AsExpected", "PoolCrashLooping", True),  # turned to a pod failure: one Warning
+        ("PoolCrashLooping", "PoolCrashLooping", False),  # still: no repeat every reconcile
+        ("PoolCrashLooping", "PoolImagePullFailing", True),  # another failure
+        ("AsExpected", "ChildRejected", False),  # a spec problem: its Warning comes with Ready
+        (None, "AsExpected", False),
+    ],
+)
+def test_pods_failing_to_run_post_one_warning(before: str | None, after: str, posted: bool) -> None:
+    from tandem.reconcile import Outcome
+
+    kube = EventKube()
+    controller = Controller(kube, Settings())  # type: ignore[arg-type]
+    outcome = Outcome(
+        degraded_before=before, degraded_after=after, degraded_message="Pool decode: 2 pod(s) ..."
+    )
+    body = {"metadata": {"name": "llama", "namespace": "ns", "uid": "u"}}
+    asyncio.run(controller._post_events(body, outcome))
+    warnings = [e for e in kube.events if e[0] == "Warning"]
+    assert warnings == ([("Warning", after, "Pool decode: 2 pod(s) ...")] if posted else [])

@@ -21,7 +21,7 @@ from tandem.builders import Images
 from tandem.kube import Kube, KubeError
 from tandem.peering import PeeringGate, PeeringSettings
 from tandem.reconcile import Outcome, reconcile, utcnow
-from tandem.status import pool_status_update
+from tandem.status import POD_FAILURE_REASONS, pool_status_update
 from tandem.telemetry import CHILD_WRITES, RECONCILE_ERRORS_IN_A_ROW, RECONCILE_SECONDS, RECONCILES
 
 log = logging.getLogger("tandem.controller")
@@ -300,6 +300,11 @@ class Controller:
         if outcome.problems and outcome.ready_after != outcome.ready_before:
             for p in outcome.problems:
                 events.append(("Warning", p.reason, p.message[0].upper() + p.message[1:] + "."))
+        if (
+            outcome.degraded_after in POD_FAILURE_REASONS
+            and outcome.degraded_after != outcome.degraded_before
+        ):
+            events.append(("Warning", outcome.degraded_after, outcome.degraded_message))
         if outcome.kv_problems and outcome.kv_after != outcome.kv_before:
             for p in outcome.kv_problems:  # one per incompatible prefill/decode pair
                 events.append(("Warning", p.reason, p.message[0].upper() + p.message[1:] + "."))

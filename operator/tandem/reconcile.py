@@ -63,6 +63,11 @@ class Outcome:
     # the Ready condition's reason before and after, to post an Event only when it changes
     ready_before: str | None = None
     ready_after: str | None = None
+    # the Degraded condition's reason before and after, and its message after: pods that fail to
+    # run (crash loops, image pulls) get a Warning Event when the service turns Degraded for it
+    degraded_before: str | None = None
+    degraded_after: str | None = None
+    degraded_message: str = ""
     # KVTransferReady's reason before and after, and the incompatible prefill/decode pairs
     kv_before: str | None = None
     kv_after: str | None = None
@@ -76,15 +81,24 @@ class Outcome:
     inference_pool_api: InferencePoolApi = "absent"
 
 
-def _ready_reason(status: Mapping[str, Any] | InferenceServiceStatus | None) -> str | None:
+def _condition(
+    status: Mapping[str, Any] | InferenceServiceStatus | None, kind: str
+) -> tuple[str | None, str]:
+    """(reason, message) of the ``kind`` condition; (None, "") without one."""
     if status is None:
-        return None
+        return None, ""
     conds = status.conditions if isinstance(status, InferenceServiceStatus) else status.get("conditions", [])
     for c in conds:
-        ctype = c.type if not isinstance(c, Mapping) else c.get("type")
-        if ctype == "Ready":
-            return c.reason if not isinstance(c, Mapping) else c.get("reason")
-    return None
+        if isinstance(c, Mapping):
+            if c.get("type") == kind:
+                return c.get("reason"), str(c.get("message") or "")
+        elif c.type == kind:
+            return c.reason, c.message
+    return None, ""
+
+
+def _ready_reason(status: Mapping[str, Any] | InferenceServiceStatus | None) -> str | None:
+    return _condition(status, "Ready")[0]
 
 
 def _invalid_spec(exc: ValidationError) -> Problem:
@@ -115,7 +129,9 @@ async def reconcile(
     generation = int(meta.get("generation", 1))
     raw_status = body.get("status") or {}
     previous = InferenceServiceStatus.model_validate(raw_status) if raw_status else InferenceServiceStatus()
-    outcome = Outcome(ready_before=_ready_reason(previous))
+    outcome = Outcome(
+        ready_before=_ready_reason(previous), degraded_before=_condition(previous, "Degraded")[0]
+    )
     now = now or utcnow()
 
     # gather
@@ -244,6 +260,7 @@ async def reconcile(
                 update={"conditions": set_conditions(status.conditions, [kv, gie], now)}
             )
     outcome.ready_after = _ready_reason(status)
+    outcome.degraded_after, outcome.degraded_message = _condition(status, "Degraded")
     patch = status_patch(InferenceServiceStatus, raw_status, status)
     if patch is not None:
         await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, patch)

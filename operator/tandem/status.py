@@ -247,6 +247,8 @@ _FAILING = {
     "CreateContainerConfigError": "PoolContainerConfigInvalid",
     "CreateContainerError": "PoolContainerConfigInvalid",
 }
+# Degraded reasons of pods failing to run (a Warning Event when the service turns to one)
+POD_FAILURE_REASONS = frozenset(_FAILING.values())
 
 
 def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
