@@ -6,6 +6,7 @@ Skipped when NIXL is not installed (``pip install --no-deps nixl-cu12``; see wor
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -239,9 +240,10 @@ async def test_http_pull_and_metrics(two_servers: tuple[str, str, SidecarServer,
         assert 'tandem_kv_transfer_bytes_total{direction="serve"} 2.68435456e+08' in await r.text()
 
 
-async def test_readyz_reports_tcp_fallback() -> None:
+async def test_readyz_reports_tcp_fallback(caplog: pytest.LogCaptureFixture) -> None:
     import aiohttp
 
+    caplog.set_level(logging.INFO, logger="tandem.sidecar")
     server = SidecarServer(
         make(BlockFormat("NHD", 16), 4, "fallback"),
         FabricReport(expected="rdma", allow_tcp_fallback=False, rdma_devices=[]),
@@ -252,6 +254,11 @@ async def test_readyz_reports_tcp_fallback() -> None:
         async with aiohttp.ClientSession() as s, s.get(f"{url}/readyz") as r:
             body = await r.json()
         assert r.status == 503 and body["reason"] == "TcpFallback"
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/readyz") as r:
+            assert r.status == 503
+        # the log says why, once (the operator's SidecarNotReady message points at it)
+        said = [r.getMessage() for r in caplog.records if "TcpFallback" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith("Not ready: TcpFallback: ") and "RDMA" in said[0]
     finally:
         await runner.cleanup()
 

@@ -297,8 +297,13 @@ def test_condition_reasons() -> None:
     assert (fallback.status, fallback.reason) == ("False", "TcpFallback") and "d-0" in fallback.message
     waiting = _condition(rdma, [ok[0], SidecarReport("decode", "d-0", False, None)])
     assert (waiting.status, waiting.reason, waiting.message) == (
-        "False", "SidecarNotReady", "1 of 2 KV-transfer sidecars are ready",
+        "False", "SidecarNotReady",
+        "1 of 2 KV-transfer sidecars are ready (not ready: d-0); a sidecar whose RDMA fell back to TCP "
+        "stays not ready and logs why (kubectl logs POD -c kv-sidecar)",
     )  # fmt: skip
+    # on a TCP pair, or where the pool accepts TCP, there is no fallback to hint at
+    tcp_wait = _condition(service("mi300x", "h100"), [SidecarReport("prefill", "p-0", False, None)])
+    assert tcp_wait.message == "0 of 1 KV-transfer sidecars are ready (not ready: p-0)"
     assert _condition(rdma, []).reason == "SidecarNotReady"
     bad = _condition(service("mi300x", "h100", model=FP8_MODEL), ok)
     assert (bad.status, bad.reason) == ("False", "Incompatible")

@@ -1,8 +1,11 @@
 """KVTransferReady: from the compatibility check and the sidecars' reports to a condition (pure).
 
-The operator gathers, per worker pod, whether its ``kv-sidecar`` container is ready (pod status)
-and which transport it runs (the sidecar's ``tandem_kv_transport`` gauge or its ``/readyz`` body);
-this module decides. Reasons, in order of precedence:
+The operator gathers, per worker pod, whether its ``kv-sidecar`` container is ready (pod status);
+this module decides. Which transport a sidecar runs (its ``tandem_kv_transport`` gauge, its
+``/readyz`` body: `parse_transport`, `report_from_readyz`) is not gathered by the operator yet: a
+sidecar whose RDMA fell back to TCP fails its readiness probe, so the service shows
+``SidecarNotReady`` with a hint to the sidecar's log, not ``TcpFallback``. Reasons, in order of
+precedence:
 
 - ``Incompatible``: a prefill/decode pair cannot exchange KV (`tandem.builders.kv.check_compatibility`);
 - ``TcpFallback``: RDMA was expected and a sidecar runs TCP, and its pool does not allow fallback;
@@ -19,7 +22,7 @@ from typing import Any
 
 from tandem.builders.kv import CONDITION_TYPE, SIDECAR_CONTAINER, KvProfile, PairProblem
 from tandem.models.common import Condition
-from tandem.models.inference_service import InferenceServiceSpec
+from tandem.models.inference_service import InferenceServiceSpec, Role
 from tandem.names import LABEL_POOL as POOL_LABEL
 
 TCP_FALLBACK = "TcpFallback"
@@ -81,6 +84,13 @@ def _cond(status: str, reason: str, message: str, generation: int) -> Condition:
     )
 
 
+def _strict_rdma(profile: KvProfile | None, role: Role) -> bool:
+    """Whether this end expects RDMA and does not accept TCP instead."""
+    if profile is None:
+        return False
+    return profile.expected_transport(role) == "rdma" and not profile.endpoint(role).allow_tcp_fallback
+
+
 def kv_transfer_condition(
     spec: InferenceServiceSpec,
     profiles: Mapping[str, KvProfile],
@@ -100,8 +110,7 @@ def kv_transfer_condition(
         if profile is None or r.transport is None:
             continue
         role = roles.get(r.pool, "mixed")
-        end = profile.endpoint(role)
-        if profile.expected_transport(role) == "rdma" and r.transport == "tcp" and not end.allow_tcp_fallback:
+        if r.transport == "tcp" and _strict_rdma(profile, role):
             fallbacks.append(r)
     if fallbacks:
         pods = ", ".join(f"{r.pod} (pool {r.pool})" for r in fallbacks[:5])
@@ -117,12 +126,16 @@ def kv_transfer_condition(
     not_ready = [r for r in relevant if not r.ready]
     if not relevant or not_ready:
         ready = len(relevant) - len(not_ready)
-        return _cond(
-            "False",
-            SIDECAR_NOT_READY,
-            f"{ready} of {len(relevant)} KV-transfer sidecars are ready",
-            generation,
-        )
+        message = f"{ready} of {len(relevant)} KV-transfer sidecars are ready"
+        if not_ready:
+            more = ", ..." if len(not_ready) > 3 else ""
+            message += f" (not ready: {', '.join(r.pod for r in not_ready[:3])}{more})"
+        if any(_strict_rdma(profiles.get(r.pool), roles.get(r.pool, "mixed")) for r in not_ready):
+            message += (
+                "; a sidecar whose RDMA fell back to TCP stays not ready and logs why "
+                "(kubectl logs POD -c kv-sidecar)"
+            )
+        return _cond("False", SIDECAR_NOT_READY, message, generation)
     transports = sorted({r.transport for r in relevant if r.transport})
     over = f" over {', '.join(transports)}" if transports else ""
     return _cond("True", "Ready", f"{len(relevant)} KV-transfer sidecars are ready{over}", generation)

@@ -99,6 +99,7 @@ class SidecarServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._fills: set[asyncio.Future[None]] = set()
+        self._logged_problem: str | None = None
         sidecar.observer = self._observe
         self.refresh_fabric()
 
@@ -120,8 +121,15 @@ class SidecarServer:
         for t in TRANSPORTS:
             self.metrics.transport.labels(t).set(1 if t == now else 0)
         self.metrics.rdma_devices.set(len(self.fabric.rdma_devices))
-        self.metrics.ready.set(1 if self.fabric.fallback_problem() is None else 0)
+        problem = self.fabric.fallback_problem()
+        self.metrics.ready.set(1 if problem is None else 0)
         self.metrics.blocks_free.set(self.sidecar.blocks.num_free)
+        if problem != self._logged_problem:  # once per change: `kubectl logs -c kv-sidecar` says why
+            if problem is not None:
+                logger.warning("Not ready: TcpFallback: %s", problem)
+            elif self._logged_problem is not None:
+                logger.info("Ready again: the KV transfer runs over %s", now)
+            self._logged_problem = problem
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=16 << 20)
