@@ -76,11 +76,12 @@ def tandem_targets(cluster: Any, namespace: str, prom: Discovering) -> dict[str,
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(podmonitor.pod_target_groups(pods)))
     tmp.replace(path)
-    return {
-        t["labels"]["pod"]: t["labels"]
-        for t in prom.server.active_targets()
-        if t.get("scrapePool", "").startswith("podMonitor/")
-    }
+    targets = [
+        t["labels"] for t in prom.server.active_targets() if t.get("scrapePool", "").startswith("podMonitor/")
+    ]
+    by_pod = {t["pod"]: t for t in targets}
+    assert len(by_pod) == len(targets), f"a pod scraped more than once: {targets}"
+    return by_pod
 
 
 def test_pod_monitor_gives_every_worker_and_the_router_the_planners_labels(

@@ -1,6 +1,8 @@
 """The YAML in README.md and docs/*.md is what a newcomer copies: every block must be an object
-(or a `spec:` fragment of one) that the models accept, so a renamed or tightened field fails here
-instead of at the reader's `kubectl apply`."""
+(or a `spec:` fragment of one) that the models accept, so a renamed field or a tightened pydantic
+constraint fails here instead of at the reader's `kubectl apply`. The CRDs' CEL rules (e.g.
+tensorParallelSize a power of two) are not evaluated here: e2e/test_admission.py runs them on the
+real apiserver."""
 
 from __future__ import annotations
 

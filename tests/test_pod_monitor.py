@@ -64,7 +64,7 @@ def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, st
 def targets(pm: dict[str, Any], objects: list[dict[str, Any]], namespace: str) -> dict[str, dict[str, str]]:
     """Deployment name -> the labels of its pods' scrape target (kept ones only)."""
     (config,) = podmonitor.scrape_configs(pm, "/dev/null")
-    out = {}
+    out: dict[str, dict[str, str]] = {}
     for obj in objects:
         if obj["kind"] != "Deployment":
             continue
@@ -74,6 +74,8 @@ def targets(pm: dict[str, Any], objects: list[dict[str, Any]], namespace: str) -
                 meta = discovered(namespace, "pod-1", template["metadata"]["labels"], c["name"], port["name"])
                 got = relabel(meta, config["relabel_configs"])
                 if got is not None:
+                    # one target per pod: a second port scraped would count its series twice
+                    assert obj["metadata"]["name"] not in out, (obj["metadata"]["name"], c["name"], port)
                     out[obj["metadata"]["name"]] = got
     return out
 

@@ -34,10 +34,13 @@ class SsaKube:
         self.version = 0
         self.conflict: str | None = None  # a Deployment an "HPA" scales before the next handover
         self.status: dict[str, Any] = {}  # the InferenceService's, as merge patches left it
+        self.forbidden: set[str] = set()  # kinds the operator's RBAC does not cover
 
     def list_objects(
         self, kind: str, namespace: str | None = None, labels: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
+        if kind in self.forbidden:
+            raise KubeError(403, "Forbidden", {"message": f"cannot list resource {kind}"})
         out = []
         for (k, name), obj in self.objects.items():
             if k != kind or any(
@@ -236,3 +239,44 @@ def test_a_pair_that_cannot_exchange_kv_waits_for_a_fix_instead_of_rolling_out(
     assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "Incompatible")
     assert conditions["Degraded"]["status"] == "True"
     assert "different RDMA transports" in conditions["Ready"]["message"]
+
+
+def test_a_mismatched_pair_with_working_counterparts_is_no_service_problem(
+    sample_pools: dict[str, dict],
+) -> None:
+    """Two prefill and two decode pools, one pair on each RDMA transport: every pool has a
+    counterpart it can hand KV to, so all four roll out; only KVTransferReady names the bad pairs."""
+    pools = copy.deepcopy(sample_pools)
+    for name in ("b200", "mi300x"):
+        pools[name]["fabric"]["transport"] = "libfabric"
+    doc = spec("off")
+    doc["pools"] = [
+        {"name": "p-fab", "role": "prefill", "acceleratorPool": "b200"},
+        {"name": "p-ucx", "role": "prefill", "acceleratorPool": "h100"},
+        {"name": "d-ucx", "role": "decode", "acceleratorPool": "gaudi3"},
+        {"name": "d-fab", "role": "decode", "acceleratorPool": "mi300x"},
+    ]
+    kube = SsaKube()
+    body = {"metadata": {"name": "llama", "namespace": "team-a", "uid": UID, "generation": 1}, "spec": doc}
+    asyncio.run(reconcile(body, kube=kube, pools=pools, images=Images(), now="2026-01-01T00:00:00Z"))  # type: ignore[arg-type]
+    assert set(kube.replicas()) == {"p-fab", "p-ucx", "d-ucx", "d-fab"}
+    conditions = {c["type"]: c for c in kube.status["conditions"]}
+    assert conditions["KVTransferReady"]["reason"] == "Incompatible"
+    assert conditions["Degraded"]["status"] == "False"
+    assert conditions["Progressing"]["reason"] != "Incompatible"
+
+
+def test_rbac_without_disruption_budgets_still_reconciles_the_rest(sample_pools: dict[str, dict]) -> None:
+    """A chart from before PodDisruptionBudgets (or rbac.create=false) may not list them: the
+    pools are applied without one instead of every reconcile failing."""
+    kube = SsaKube()
+    kube.forbidden = {"PodDisruptionBudget"}
+    run(kube, "off", sample_pools)
+    assert kube.replicas() == {"prefill": 1, "decode": 2}
+    assert not [n for k, n in kube.objects if k == "PodDisruptionBudget"]
+    kube.forbidden = set()
+    run(kube, "off", sample_pools)  # granted later: they come
+    assert sorted(n for k, n in kube.objects if k == "PodDisruptionBudget") == [
+        "llama-decode",
+        "llama-prefill",
+    ]

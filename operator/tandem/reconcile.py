@@ -24,7 +24,7 @@ from tandem.builders import (
     owned_labels,
     router_endpoint,
 )
-from tandem.builders.kv import PairProblem, check_compatibility
+from tandem.builders.kv import PairProblem, blocked_pools, check_compatibility
 from tandem.builders.router import router_name
 from tandem.children import key_of, plan_changes, replicas_handovers
 from tandem.kube import OWNED_KINDS, Kube, KubeError
@@ -79,6 +79,8 @@ class Outcome:
     # the InferencePool API as this reconcile found it ("absent" after the controller's discovery
     # said served: the CRD went away, so the controller looks again)
     inference_pool_api: InferencePoolApi = "absent"
+    # the operator may not list PodDisruptionBudgets here: none is applied or pruned
+    pdbs_forbidden: bool = False
 
 
 def _condition(
@@ -99,6 +101,15 @@ def _condition(
 
 def _ready_reason(status: Mapping[str, Any] | InferenceServiceStatus | None) -> str | None:
     return _condition(status, "Ready")[0]
+
+
+def _blocking_pairs(spec: InferenceServiceSpec, resolution: Resolution) -> list[PairProblem]:
+    """The incompatible prefill/decode pairs of a pool that is not rolled out for them."""
+    if not resolution.ok:
+        return []
+    pairs = check_compatibility(spec, resolution.accelerator_pools)
+    blocked = blocked_pools(spec, pairs)
+    return [p for p in pairs if p.prefill_pool in blocked or p.decode_pool in blocked]
 
 
 def _invalid_spec(exc: ValidationError) -> Problem:
@@ -138,7 +149,12 @@ async def reconcile(
     observed: list[dict[str, Any]] = []
     # one LIST per owned kind, concurrently: they are independent and dominate a no-op reconcile
     listed = await asyncio.gather(
-        *(asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name)) for kind in OWNED_KINDS),
+        *(
+            asyncio.to_thread(kube.list_objects, kind, namespace, owned_labels(name))
+            for kind in OWNED_KINDS
+            if kind != PDB_KIND
+        ),
+        _list_disruption_budgets(kube, namespace, name, outcome),
         _list_inference_pools(kube, namespace, name, outcome) if inference_pools else _none(),
         asyncio.to_thread(kube.list_objects, "Pod", namespace, {names.LABEL_SERVICE: name}),
     )
@@ -184,7 +200,7 @@ async def reconcile(
         served = outcome.inference_pool_api == "served"
         # the planner's threshold reaches the router in planner mode only (recommend reports it)
         threshold = planned.split_threshold if spec.autoscaling.mode == "planner" else None
-        desired = desired_objects(ctx, threshold, inference_pools=served)
+        desired = _permitted(desired_objects(ctx, threshold, inference_pools=served), outcome)
         to_apply, to_prune = plan_changes(desired, observed)
         to_apply = await _hand_over_replicas(kube, desired, observed, to_apply)
         router_live = await _apply_waves(kube, to_apply, outcome, live_deployments, router_live)
@@ -234,12 +250,10 @@ async def reconcile(
             endpoint=router_endpoint(name, namespace),
             previous=previous,
             now=now,
-            # a prefill/decode pair that cannot exchange KV is not rolled out: waiting for a fix,
-            # not rolling out (its Warning Event comes with KVTransferReady, below)
-            extra_problems=[
-                *outcome.rejected,
-                *(check_compatibility(spec, resolution.accelerator_pools) if resolution.ok else []),
-            ],
+            # a pool left without any KV-compatible counterpart is not rolled out: the service
+            # waits for a fix rather than "rolling out" (its Warning Event comes with
+            # KVTransferReady, below); pairs with other working counterparts only show there
+            extra_problems=[*outcome.rejected, *_blocking_pairs(spec, resolution)],
             pods=pods,
         )
         status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
@@ -353,6 +367,39 @@ async def _apply_waves(
 
 async def _none() -> list[dict[str, Any]]:
     return []
+
+
+PDB_KIND = "PodDisruptionBudget"
+_PDB_WARNED: set[str] = set()  # namespaces whose missing PodDisruptionBudget RBAC was logged
+
+
+def _permitted(desired: list[dict[str, Any]], outcome: Outcome) -> list[dict[str, Any]]:
+    """``desired`` without PodDisruptionBudgets where the operator may not list them (RBAC from
+    before Tandem made them): the rest of the service goes on."""
+    return [d for d in desired if not (outcome.pdbs_forbidden and d["kind"] == PDB_KIND)]
+
+
+async def _list_disruption_budgets(
+    kube: Kube, namespace: str, service: str, outcome: Outcome
+) -> list[dict[str, Any]]:
+    """The service's PodDisruptionBudgets. A 403 (RBAC from before Tandem made them: a chart
+    with rbac.create=false, or hand-made roles) leaves them out, with a warning once per
+    namespace, instead of failing every reconcile."""
+    try:
+        return await asyncio.to_thread(kube.list_objects, PDB_KIND, namespace, owned_labels(service))
+    except KubeError as exc:
+        if exc.status != 403:
+            raise
+        outcome.pdbs_forbidden = True
+        if namespace not in _PDB_WARNED:
+            _PDB_WARNED.add(namespace)
+            log.warning(
+                "May not list PodDisruptionBudgets in %s, so the pools get none: grant the operator "
+                "list, create, patch and delete on policy/poddisruptionbudgets (%s)",
+                namespace,
+                exc,
+            )
+        return []
 
 
 async def _list_inference_pools(

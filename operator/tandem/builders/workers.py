@@ -164,9 +164,10 @@ def build_pool_service(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
 
 def build_pool_disruption_budget(ctx: ServiceContext, pool: PoolSpec) -> Manifest:
     """The pool's PodDisruptionBudget: a node drain or the cluster autoscaler evicts at most
-    ``maxUnavailable`` of its replicas at once, so a maintenance pass does not take a whole
-    pool down (one decode pool gone is the whole split path gone). Never 0: that would block
-    drains for good. The planner's own scale-downs are not evictions and are not limited."""
+    ``maxUnavailable`` of its replicas at once, so a maintenance pass does not take a pool of
+    several replicas down at once (one decode pool gone is the whole split path gone); a
+    one-replica pool still goes. Never 0: that would block drains for good. The planner's own
+    scale-downs are not evictions and are not limited."""
     accel = ctx.accelerator_pools[pool.name]
     manifest = {
         "apiVersion": "policy/v1",
