@@ -31,7 +31,7 @@ from tandem.resolve import resolve
 SAMPLES = Path(__file__).parent / "samples"
 SERVICE_LABEL = "inference.tandem.dev/service"
 MANAGED = "app.kubernetes.io/managed-by=tandem"
-CHILD_KINDS = "deployments,services,configmaps,serviceaccounts,roles,rolebindings"
+CHILD_KINDS = "deployments,services,configmaps,poddisruptionbudgets,serviceaccounts,roles,rolebindings"
 
 
 def service_doc(name: str, pools: int = 2) -> dict[str, Any]:
