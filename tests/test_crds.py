@@ -172,3 +172,13 @@ def test_tolerations_are_validated_like_a_pods(toleration: dict[str, Any], valid
     else:
         with pytest.raises(ValidationError):
             Toleration.model_validate(toleration)
+
+
+def test_list_items_get_no_new_defaults() -> None:
+    """A default inside a list item makes a client-side re-apply of an unchanged manifest that
+    omits the field report "configured" (the live list differs from the manifest's), which GitOps
+    tools show as drift (e2e/test_gitops.py). tensorParallelSize and replicas predate this test."""
+    crd = yaml.safe_load(crdgen.render_all()["inference.tandem.dev_inferenceservices.yaml"])
+    pool = schema(crd)["properties"]["spec"]["properties"]["pools"]["items"]["properties"]
+    defaulted = sorted(k for k, v in pool.items() if "default" in v)
+    assert defaulted == ["replicas", "tensorParallelSize"]

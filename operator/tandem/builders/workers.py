@@ -174,7 +174,7 @@ def build_pool_disruption_budget(ctx: ServiceContext, pool: PoolSpec) -> Manifes
         "kind": "PodDisruptionBudget",
         "metadata": metadata(ctx, child_name(ctx.name, pool.name), pool_labels(ctx, pool, accel)),
         "spec": {
-            "maxUnavailable": pool.max_unavailable,
+            "maxUnavailable": 1 if pool.max_unavailable is None else pool.max_unavailable,
             "selector": {"matchLabels": selector_labels(ctx, pool)},
             # a replica that is not Ready yet (loading weights) may always be evicted
             "unhealthyPodEvictionPolicy": "AlwaysAllow",

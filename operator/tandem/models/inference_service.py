@@ -105,20 +105,22 @@ class PoolSpec(Model):
     )
     args: list[str] = Field(default_factory=list, max_length=64, description="Extra engine arguments.")
     image: str | None = Field(default=None, description="Overrides the AcceleratorPool's engine image.")
+    # No schema default: a default inside a list item makes every client-side re-apply of an
+    # unchanged manifest "configured" (and GitOps diffs noisy); the builder uses 1 when unset.
     max_unavailable: Annotated[
-        int | str,
+        int | str | None,
         # maxLength bounds the CEL rule's cost (the apiserver refuses an unbounded string's regex)
         WithJsonSchema({"x-kubernetes-int-or-string": True, "maxLength": 4}),
     ] = Field(
-        default=1,
+        default=None,
         description="Most replicas of the pool a voluntary disruption (a node drain, the cluster "
-        "autoscaler) may evict at once: a number of at least 1, or a percentage such as 25%. "
-        "Tandem keeps a PodDisruptionBudget per pool with it.",
+        "autoscaler) may evict at once: a number of at least 1, or a percentage such as 25% "
+        "(unset: 1). Tandem keeps a PodDisruptionBudget per pool with it.",
     )
 
     @field_validator("max_unavailable")
     @classmethod
-    def _disruption_allowed(cls, value: int | str) -> int | str:
+    def _disruption_allowed(cls, value: int | str | None) -> int | str | None:
         if isinstance(value, int) and value < 1:
             raise ValueError(MAX_UNAVAILABLE_MESSAGE)
         if isinstance(value, str) and not re.fullmatch(PERCENT, value):
