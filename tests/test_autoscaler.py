@@ -196,3 +196,28 @@ def test_forget_all_drops_every_services_decision(sample_pools: dict[str, dict])
     assert a.current(KEY) is not None
     a.forget_all()
     assert a.current(KEY) is None
+
+
+class NegativeProm(Prom):
+    """A broken exporter: a negative request rate on every pool."""
+
+    def custom_query(self, query: str, params: Any = None, timeout: Any = None) -> list[dict[str, Any]]:
+        rows = super().custom_query(query, params, timeout)
+        if "rate(vllm:request_success_total" in query:
+            for row in rows:
+                row["value"] = [0, "-4"]
+        return rows
+
+
+def test_a_hold_on_untrustworthy_metrics_posts_one_warning(sample_pools: dict[str, dict]) -> None:
+    a, _, events = scaler(sample_pools, NegativeProm())
+    auto = asyncio.run(a.step(KEY, body(), now=100.0))
+    assert auto is not None and auto.last_decision is not None
+    assert auto.last_decision.reason == "MetricsImplausible"
+    assert events == [("Warning", "MetricsImplausible")]
+    asyncio.run(a.step(KEY, body(), now=105.0))
+    assert events == [("Warning", "MetricsImplausible")]  # not one per interval while it lasts
+    a._clients[URL] = Prom()  # the exporter fixed: the hold ends, no Warning
+    asyncio.run(a.step(KEY, body(), now=110.0))
+    assert [e for e in events if e[0] == "Warning"] == [("Warning", "MetricsImplausible")]
+    a.forget(KEY)

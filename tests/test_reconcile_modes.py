@@ -280,3 +280,22 @@ def test_rbac_without_disruption_budgets_still_reconciles_the_rest(sample_pools:
         "llama-decode",
         "llama-prefill",
     ]
+
+
+def test_an_unreadable_spec_sets_all_three_conditions(sample_pools: dict[str, dict]) -> None:
+    """A spec the operator's model rejects (a CRD older or newer than the operator): Ready,
+    Progressing and Degraded all say InvalidSpec; no condition is left from before."""
+    kube = SsaKube()
+    run(kube, "off", sample_pools)  # a readable spec first: Progressing was set then
+    doc = spec("off")
+    doc["pools"][0]["replicas"] = {"min": "one", "max": 6}
+    body = {
+        "metadata": {"name": "llama", "namespace": "team-a", "uid": UID, "generation": 2},
+        "spec": doc,
+        "status": copy.deepcopy(kube.status),
+    }
+    asyncio.run(reconcile(body, kube=kube, pools=sample_pools, images=Images(), now="2026-01-01T00:01:00Z"))  # type: ignore[arg-type]
+    conditions = {c["type"]: c for c in kube.status["conditions"]}
+    for kind, status in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True")):
+        c = conditions[kind]
+        assert (c["status"], c["reason"], c["observedGeneration"]) == (status, "InvalidSpec", 2), kind

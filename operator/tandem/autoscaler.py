@@ -264,6 +264,12 @@ class Autoscaler:
         decision = decide(pspec, observation, state, time.time() if now is None else now)
         st.state = decision.state
         post = bool(decision.changes(current)) or decision.split_threshold is not None
+        previous = st.autoscale.last_decision if st.autoscale else None
+        if holding(decision.reason) and (previous is None or previous.reason != decision.reason):
+            # the metrics could not be trusted (MetricsMissing, ScrapeGap, ...): a Warning when the
+            # hold starts, as for an unreachable Prometheus, not one per interval while it lasts
+            log.warning("Planner of %s/%s is holding: %s", *key, decision.message)
+            await self._warn(body, decision.reason, decision.message)
         if recommend:
             decision = as_recommendation(decision)
         autoscale = after_decision(spec, generation, decision, current, st.autoscale, stamp)
@@ -292,10 +298,7 @@ class Autoscaler:
         previous = st.autoscale.last_decision if st.autoscale else None
         if previous is None or previous.reason != reason:
             log.warning("Planner of %s/%s is holding: %s", *key, message)
-            try:
-                await asyncio.to_thread(self.post_event, self.kube, body, "Warning", reason, message)
-            except KubeError as exc:
-                log.warning("Could not post Event %s: %s", reason, exc)
+            await self._warn(body, reason, message)
         mode = _mode(body)
         return self._store(key, body, after_hold(generation, reason, message, st.autoscale, stamp, mode))
 
@@ -388,6 +391,12 @@ class Autoscaler:
                 PLANNER_TTFT_WITHIN_TARGET.remove(*key)
         else:
             PLANNER_TTFT_WITHIN_TARGET.labels(*key).set(share)
+
+    async def _warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
+        try:
+            await asyncio.to_thread(self.post_event, self.kube, body, "Warning", reason, message)
+        except KubeError as exc:
+            log.warning("Could not post Event %s: %s", reason, exc)
 
     async def _post(self, body: Mapping[str, Any], decision: Decision) -> None:
         message = decision.message

@@ -238,6 +238,13 @@ async def reconcile(
                 message=problem.message,
                 observed_generation=generation,
             ),
+            Condition(  # as for the other spec problems: waiting, not rolling out
+                type="Progressing",
+                status="False",
+                reason=problem.reason,
+                message="Waiting for the spec's problems to be fixed.",
+                observed_generation=generation,
+            ),
         ]
         status = status.model_copy(update={"conditions": set_conditions(previous.conditions, conds, now)})
     else:
