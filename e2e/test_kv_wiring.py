@@ -51,7 +51,8 @@ def kv_pools(cluster: Any) -> Iterator[None]:
 
 @pytest.fixture
 def op(cluster: Any, namespace: str, kv_pools: None, diagnostics: Any) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess.for_namespace(cluster, namespace)
+    # as the chart runs it; KWOK marks the sidecars ready, so none is asked (kv_probe.to_ask)
+    proc = OperatorProcess.for_namespace(cluster, namespace, extra_args=["--probe-kv-sidecars"])
     diagnostics.add_log(proc.log_path)
     with proc:
         yield proc

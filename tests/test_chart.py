@@ -215,6 +215,7 @@ def test_all_namespaces_by_default() -> None:
     docs = render()
     args = container(docs)["args"]
     assert args[:2] == ["operator", "--all-namespaces"] and "--peering=tandem" in args
+    assert "--probe-kv-sidecars" in args  # in-cluster, the operator can reach the sidecars
     assert not any(a.startswith("--namespace") for a in args)
     roles = {r["metadata"]["name"]: rules_of(r) for r in find(docs, "ClusterRole")}
     assert roles == {

@@ -263,6 +263,27 @@ async def test_readyz_reports_tcp_fallback(caplog: pytest.LogCaptureFixture) -> 
         await runner.cleanup()
 
 
+async def test_the_operators_probe_reads_a_real_sidecars_fallback() -> None:
+    """tandem.kv_probe against a real sidecar HTTP server whose RDMA is not there: the answer
+    names TCP (what turns KVTransferReady into TcpFallback); an address nobody serves is unknown."""
+    from tandem.kv_probe import ask
+
+    server = SidecarServer(
+        make(BlockFormat("NHD", 16), 4, "probed"),
+        FabricReport(expected="rdma", allow_tcp_fallback=False, rdma_devices=[]),
+        settings=ServerSettings(probe_interval_seconds=3600),
+    )
+    runner, url = await _serve(server)
+    try:
+        got = await ask({"d-0": f"{url}/readyz", "gone": "http://127.0.0.1:9/readyz"}, timeout_s=2.0)
+    finally:
+        await runner.cleanup()
+    status, body = got["d-0"]
+    assert status == 503 and body is not None
+    assert (body["transport"], body["reason"]) == ("tcp", "TcpFallback")
+    assert got["gone"] == (None, None)
+
+
 async def test_sim_decode_worker_pulls_through_sidecar(
     two_servers: tuple[str, str, SidecarServer, SidecarServer],
 ) -> None:

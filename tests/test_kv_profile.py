@@ -349,3 +349,43 @@ def test_sidecars_share_one_geometry_across_tp_sizes() -> None:
         env = {e["name"]: e.get("value") for e in tpl["spec"]["containers"][1]["env"]}
         heads.add((env["TANDEM_KV_LAYERS"], env["TANDEM_KV_KV_HEADS"], env["TANDEM_KV_HEAD_DIM"]))
     assert heads == {("32", "8", "128")}
+
+
+def _pod(name: str, pool: str, *, sidecar_ready: bool, ip: str | None = "10.1.2.3") -> dict[str, Any]:
+    status: dict[str, Any] = {"containerStatuses": [{"name": "kv-sidecar", "ready": sidecar_ready}]}
+    if ip:
+        status["podIP"] = ip
+    return {"metadata": {"name": name, "labels": {"inference.tandem.dev/pool": pool}}, "status": status}
+
+
+def test_a_not_ready_sidecar_that_names_tcp_is_a_fallback() -> None:
+    """What the operator's probe (tandem.kv_probe) read from /readyz turns SidecarNotReady into
+    TcpFallback on an RDMA pair; without an answer it stays SidecarNotReady."""
+    from tandem.kv_status import kv_condition_from_pods
+
+    spec = service("h100", "gaudi3")
+    pods = [_pod("p-0", "prefill", sidecar_ready=True), _pod("d-0", "decode", sidecar_ready=False)]
+    fallback = {"ready": False, "transport": "tcp", "expected": "rdma", "reason": "TcpFallback"}
+    cond, _ = kv_condition_from_pods(spec, accels(spec), pods, 3, {"d-0": (503, fallback)})
+    assert (cond.status, cond.reason) == ("False", "TcpFallback") and "d-0 (pool decode)" in cond.message
+    unknown, _ = kv_condition_from_pods(spec, accels(spec), pods, 3, {"d-0": (None, None)})
+    assert unknown.reason == "SidecarNotReady"
+    starting = {"ready": False, "transport": "rdma", "expected": "rdma"}  # not ready for another reason
+    still, _ = kv_condition_from_pods(spec, accels(spec), pods, 3, {"d-0": (503, starting)})
+    assert still.reason == "SidecarNotReady"
+
+
+def test_only_not_ready_sidecars_with_an_ip_are_asked() -> None:
+    from tandem.kv_probe import to_ask
+
+    pods = [
+        _pod("ready", "decode", sidecar_ready=True),
+        _pod("waiting", "decode", sidecar_ready=False),
+        _pod("no-ip", "decode", sidecar_ready=False, ip=None),
+        _pod("mixed", "mixed", sidecar_ready=False),
+        _pod("v6", "prefill", sidecar_ready=False, ip="fd00::5"),
+    ]
+    assert to_ask(pods, {"prefill", "decode"}) == {
+        "waiting": "http://10.1.2.3:8200/readyz",
+        "v6": "http://[fd00::5]:8200/readyz",
+    }

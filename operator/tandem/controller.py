@@ -37,6 +37,9 @@ class Settings:
     autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
     # None: standalone (this replica always acts); else act only where kopf's peering rule says so
     peering: PeeringSettings | None = None
+    # ask not-ready KV sidecars (pod IP, port 8200) which transport they run (tandem.kv_probe):
+    # needs the pod network, so on in the chart's in-cluster Deployment, off for local runs
+    probe_kv_sidecars: bool = False
 
 
 # How often, at most, API discovery is re-read for optional APIs (GIE's InferencePool): once per
@@ -151,6 +154,7 @@ class Controller:
                         images=self.settings.images,
                         autoscale=self.autoscaler.current(key),
                         inference_pools=await self.inference_pools_served(),
+                        probe_kv_sidecars=self.settings.probe_kv_sidecars,
                     )
                 except Exception as exc:
                     RECONCILES.labels("error").inc()

@@ -1,11 +1,10 @@
 """KVTransferReady: from the compatibility check and the sidecars' reports to a condition (pure).
 
-The operator gathers, per worker pod, whether its ``kv-sidecar`` container is ready (pod status);
-this module decides. Which transport a sidecar runs (its ``tandem_kv_transport`` gauge, its
-``/readyz`` body: `parse_transport`, `report_from_readyz`) is not gathered by the operator yet: a
-sidecar whose RDMA fell back to TCP fails its readiness probe, so the service shows
-``SidecarNotReady`` with a hint to the sidecar's log, not ``TcpFallback``. Reasons, in order of
-precedence:
+The operator gathers, per worker pod, whether its ``kv-sidecar`` container is ready (pod status)
+and, for a sidecar that is not (`tandem.kv_probe`, the operator's ``--probe-kv-sidecars``), which
+transport its ``/readyz`` answer names (`report_from_readyz`): a sidecar whose RDMA fell back to
+TCP fails its readiness probe, and only that answer tells it from one still starting. This
+module decides. Reasons, in order of precedence:
 
 - ``Incompatible``: a prefill/decode pair cannot exchange KV (`tandem.builders.kv.check_compatibility`);
 - ``TcpFallback``: RDMA was expected and a sidecar runs TCP, and its pool does not allow fallback;
@@ -146,23 +145,27 @@ def kv_condition_from_pods(
     accelerator_pools: Mapping[str, Any],
     pods: Sequence[Mapping[str, Any]],
     generation: int,
+    readyz: Mapping[str, tuple[int | None, Mapping[str, Any] | None]] | None = None,
 ) -> tuple[Condition, list[PairProblem]]:
     """``KVTransferReady`` from the resolved pools and the service's live pods (their sidecars'
     readiness in pod status), with the incompatible pairs behind it. ``accelerator_pools``:
-    pool name -> AcceleratorPoolSpec, as resolved."""
+    pool name -> AcceleratorPoolSpec, as resolved. ``readyz``: pod name -> (status, body) of its
+    sidecar's /readyz where the operator asked (`tandem.kv_probe`): the transport it names."""
     from tandem.builders.kv import check_compatibility, pool_profile
 
     problems = check_compatibility(spec, accelerator_pools)
     profiles = {
         p.name: pool_profile(spec, p, accelerator_pools) for p in spec.pools if p.name in accelerator_pools
     }
-    reports = [
-        SidecarReport(
-            pool=str(pod["metadata"]["labels"].get(POOL_LABEL, "")),
-            pod=str(pod["metadata"]["name"]),
-            ready=sidecar_ready(pod),
-        )
-        for pod in pods
-        if not pod["metadata"].get("deletionTimestamp") and pod["metadata"].get("labels", {}).get(POOL_LABEL)
-    ]
+    answers = readyz or {}
+    reports = []
+    for pod in pods:
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp") or not meta.get("labels", {}).get(POOL_LABEL):
+            continue
+        pool, name = str(meta["labels"][POOL_LABEL]), str(meta["name"])
+        status, body = answers.get(name, (None, None))
+        # pod status (the kubelet's probe) says whether it is ready; the answer, what it runs
+        transport = report_from_readyz(pool, name, status, body).transport if body else None
+        reports.append(SidecarReport(pool=pool, pod=name, ready=sidecar_ready(pod), transport=transport))
     return kv_transfer_condition(spec, profiles, problems, reports, generation), problems

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tandem import names
+from tandem import kv_probe, names
 from tandem.builders import (
     INFERENCE_POOL_KIND,
     Images,
@@ -126,6 +126,7 @@ async def reconcile(
     now: str | None = None,
     autoscale: Autoscale | None = None,
     inference_pools: bool = False,
+    probe_kv_sidecars: bool = False,
 ) -> Outcome:
     """``autoscale``: the planner's latest decision for this service, applied through this same
     path in ``autoscaling.mode: planner`` (replicas, the router's split threshold, status fields)
@@ -265,8 +266,9 @@ async def reconcile(
         )
         status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
         if resolution.ok:
+            readyz = await _ask_sidecars(spec, pods) if probe_kv_sidecars else None
             kv, outcome.kv_problems = kv_condition_from_pods(
-                spec, resolution.accelerator_pools, pods, generation
+                spec, resolution.accelerator_pools, pods, generation, readyz
             )
             outcome.kv_before = next((c.reason for c in previous.conditions if c.type == kv.type), None)
             outcome.kv_after = kv.reason
@@ -378,6 +380,12 @@ async def _none() -> list[dict[str, Any]]:
 
 PDB_KIND = "PodDisruptionBudget"
 _PDB_WARNED: set[str] = set()  # namespaces whose missing PodDisruptionBudget RBAC was logged
+
+
+async def _ask_sidecars(spec: InferenceServiceSpec, pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """The /readyz answers of the prefill and decode pods' not-ready KV sidecars (`tandem.kv_probe`)."""
+    kv_pools = {p.name for p in spec.pools if p.role in ("prefill", "decode")}
+    return await kv_probe.ask(kv_probe.to_ask(pods, kv_pools))
 
 
 def _permitted(desired: list[dict[str, Any]], outcome: Outcome) -> list[dict[str, Any]]:

@@ -63,6 +63,12 @@ def register(sub: Any) -> None:
         help="seconds until a new replica serves, the planner's forecast horizon (default 120; "
         f"annotation {names.ANNOTATION_PLANNER_LEAD_TIME} overrides per service)",
     )
+    p.add_argument(
+        "--probe-kv-sidecars",
+        action="store_true",
+        help="ask not-ready KV sidecars (pod IP, port 8200, /readyz) which transport they run, so "
+        "KVTransferReady can say TcpFallback; needs the pod network (the chart turns it on)",
+    )
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=run)
 
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             resync_seconds=args.resync_seconds,
             images=Images(registry=args.image_registry, tag=args.image_tag or tandem.__version__),
             autoscaler=AutoscalerSettings(prometheus_url=args.prometheus_url, tuning=_tuning(args, Tuning())),
+            probe_kv_sidecars=args.probe_kv_sidecars,
         )
     )
     asyncio.run(
