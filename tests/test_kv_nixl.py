@@ -240,15 +240,20 @@ async def test_http_pull_and_metrics(two_servers: tuple[str, str, SidecarServer,
         assert 'tandem_kv_transfer_bytes_total{direction="serve"} 2.68435456e+08' in await r.text()
 
 
+def without_rdma(prefix: str) -> SidecarServer:
+    """A sidecar expecting RDMA, with no RDMA device and no TCP fallback allowed."""
+    return SidecarServer(
+        make(BlockFormat("NHD", 16), 4, prefix),
+        FabricReport(expected="rdma", allow_tcp_fallback=False, rdma_devices=[]),
+        settings=ServerSettings(probe_interval_seconds=3600),
+    )
+
+
 async def test_readyz_reports_tcp_fallback(caplog: pytest.LogCaptureFixture) -> None:
     import aiohttp
 
     caplog.set_level(logging.INFO, logger="tandem.sidecar")
-    server = SidecarServer(
-        make(BlockFormat("NHD", 16), 4, "fallback"),
-        FabricReport(expected="rdma", allow_tcp_fallback=False, rdma_devices=[]),
-        settings=ServerSettings(probe_interval_seconds=3600),
-    )
+    server = without_rdma("fallback")
     runner, url = await _serve(server)
     try:
         async with aiohttp.ClientSession() as s, s.get(f"{url}/readyz") as r:
@@ -268,11 +273,7 @@ async def test_the_operators_probe_reads_a_real_sidecars_fallback() -> None:
     names TCP (what turns KVTransferReady into TcpFallback); an address nobody serves is unknown."""
     from tandem.kv_probe import ask
 
-    server = SidecarServer(
-        make(BlockFormat("NHD", 16), 4, "probed"),
-        FabricReport(expected="rdma", allow_tcp_fallback=False, rdma_devices=[]),
-        settings=ServerSettings(probe_interval_seconds=3600),
-    )
+    server = without_rdma("probed")
     runner, url = await _serve(server)
     try:
         got = await ask({"d-0": f"{url}/readyz", "gone": "http://127.0.0.1:9/readyz"}, timeout_s=2.0)

@@ -355,7 +355,8 @@ def _pod(name: str, pool: str, *, sidecar_ready: bool, ip: str | None = "10.1.2.
     status: dict[str, Any] = {"containerStatuses": [{"name": "kv-sidecar", "ready": sidecar_ready}]}
     if ip:
         status["podIP"] = ip
-    return {"metadata": {"name": name, "labels": {"inference.tandem.dev/pool": pool}}, "status": status}
+    labels = {"inference.tandem.dev/pool": pool, "inference.tandem.dev/role": pool}  # pools named by role
+    return {"metadata": {"name": name, "labels": labels}, "status": status}
 
 
 def test_a_not_ready_sidecar_that_names_tcp_is_a_fallback() -> None:
@@ -385,7 +386,7 @@ def test_only_not_ready_sidecars_with_an_ip_are_asked() -> None:
         _pod("mixed", "mixed", sidecar_ready=False),
         _pod("v6", "prefill", sidecar_ready=False, ip="fd00::5"),
     ]
-    assert to_ask(pods, {"prefill", "decode"}) == {
+    assert to_ask(pods) == {
         "waiting": "http://10.1.2.3:8200/readyz",
         "v6": "http://[fd00::5]:8200/readyz",
     }

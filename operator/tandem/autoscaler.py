@@ -264,12 +264,8 @@ class Autoscaler:
         decision = decide(pspec, observation, state, time.time() if now is None else now)
         st.state = decision.state
         post = bool(decision.changes(current)) or decision.split_threshold is not None
-        previous = st.autoscale.last_decision if st.autoscale else None
-        if holding(decision.reason) and (previous is None or previous.reason != decision.reason):
-            # the metrics could not be trusted (MetricsMissing, ScrapeGap, ...): a Warning when the
-            # hold starts, as for an unreachable Prometheus, not one per interval while it lasts
-            log.warning("Planner of %s/%s is holding: %s", *key, decision.message)
-            await self._warn(body, decision.reason, decision.message)
+        if holding(decision.reason):  # the metrics could not be trusted (MetricsMissing, ...)
+            await self._hold_started(key, body, st, decision.reason, decision.message)
         if recommend:
             decision = as_recommendation(decision)
         autoscale = after_decision(spec, generation, decision, current, st.autoscale, stamp)
@@ -295,10 +291,7 @@ class Autoscaler:
         self._clear_alerting(key, keep=(PLANNER_HOLDING, PLANNER_ATTAINMENT_TARGET))
         PLANNER_HOLDING.labels(*key).set(1)
         st.reasons.add(reason)
-        previous = st.autoscale.last_decision if st.autoscale else None
-        if previous is None or previous.reason != reason:
-            log.warning("Planner of %s/%s is holding: %s", *key, message)
-            await self._warn(body, reason, message)
+        await self._hold_started(key, body, st, reason, message)
         mode = _mode(body)
         return self._store(key, body, after_hold(generation, reason, message, st.autoscale, stamp, mode))
 
@@ -392,7 +385,15 @@ class Autoscaler:
         else:
             PLANNER_TTFT_WITHIN_TARGET.labels(*key).set(share)
 
-    async def _warn(self, body: Mapping[str, Any], reason: str, message: str) -> None:
+    async def _hold_started(
+        self, key: Key, body: Mapping[str, Any], st: _Service, reason: str, message: str
+    ) -> None:
+        """A Warning Event and a log line when a hold for ``reason`` starts (the last decision
+        had another reason), not one per interval while it lasts."""
+        previous = st.autoscale.last_decision if st.autoscale else None
+        if previous is not None and previous.reason == reason:
+            return
+        log.warning("Planner of %s/%s is holding: %s", *key, message)
         try:
             await asyncio.to_thread(self.post_event, self.kube, body, "Warning", reason, message)
         except KubeError as exc:

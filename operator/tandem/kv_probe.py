@@ -19,19 +19,20 @@ import aiohttp
 
 from tandem.builders.kv import SIDECAR_PORT
 from tandem.kv_status import sidecar_ready
-from tandem.names import LABEL_POOL
+from tandem.names import LABEL_ROLE
 
 Answer = tuple[int | None, dict[str, Any] | None]  # (HTTP status or None: unreachable, JSON body)
 
 
-def to_ask(pods: Sequence[Mapping[str, Any]], pools: set[str]) -> dict[str, str]:
-    """Pod name -> its sidecar's /readyz URL, for the live pods of ``pools`` whose sidecar is
-    not ready and whose IP is known."""
+def to_ask(pods: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Pod name -> its sidecar's /readyz URL, for the live prefill and decode pods (their role
+    label: the ends of a KV transfer) whose sidecar is not ready and whose IP is known."""
     out = {}
     for pod in pods:
         meta = pod.get("metadata") or {}
         ip = (pod.get("status") or {}).get("podIP")
-        if meta.get("deletionTimestamp") or not ip or (meta.get("labels") or {}).get(LABEL_POOL) not in pools:
+        role = (meta.get("labels") or {}).get(LABEL_ROLE)
+        if meta.get("deletionTimestamp") or not ip or role not in ("prefill", "decode"):
             continue
         if sidecar_ready(pod):
             continue

@@ -83,24 +83,13 @@ class Outcome:
     pdbs_forbidden: bool = False
 
 
-def _condition(
-    status: Mapping[str, Any] | InferenceServiceStatus | None, kind: str
-) -> tuple[str | None, str]:
-    """(reason, message) of the ``kind`` condition; (None, "") without one."""
-    if status is None:
-        return None, ""
-    conds = status.conditions if isinstance(status, InferenceServiceStatus) else status.get("conditions", [])
-    for c in conds:
-        if isinstance(c, Mapping):
-            if c.get("type") == kind:
-                return c.get("reason"), str(c.get("message") or "")
-        elif c.type == kind:
-            return c.reason, c.message
-    return None, ""
+def _condition(status: InferenceServiceStatus, kind: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == kind), None)
 
 
-def _ready_reason(status: Mapping[str, Any] | InferenceServiceStatus | None) -> str | None:
-    return _condition(status, "Ready")[0]
+def _reason(status: InferenceServiceStatus, kind: str) -> str | None:
+    c = _condition(status, kind)
+    return c.reason if c else None
 
 
 def _blocking_pairs(spec: InferenceServiceSpec, resolution: Resolution) -> list[PairProblem]:
@@ -141,9 +130,7 @@ async def reconcile(
     generation = int(meta.get("generation", 1))
     raw_status = body.get("status") or {}
     previous = InferenceServiceStatus.model_validate(raw_status) if raw_status else InferenceServiceStatus()
-    outcome = Outcome(
-        ready_before=_ready_reason(previous), degraded_before=_condition(previous, "Degraded")[0]
-    )
+    outcome = Outcome(ready_before=_reason(previous, "Ready"), degraded_before=_reason(previous, "Degraded"))
     now = now or utcnow()
 
     # gather
@@ -160,6 +147,8 @@ async def reconcile(
         asyncio.to_thread(kube.list_objects, "Pod", namespace, {names.LABEL_SERVICE: name}),
     )
     pods = listed[-1]  # their KV sidecars' readiness
+    # what the not-ready KV sidecars say they run (pod status says only "not ready")
+    readyz = await kv_probe.ask(kv_probe.to_ask(pods)) if probe_kv_sidecars else None
     for items in listed[:-1]:
         observed += items
     observed = [o for o in observed if _owned_by(o, uid)]
@@ -266,11 +255,10 @@ async def reconcile(
         )
         status = planner_status(status, spec.autoscaling.mode, autoscale, now)  # tandem.scaling
         if resolution.ok:
-            readyz = await _ask_sidecars(spec, pods) if probe_kv_sidecars else None
             kv, outcome.kv_problems = kv_condition_from_pods(
                 spec, resolution.accelerator_pools, pods, generation, readyz
             )
-            outcome.kv_before = next((c.reason for c in previous.conditions if c.type == kv.type), None)
+            outcome.kv_before = _reason(previous, kv.type)
             outcome.kv_after = kv.reason
             gie = inference_pools_condition(
                 mode=spec.routing.inference_pool.mode,
@@ -282,8 +270,11 @@ async def reconcile(
             status = status.model_copy(
                 update={"conditions": set_conditions(status.conditions, [kv, gie], now)}
             )
-    outcome.ready_after = _ready_reason(status)
-    outcome.degraded_after, outcome.degraded_message = _condition(status, "Degraded")
+    outcome.ready_after = _reason(status, "Ready")
+    degraded = _condition(status, "Degraded")
+    outcome.degraded_after, outcome.degraded_message = (
+        (degraded.reason, degraded.message) if degraded else (None, "")
+    )
     patch = status_patch(InferenceServiceStatus, raw_status, status)
     if patch is not None:
         await asyncio.to_thread(kube.patch_status, names.KIND_SERVICE, name, namespace, patch)
@@ -380,12 +371,6 @@ async def _none() -> list[dict[str, Any]]:
 
 PDB_KIND = "PodDisruptionBudget"
 _PDB_WARNED: set[str] = set()  # namespaces whose missing PodDisruptionBudget RBAC was logged
-
-
-async def _ask_sidecars(spec: InferenceServiceSpec, pods: list[dict[str, Any]]) -> dict[str, Any]:
-    """The /readyz answers of the prefill and decode pods' not-ready KV sidecars (`tandem.kv_probe`)."""
-    kv_pools = {p.name for p in spec.pools if p.role in ("prefill", "decode")}
-    return await kv_probe.ask(kv_probe.to_ask(pods, kv_pools))
 
 
 def _permitted(desired: list[dict[str, Any]], outcome: Outcome) -> list[dict[str, Any]]:
