@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from tandem.autoscaler import Autoscaler, AutoscalerSettings
-from tandem.scaling import METRICS_AVAILABLE
+from tandem.scaling import METRICS_AVAILABLE, SCALING_LIMITED
 
 URL = "http://prometheus.test:9090"
 KEY = ("team-a", "chat")
@@ -221,3 +221,44 @@ def test_a_hold_on_untrustworthy_metrics_posts_one_warning(sample_pools: dict[st
     asyncio.run(a.step(KEY, body(), now=110.0))
     assert [e for e in events if e[0] == "Warning"] == [("Warning", "MetricsImplausible")]
     a.forget(KEY)
+
+
+class LightProm(BusyProm):
+    """Every pool lightly loaded: 1 request/s of 2,000-token prompts, none waiting (one replica
+    of each pool serves it)."""
+
+    def custom_query(self, query: str, params: Any = None, timeout: Any = None) -> list[dict[str, Any]]:
+        rows = super().custom_query(query, params, timeout)
+        value = None
+        if "request_success_total" in query or "_count" in query:
+            value = "1"
+        if "prompt_tokens_total" in query:
+            value = "2000"
+        if "num_requests_waiting" in query:
+            value = "0"
+        for row in rows:
+            row["value"] = [0, value] if value is not None else row["value"]
+        return rows
+
+
+def limited_after_one_step(sample_pools: dict[str, dict], prom: Prom, decode_min: int) -> tuple[str, str]:
+    spec = body()
+    spec["spec"]["pools"][1]["replicas"] = {"min": decode_min, "max": 4}
+    a, _, _ = scaler(sample_pools, prom)
+    a.services[KEY] = spec
+    a.kube.replicas = {"prefill": 1, "decode": decode_min}  # type: ignore[attr-defined]
+    auto = asyncio.run(a.step(KEY, spec, now=100.0))
+    a.forget(KEY)
+    assert auto is not None
+    cond = next(c for c in auto.conditions if c.type == SCALING_LIMITED)
+    return cond.status, cond.reason
+
+
+def test_scaling_limited_says_when_a_pools_min_binds(sample_pools: dict[str, dict]) -> None:
+    """The planner sizes every pool from its replicas.min up; when the demand needs fewer
+    replicas than the min, ScalingLimited says the min binds, not "within limits"."""
+    assert limited_after_one_step(sample_pools, LightProm(), 1) == ("False", "WithinLimits")
+    assert limited_after_one_step(sample_pools, LightProm(), 3) == ("True", "MinReplicas")
+    assert limited_after_one_step(sample_pools, Prom(), 1) == ("True", "MinReplicas")  # no demand
+    # a bound the planner reports itself wins
+    assert limited_after_one_step(sample_pools, BusyProm(), 1) == ("True", "MaxReplicas")

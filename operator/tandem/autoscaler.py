@@ -51,6 +51,7 @@ from tandem.scaling import (
     holding,
     pool_readings,
     tuning_from,
+    with_min_limit,
 )
 from tandem.telemetry import (
     LIMITS,
@@ -261,7 +262,9 @@ class Autoscaler:
         state = st.state
         if recommend:  # the router keeps the spec's threshold: the planner's was never applied
             state = dataclasses.replace(state, split_threshold=None, route_changed=None)
-        decision = decide(pspec, observation, state, time.time() if now is None else now)
+        moment = time.time() if now is None else now
+        decision = decide(pspec, observation, state, moment)
+        decision = with_min_limit(pspec, observation, state, moment, decision)  # the planner cannot tell
         st.state = decision.state
         post = bool(decision.changes(current)) or decision.split_threshold is not None
         if holding(decision.reason):  # the metrics could not be trusted (MetricsMissing, ...)
