@@ -20,8 +20,9 @@ from tandem.planner import (
     PoolTarget,
     decide,
 )
-from tandem.planner.core import burst_floor, down_window, observe_total
+from tandem.planner.core import burst_floor, down_window, observe_total, plan_total
 from tandem.planner.lengths import BUCKETS
+from tandem.planner.types import Trend
 
 MODEL = get_model("llama-3.1-70b", "fp8")
 
@@ -446,6 +447,26 @@ def test_with_bursty_arrivals_a_latency_sample_raises_the_prefill_correction_onl
     # a sample saying the model is pessimistic still counts in full
     fast = fleet(split_rps=1.0, replicas=(2, 0, 1, 1), mean_ttft_s=0.05)
     assert decide(SPEC, fast, bursty, now).state.correction["prefill-mi300x"] < 1.0
+
+
+def test_with_bursty_arrivals_the_forecast_plans_no_burst_above_the_hours_highest() -> None:
+    """A burst's rise is no ramp: with bursty arrivals the trend may not plan for a rate above
+    the highest of the burst memory (replicas started for it would serve after it ended); a
+    smooth ramp is still forecast ahead."""
+    bursty, _ = _arrivals([20.0 if i % 10 == 9 else 2.0 for i in range(60)])
+    smooth, _ = _arrivals([2.0 + (i % 2) * 0.2 for i in range(60)])
+    now = SPEC.interval_s * 61
+    for st in (bursty, smooth):
+        st.forecast["total"] = Trend(level=15.0, trend=5.0, updated=now - SPEC.interval_s)
+    obs = fleet(split_rps=18.0, replicas=(2, 0, 1, 1))
+    capped = plan_total(SPEC, obs, bursty, now)
+    free = plan_total(SPEC, obs, smooth, now)
+    assert capped.observed == 18.0 and capped.rate == pytest.approx(20.0)
+    assert free.rate > 30.0
+    # today's rate counts even above the hour's highest
+    fresh, _ = _arrivals([20.0 if i % 10 == 9 else 2.0 for i in range(60)])
+    above = plan_total(SPEC, fleet(split_rps=25.0, replicas=(2, 0, 1, 1)), fresh, now)
+    assert above.rate == pytest.approx(25.0)
 
 
 def test_demand_comes_from_the_routers_arrivals_when_it_is_scraped() -> None:
