@@ -55,3 +55,9 @@ def apply_merge_patch(target: Any, patch: Any) -> Any:
         else:
             out[key] = apply_merge_patch(out.get(key), value)
     return out
+
+
+def is_sentence(message: str) -> bool:
+    """A condition's or an Event's message as the API conventions want it: a human-readable
+    sentence (not empty, not starting in lower case, ending in a full stop)."""
+    return bool(message) and not message[0].islower() and message.endswith(".")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers import is_sentence
 from tandem.builders.common import Images
 from tandem.builders.kv import (
     MULTUS_ANNOTATION,
@@ -299,11 +300,11 @@ def test_condition_reasons() -> None:
     assert (waiting.status, waiting.reason, waiting.message) == (
         "False", "SidecarNotReady",
         "1 of 2 KV-transfer sidecars are ready (not ready: d-0); a sidecar whose RDMA fell back to TCP "
-        "stays not ready and logs why (kubectl logs POD -c kv-sidecar)",
+        "stays not ready and logs why (kubectl logs POD -c kv-sidecar).",
     )  # fmt: skip
     # on a TCP pair, or where the pool accepts TCP, there is no fallback to hint at
     tcp_wait = _condition(service("mi300x", "h100"), [SidecarReport("prefill", "p-0", False, None)])
-    assert tcp_wait.message == "0 of 1 KV-transfer sidecars are ready (not ready: p-0)"
+    assert tcp_wait.message == "0 of 1 KV-transfer sidecars are ready (not ready: p-0)."
     assert _condition(rdma, []).reason == "SidecarNotReady"
     bad = _condition(service("mi300x", "h100", model=FP8_MODEL), ok)
     assert (bad.status, bad.reason) == ("False", "Incompatible")
@@ -313,6 +314,17 @@ def test_condition_reasons() -> None:
     )
     allowed = service("mi300x-rdma", "mi300x-rdma")
     assert _condition(allowed, [SidecarReport("prefill", "p", True, "tcp")]).reason == "Ready"
+    no_prefill = service("mi300x", "h100").model_copy(update={"pools": [service("mi300x", "h100").pools[1]]})
+    every = [cond, fallback, waiting, tcp_wait, bad, _condition(no_prefill, [])]
+    assert {c.reason for c in every} == {
+        "Ready",
+        "TcpFallback",
+        "SidecarNotReady",
+        "Incompatible",
+        "NotDisaggregated",
+    }
+    for c in every:
+        assert is_sentence(c.message), c
 
 
 def test_status_inputs_parsing() -> None:

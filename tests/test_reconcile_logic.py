@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from helpers import apply_merge_patch
+from helpers import apply_merge_patch, is_sentence
 from tandem.children import is_subset, needs_apply, plan_changes, replicas_handovers
 from tandem.models import InferenceServiceSpec, InferenceServiceStatus
 from tandem.models.common import Condition
@@ -442,3 +442,33 @@ def test_merge_patch_removes_what_the_new_status_dropped() -> None:
     assert status_changed({**stored, "ratio": "1:2"}, status)
     patch = merge_patch(known(InferenceServiceStatus, stored), status.to_wire())
     assert "fromTheFuture" not in patch and "newer" not in patch["replicas"]
+
+
+def test_every_condition_message_is_a_sentence(sample_pools: dict[str, dict]) -> None:
+    """Conditions a user reads (kubectl describe, Argo CD) carry a sentence, also when all is
+    well (Degraded=False, Progressing=False, ScalingLimited=False) and when a spec problem's
+    own message is a lower-case clause."""
+    from tandem.scaling import limited_condition
+
+    s = spec()
+    kwargs: dict[str, Any] = {
+        "spec": s,
+        "generation": 1,
+        "deployments": {"p": dep(1, 1), "d": dep(2, 2)},
+        "router": dep(1, 1),
+        "endpoint": "http://x",
+        "previous": InferenceServiceStatus(),
+        "now": "t0",
+    }
+    healthy = compute_status(resolution=resolve(s, sample_pools), **kwargs)
+    broken = spec(pools=[{"name": "d", "role": "decode", "acceleratorPool": "missing"}])
+    problem = compute_status(**{**kwargs, "spec": broken, "resolution": resolve(broken, sample_pools)})
+    seen = [*healthy.conditions, *problem.conditions, limited_condition(None, 1)]
+    assert {(c.type, c.reason) for c in seen} >= {
+        ("Degraded", "AsExpected"),
+        ("Progressing", "RolloutComplete"),
+        ("Ready", "AcceleratorPoolNotFound"),
+        ("ScalingLimited", "WithinLimits"),
+    }
+    for c in seen:
+        assert is_sentence(c.message), c

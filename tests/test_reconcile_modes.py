@@ -13,7 +13,7 @@ import copy
 import json
 from typing import Any
 
-from helpers import apply_merge_patch
+from helpers import apply_merge_patch, is_sentence
 from tandem import names
 from tandem.builders.common import Images
 from tandem.kube import KubeError
@@ -299,3 +299,5 @@ def test_an_unreadable_spec_sets_all_three_conditions(sample_pools: dict[str, di
     for kind, status in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True")):
         c = conditions[kind]
         assert (c["status"], c["reason"], c["observedGeneration"]) == (status, "InvalidSpec", 2), kind
+    assert conditions["Ready"]["message"].startswith("The spec cannot be read: pools.0.replicas.min")
+    assert is_sentence(conditions["Ready"]["message"]) and is_sentence(conditions["Degraded"]["message"])

@@ -303,7 +303,7 @@ class Controller:
             events.append(("Normal", "Pruned", f"Pruned {what}: no longer in the spec."))
         if outcome.problems and outcome.ready_after != outcome.ready_before:
             for p in outcome.problems:
-                events.append(("Warning", p.reason, p.message[0].upper() + p.message[1:] + "."))
+                events.append(("Warning", p.reason, p.sentence))
         if (
             outcome.degraded_after in POD_FAILURE_REASONS
             and outcome.degraded_after != outcome.degraded_before
@@ -311,7 +311,7 @@ class Controller:
             events.append(("Warning", outcome.degraded_after, outcome.degraded_message))
         if outcome.kv_problems and outcome.kv_after != outcome.kv_before:
             for p in outcome.kv_problems:  # one per incompatible prefill/decode pair
-                events.append(("Warning", p.reason, p.message[0].upper() + p.message[1:] + "."))
+                events.append(("Warning", p.reason, p.sentence))
         results = await asyncio.gather(
             *(asyncio.to_thread(post_event, self.kube, body, t, r, m) for t, r, m in events),
             return_exceptions=True,

@@ -99,9 +99,9 @@ def kv_transfer_condition(
 ) -> Condition:
     """The ``KVTransferReady`` condition. ``profiles``: pool name -> `tandem.builders.kv.pool_profile`."""
     if problems:
-        return _cond("False", INCOMPATIBLE, " ".join(p.message + "." for p in problems), generation)
+        return _cond("False", INCOMPATIBLE, " ".join(p.sentence for p in problems), generation)
     if not spec.pools_by_role("prefill"):
-        return _cond("True", "NotDisaggregated", "no prefill pool: no KV moves between pools", generation)
+        return _cond("True", "NotDisaggregated", "No prefill pool: no KV moves between pools.", generation)
     roles = {p.name: p.role for p in spec.pools}
     fallbacks = []
     for r in reports:
@@ -117,7 +117,7 @@ def kv_transfer_condition(
             "False",
             TCP_FALLBACK,
             f"RDMA was requested but the KV transfer runs over TCP on {pods}; set fabric.allowTcpFallback "
-            "on the AcceleratorPool to accept it",
+            "on the AcceleratorPool to accept it.",
             generation,
         )
     kv_pools = {p.name for p in spec.pools if p.role in ("prefill", "decode")}
@@ -134,10 +134,10 @@ def kv_transfer_condition(
                 "; a sidecar whose RDMA fell back to TCP stays not ready and logs why "
                 "(kubectl logs POD -c kv-sidecar)"
             )
-        return _cond("False", SIDECAR_NOT_READY, message, generation)
+        return _cond("False", SIDECAR_NOT_READY, message + ".", generation)
     transports = sorted({r.transport for r in relevant if r.transport})
     over = f" over {', '.join(transports)}" if transports else ""
-    return _cond("True", "Ready", f"{len(relevant)} KV-transfer sidecars are ready{over}", generation)
+    return _cond("True", "Ready", f"{len(relevant)} KV-transfer sidecars are ready{over}.", generation)
 
 
 def kv_condition_from_pods(

@@ -218,14 +218,14 @@ async def reconcile(
                 type="Ready",
                 status="False",
                 reason=problem.reason,
-                message=problem.message,
+                message=problem.sentence,
                 observed_generation=generation,
             ),
             Condition(
                 type="Degraded",
                 status="True",
                 reason=problem.reason,
-                message=problem.message,
+                message=problem.sentence,
                 observed_generation=generation,
             ),
             Condition(  # as for the other spec problems: waiting, not rolling out

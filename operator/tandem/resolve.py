@@ -20,7 +20,21 @@ from tandem.models.inference_service import InferenceServiceSpec
 @dataclass(frozen=True)
 class Problem:
     reason: str  # CamelCase, for conditions and Events
-    message: str  # a sentence for a person
+    message: str  # a clause for a person, lower case and without a full stop ("pool 'x' ...")
+
+    @property
+    def sentence(self) -> str:
+        """The message as a sentence, for a condition or an Event: capitalised, with a full stop."""
+        return sentence(self.message)
+
+
+def sentence(text: str) -> str:
+    """``text`` capitalised and ending in a full stop (kept if it ends in one already)."""
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 @dataclass(frozen=True)

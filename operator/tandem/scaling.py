@@ -46,6 +46,8 @@ _LIMITED = {
     "budget": ("BudgetLimited", "The budget (maxDevices or maxCostPerHour) allows no more replicas."),
 }
 
+_WITHIN_LIMITS = "No replicas.min, replicas.max or budget bound the planner's last decision."
+
 # Annotation -> Tuning field (seconds). The CRD has no field for these knobs yet; they exist so a
 # local cluster (pods start in seconds) and the e2e tests can use short windows.
 _TUNING_ANNOTATIONS = {
@@ -227,7 +229,7 @@ def _after(decision: Decision, observation: Observation, pool: str) -> int:
 
 def limited_condition(limited_by: str | None, generation: int) -> Condition:
     if limited_by is None:
-        return _cond(SCALING_LIMITED, "False", "WithinLimits", "", generation)
+        return _cond(SCALING_LIMITED, "False", "WithinLimits", _WITHIN_LIMITS, generation)
     reason, message = _LIMITED[limited_by]
     return _cond(SCALING_LIMITED, "True", reason, message, generation)
 

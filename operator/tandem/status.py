@@ -124,7 +124,7 @@ def compute_status(
     problems = [*resolution.problems, *extra_problems]
     if problems:
         first = problems[0]
-        message = " ".join(p.message.rstrip(".") + "." for p in problems)
+        message = " ".join(p.sentence for p in problems)
         ready_c = _cond("Ready", "False", first.reason, message, generation)
         degraded = _cond("Degraded", "True", first.reason, message, generation)
         progressing = _cond(
@@ -137,7 +137,9 @@ def compute_status(
             message = " ".join(m for _, m in failing.values())
             degraded = _cond("Degraded", "True", first_reason, message, generation)
         else:
-            degraded = _cond("Degraded", "False", "AsExpected", "", generation)
+            degraded = _cond(
+                "Degraded", "False", "AsExpected", "No pod of a pool is failing to run.", generation
+            )
         if not_ready:
             ready_c = _cond(
                 "Ready",
@@ -155,7 +157,13 @@ def compute_status(
                 "Progressing", "True", "RollingOut", f"Rolling out: {', '.join(rolling)}.", generation
             )
         else:
-            progressing = _cond("Progressing", "False", "RolloutComplete", "", generation)
+            progressing = _cond(
+                "Progressing",
+                "False",
+                "RolloutComplete",
+                "Every pool and the router are rolled out.",
+                generation,
+            )
 
     summary = RoleSummary(**{role: f"{r}/{d}" for role, (r, d) in per_role.items()})
     return previous.model_copy(
