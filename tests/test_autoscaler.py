@@ -262,3 +262,32 @@ def test_scaling_limited_says_when_a_pools_min_binds(sample_pools: dict[str, dic
     assert limited_after_one_step(sample_pools, Prom(), 1) == ("True", "MinReplicas")  # no demand
     # a bound the planner reports itself wins
     assert limited_after_one_step(sample_pools, BusyProm(), 1) == ("True", "MaxReplicas")
+
+
+def test_a_slo_out_of_reach_or_a_binding_budget_posts_one_warning(sample_pools: dict[str, dict]) -> None:
+    """The SLO may be missed: a Warning Event (not Normal) when the situation starts, also when
+    no replica changes, and none per interval while it lasts."""
+    strict = body()
+    strict["spec"]["slo"] = {"ttftSeconds": 0.001, "itlSeconds": 0.0001}  # no accelerator is that fast
+    a, _, events = scaler(sample_pools, LightProm())
+    a.services[KEY] = strict
+    for now in (100.0, 105.0, 110.0):
+        auto = asyncio.run(a.step(KEY, strict, now=now))
+        assert auto is not None and auto.last_decision is not None
+        assert auto.last_decision.reason == "SloInfeasible" and auto.replicas == {}
+    assert events == [("Warning", "SloInfeasible")]
+    a.forget(KEY)
+
+    capped = body()
+    capped["spec"]["autoscaling"]["budget"] = {"maxDevices": 3}
+    a, _, events = scaler(sample_pools, BusyProm())
+    a.services[KEY] = capped
+    reasons = []
+    for now in (100.0, 105.0, 110.0):
+        auto = asyncio.run(a.step(KEY, capped, now=now))
+        assert auto is not None and auto.last_decision is not None
+        reasons.append(auto.last_decision.reason)
+        a.kube.replicas.update(auto.replicas)  # type: ignore[attr-defined]  # the reconcile applied them
+    assert reasons == ["BudgetLimited"] * 3  # scaled up as far as the budget allows, then no more
+    assert events == [("Warning", "BudgetLimited")]
+    a.forget(KEY)

@@ -128,10 +128,11 @@ def code_reasons() -> set[str]:
 
 def event_reasons() -> set[str]:
     """Reasons of the Events the operator posts with a fixed reason: each spec problem (Warning),
-    the KV pairs (Warning), the holds before the planner ran (Warning), Applied and Pruned."""
+    the KV pairs (Warning), the holds before the planner ran (Warning), the decisions the SLO may
+    suffer from (Warning), Applied and Pruned."""
     problems = literal_reasons("resolve") | literal_reasons("reconcile") | {kv.INCOMPATIBLE}
     holds = {scaling.PROMETHEUS_UNAVAILABLE, scaling.PROMETHEUS_NOT_CONFIGURED}
-    return problems | holds | literal_reasons("controller")
+    return problems | holds | scaling.WARNING_REASONS | literal_reasons("controller")
 
 
 def condition_types() -> set[str]:

@@ -44,6 +44,7 @@ from tandem.scaling import (
     PLANNED_MODES,
     PROMETHEUS_NOT_CONFIGURED,
     PROMETHEUS_UNAVAILABLE,
+    WARNING_REASONS,
     Autoscale,
     after_decision,
     after_hold,
@@ -269,6 +270,9 @@ class Autoscaler:
         post = bool(decision.changes(current)) or decision.split_threshold is not None
         if holding(decision.reason):  # the metrics could not be trusted (MetricsMissing, ...)
             await self._hold_started(key, body, st, decision.reason, decision.message)
+        # the SLO may suffer: a Warning when that starts, even if no replica changes
+        warning = decision.reason in WARNING_REASONS
+        started = warning and self._starts(st, decision.reason)
         if recommend:
             decision = as_recommendation(decision)
         autoscale = after_decision(spec, generation, decision, current, st.autoscale, stamp)
@@ -278,10 +282,11 @@ class Autoscaler:
             told = (tuple(sorted(autoscale.recommended.items())), decision.split_threshold)
             post = post and told != st.recommendation
             st.recommendation = told if post else st.recommendation
+        post = post or started
         self._record(key, decision, autoscale, current, applied=not recommend, logged=post)
         self._record_slo(key, pspec, decision)
         if post:
-            await self._post(body, decision)
+            await self._post(body, decision, "Warning" if warning else "Normal")
         return self._store(key, body, autoscale)
 
     async def _hold(
@@ -388,13 +393,18 @@ class Autoscaler:
         else:
             PLANNER_TTFT_WITHIN_TARGET.labels(*key).set(share)
 
+    @staticmethod
+    def _starts(st: _Service, reason: str) -> bool:
+        """Whether a decision (or a hold) for ``reason`` starts a situation: the last decision had
+        another reason. Warnings are posted then, not once per interval while it lasts."""
+        previous = st.autoscale.last_decision if st.autoscale else None
+        return previous is None or previous.reason != reason
+
     async def _hold_started(
         self, key: Key, body: Mapping[str, Any], st: _Service, reason: str, message: str
     ) -> None:
-        """A Warning Event and a log line when a hold for ``reason`` starts (the last decision
-        had another reason), not one per interval while it lasts."""
-        previous = st.autoscale.last_decision if st.autoscale else None
-        if previous is not None and previous.reason == reason:
+        """A Warning Event and a log line when a hold for ``reason`` starts."""
+        if not self._starts(st, reason):
             return
         log.warning("Planner of %s/%s is holding: %s", *key, message)
         try:
@@ -402,12 +412,12 @@ class Autoscaler:
         except KubeError as exc:
             log.warning("Could not post Event %s: %s", reason, exc)
 
-    async def _post(self, body: Mapping[str, Any], decision: Decision) -> None:
+    async def _post(self, body: Mapping[str, Any], decision: Decision, type_: str) -> None:
         message = decision.message
         if decision.split_threshold is not None:
             message = f"{message} Split threshold: {decision.split_threshold} prompt tokens."
         try:
-            await asyncio.to_thread(self.post_event, self.kube, body, "Normal", decision.reason, message)
+            await asyncio.to_thread(self.post_event, self.kube, body, type_, decision.reason, message)
         except KubeError as exc:
             log.warning("Could not post Event %s: %s", decision.reason, exc)
 

@@ -36,6 +36,9 @@ SCALING_LIMITED = "ScalingLimited"
 
 # Decision reasons of the planner that mean "the data could not be trusted" (tandem.planner.core.check).
 DATA_REASONS = frozenset({"MetricsMissing", "MetricsImplausible", "ScrapeGap"})
+# Decision reasons a user may have to act on (the SLO may be missed: relax it, or give the role
+# faster pools or more budget): their Events are Warnings, posted when the situation starts.
+WARNING_REASONS = frozenset({"SloInfeasible", "BudgetLimited"})
 # Holds decided before the planner runs (no observation at all).
 PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
 PROMETHEUS_NOT_CONFIGURED = "PrometheusNotConfigured"
