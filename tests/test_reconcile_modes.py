@@ -301,3 +301,41 @@ def test_an_unreadable_spec_sets_all_three_conditions(sample_pools: dict[str, di
         assert (c["status"], c["reason"], c["observedGeneration"]) == (status, "InvalidSpec", 2), kind
     assert conditions["Ready"]["message"].startswith("The spec cannot be read: pools.0.replicas.min")
     assert is_sentence(conditions["Ready"]["message"]) and is_sentence(conditions["Degraded"]["message"])
+
+
+def test_a_different_spec_problem_posts_again_an_unchanged_one_does_not(
+    sample_pools: dict[str, dict],
+) -> None:
+    """Warning Events for spec problems: one when the problem appears, one for a second, different
+    problem of the same reason (InvalidSpec after InvalidSpec: the user fixed the first field),
+    none on a resync while the problem stays."""
+    from tandem.controller import Controller, Settings
+
+    class Events:
+        def __init__(self) -> None:
+            self.posted: list[tuple[str, str, str]] = []
+
+        def request(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Any:
+            assert body is not None
+            self.posted.append((body["type"], body["reason"], body["note"]))
+            return body
+
+    kube, events = SsaKube(), Events()
+    controller = Controller(events, Settings())  # type: ignore[arg-type]
+
+    def reconcile_with(field: str, value: Any) -> None:
+        doc = spec("off")
+        doc["pools"][0]["replicas"] = {"min": 1, "max": 6, field: value}
+        body = {
+            "metadata": {"name": "llama", "namespace": "team-a", "uid": UID, "generation": 2},
+            "spec": doc,
+            "status": copy.deepcopy(kube.status),
+        }
+        outcome = asyncio.run(reconcile(body, kube=kube, pools=sample_pools, images=Images()))  # type: ignore[arg-type]
+        asyncio.run(controller._post_events(body, outcome))
+
+    reconcile_with("min", "one")
+    reconcile_with("min", "one")  # a resync: nothing new
+    reconcile_with("max", "six")  # min fixed, max broken: news, with the same reason
+    warnings = [(reason, note.split(": ")[1]) for type_, reason, note in events.posted if type_ == "Warning"]
+    assert warnings == [("InvalidSpec", "pools.0.replicas.min"), ("InvalidSpec", "pools.0.replicas.max")]

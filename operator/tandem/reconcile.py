@@ -60,17 +60,20 @@ class Outcome:
     pruned: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     status_written: bool = False
-    # the Ready condition's reason before and after, to post an Event only when it changes
-    ready_before: str | None = None
-    ready_after: str | None = None
+    # the Ready condition's (reason, message) before and after: a spec problem's Warning Event is
+    # posted when it changes (a second, different problem with the same reason, InvalidSpec after
+    # InvalidSpec, is news), not again on every resync while it stays
+    ready_before: tuple[str, str] | None = None
+    ready_after: tuple[str, str] | None = None
     # the Degraded condition's reason before and after, and its message after: pods that fail to
     # run (crash loops, image pulls) get a Warning Event when the service turns Degraded for it
     degraded_before: str | None = None
     degraded_after: str | None = None
     degraded_message: str = ""
-    # KVTransferReady's reason before and after, and the incompatible prefill/decode pairs
-    kv_before: str | None = None
-    kv_after: str | None = None
+    # KVTransferReady's (reason, message) before and after (as for Ready: a pair incompatible for
+    # another reason, or another pair, is news), and the incompatible prefill/decode pairs
+    kv_before: tuple[str, str] | None = None
+    kv_after: tuple[str, str] | None = None
     kv_problems: list[PairProblem] = field(default_factory=list)
     # children the apiserver refused (400/422): Ready=False/ChildRejected until the spec changes
     rejected: list[Problem] = field(default_factory=list)
@@ -90,6 +93,12 @@ def _condition(status: InferenceServiceStatus, kind: str) -> Condition | None:
 def _reason(status: InferenceServiceStatus, kind: str) -> str | None:
     c = _condition(status, kind)
     return c.reason if c else None
+
+
+def _said(status: InferenceServiceStatus, kind: str) -> tuple[str, str] | None:
+    """What the condition of type ``kind`` says: (reason, message)."""
+    c = _condition(status, kind)
+    return (c.reason, c.message) if c else None
 
 
 def _blocking_pairs(spec: InferenceServiceSpec, resolution: Resolution) -> list[PairProblem]:
@@ -130,7 +139,7 @@ async def reconcile(
     generation = int(meta.get("generation", 1))
     raw_status = body.get("status") or {}
     previous = InferenceServiceStatus.model_validate(raw_status) if raw_status else InferenceServiceStatus()
-    outcome = Outcome(ready_before=_reason(previous, "Ready"), degraded_before=_reason(previous, "Degraded"))
+    outcome = Outcome(ready_before=_said(previous, "Ready"), degraded_before=_reason(previous, "Degraded"))
     now = now or utcnow()
 
     # gather
@@ -258,8 +267,8 @@ async def reconcile(
             kv, outcome.kv_problems = kv_condition_from_pods(
                 spec, resolution.accelerator_pools, pods, generation, readyz
             )
-            outcome.kv_before = _reason(previous, kv.type)
-            outcome.kv_after = kv.reason
+            outcome.kv_before = _said(previous, kv.type)
+            outcome.kv_after = (kv.reason, kv.message)
             gie = inference_pools_condition(
                 mode=spec.routing.inference_pool.mode,
                 api=outcome.inference_pool_api,
@@ -270,7 +279,7 @@ async def reconcile(
             status = status.model_copy(
                 update={"conditions": set_conditions(status.conditions, [kv, gie], now)}
             )
-    outcome.ready_after = _reason(status, "Ready")
+    outcome.ready_after = _said(status, "Ready")
     degraded = _condition(status, "Degraded")
     outcome.degraded_after, outcome.degraded_message = (
         (degraded.reason, degraded.message) if degraded else (None, "")
