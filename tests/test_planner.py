@@ -397,9 +397,10 @@ def test_bursty_arrivals_keep_a_floor_that_leaves_half_the_error_budget_beyond_i
     # smooth arrivals, and a steady ramp (dispersion from successive differences): no floor
     assert _arrivals([5.0 + (i % 2) * 0.2 for i in range(60)])[1] == 0.0
     assert _arrivals([1.0 + 0.2 * i for i in range(60)])[1] == 0.0
-    # not before a whole scale-down window was watched
-    young = int(SPEC.tuning.down_window_s // SPEC.interval_s) - 1
-    assert _arrivals(rates[:young])[1] == 0.0
+    # told only from ``burst_min_intervals`` intervals' arrivals
+    often = [20.0 if i % 3 == 2 else 2.0 for i in range(60)]
+    n = SPEC.tuning.burst_min_intervals
+    assert _arrivals(often[: n - 1])[1] == 0.0 and _arrivals(often[:n])[1] > 2.0
     # the load stopped: none once half a scale-down window passed without a request
     quiet_s = SPEC.tuning.down_window_s * SPEC.tuning.spare_window_share
     assert _arrivals(rates + [0.0] * int(quiet_s // SPEC.interval_s - 1))[1] > 2.0  # a gap between bursts

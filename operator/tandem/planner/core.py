@@ -392,9 +392,9 @@ def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float
 def dispersion(spec: PlannerSpec, st: PlannerState) -> float | None:
     """The arrivals' index of dispersion over the memory (variance / mean of the counts per
     interval, the variance from successive differences so that a slow ramp does not count;
-    Poisson: 1); None until a whole scale-down window was watched or while nothing arrived."""
-    t = spec.tuning
-    if len(st.arrivals) < 3 or st.arrivals[-1][0] - st.arrivals[0][0] < t.down_window_s:
+    Poisson: 1); None until ``burst_min_intervals`` intervals were watched or while nothing
+    arrived."""
+    if len(st.arrivals) < max(3, spec.tuning.burst_min_intervals):
         return None
     counts = [r * spec.interval_s for _, r in st.arrivals]
     mean = sum(counts) / len(counts)
