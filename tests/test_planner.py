@@ -386,6 +386,31 @@ def _arrivals(rates: list[float], spec: PlannerSpec = SPEC) -> tuple[PlannerStat
     return st, floor
 
 
+def test_a_min_above_the_demands_need_is_reported_as_the_bound() -> None:
+    """The planner sizes every pool from its replicas.min up, so the min binds where the
+    demand alone would run fewer replicas and the pool stays at its min (HPA's
+    ScalingLimited/TooFewReplicas); a min the demand needs anyway is no bound."""
+    light = fleet(split_rps=0.5, replicas=(1, 0, 3, 1))
+    high = replace(
+        SPEC, pools=tuple(replace(p, min_replicas=3) if p.name == "decode-mi300x" else p for p in SPEC.pools)
+    )
+    d = decide(high, light, PlannerState(), 30.0)
+    assert d.limited_by == "min" and d.replicas["decode-mi300x"] is None, (d.replicas, d.limited_by)
+    assert d.reason == "Steady" and "decode-mi300x" in d.message and "replicas.min" in d.message
+    # a pool held at a min of 0 that the demand needs is within limits
+    needed = fleet(split_rps=0.5, replicas=(1, 0, 1, 0))
+    alone = replace(SPEC, pools=tuple(replace(p, min_replicas=0) for p in SPEC.pools))
+    assert decide(alone, needed, PlannerState(), 30.0).limited_by is None
+    # a max that bites is what is reported, not the min
+    capped = replace(
+        high, pools=tuple(replace(p, max_replicas=1) if p.role == "prefill" else p for p in high.pools)
+    )
+    assert (
+        decide(capped, fleet(split_rps=100.0, replicas=(1, 1, 3, 1)), PlannerState(), 30.0).limited_by
+        == "max"
+    )
+
+
 def test_bursty_arrivals_keep_a_floor_that_leaves_half_the_error_budget_beyond_it() -> None:
     # 2 req/s, and every tenth interval a 20 req/s burst: over before a replica could start
     rates = [20.0 if i % 10 == 9 else 2.0 for i in range(60)]

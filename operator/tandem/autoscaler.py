@@ -52,7 +52,6 @@ from tandem.scaling import (
     holding,
     pool_readings,
     tuning_from,
-    with_min_limit,
 )
 from tandem.telemetry import (
     LIMITS,
@@ -265,7 +264,6 @@ class Autoscaler:
             state = dataclasses.replace(state, split_threshold=None, route_changed=None)
         moment = time.time() if now is None else now
         decision = decide(pspec, observation, state, moment)
-        decision = with_min_limit(pspec, observation, state, moment, decision)  # the planner cannot tell
         st.state = decision.state
         post = bool(decision.changes(current)) or decision.split_threshold is not None
         if holding(decision.reason):  # the metrics could not be trusted (MetricsMissing, ...)

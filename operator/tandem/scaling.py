@@ -18,17 +18,7 @@ from tandem import names
 from tandem.models.common import Condition, ConditionStatus
 from tandem.models.inference_service import Decision as DecisionStatus
 from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
-from tandem.planner.core import decide
-from tandem.planner.types import (
-    CLIENT,
-    Decision,
-    Observation,
-    PlannerSpec,
-    PlannerState,
-    PoolObservation,
-    PoolReading,
-    Tuning,
-)
+from tandem.planner.types import CLIENT, Decision, Observation, PoolObservation, PoolReading, Tuning
 from tandem.status import ratio, set_conditions
 
 METRICS_AVAILABLE = "MetricsAvailable"
@@ -190,44 +180,6 @@ def metrics_condition(reason: str, message: str, generation: int) -> Condition:
     return _cond(
         METRICS_AVAILABLE, "True", "MetricsRead", "The planner read every pool's metrics.", generation
     )
-
-
-def with_min_limit(
-    spec: PlannerSpec, observation: Observation, state: PlannerState, now: float, decision: Decision
-) -> Decision:
-    """``decision`` (made by :func:`decide` from these inputs) with ``limited_by="min"`` when
-    some pool's ``replicas.min`` keeps it above what the demand needs.
-
-    The planner starts every pool at its min, so its own answer cannot tell: this asks it again
-    with every min at 0 (a trial whose state is dropped) and compares the sizing for the demand
-    (signal ``<pool>.recommended``, before the scale-down window) with the min of each pool that
-    the decision leaves at its min. A bound the planner reported (max, budget) is kept; so is a
-    hold (no sizing happened).
-    """
-    if decision.limited_by is not None or holding(decision.reason):
-        return decision
-    settled = {
-        p.name: p
-        for p in spec.pools
-        if p.min_replicas > 0
-        and p.name in observation.pools
-        and _after(decision, observation, p.name) == p.min_replicas
-    }
-    if not settled:
-        return decision
-    unbounded = replace(spec, pools=tuple(replace(p, min_replicas=0) for p in spec.pools))
-    trial = decide(unbounded, observation, state, now)
-    for name, pool in settled.items():
-        sized = trial.signals.get(f"{name}.recommended", "-")
-        if sized.isdigit() and int(sized) < pool.min_replicas:
-            return replace(decision, limited_by="min")
-    return decision
-
-
-def _after(decision: Decision, observation: Observation, pool: str) -> int:
-    """The replicas of ``pool`` once ``decision`` is applied (``None``: what runs)."""
-    wanted = decision.replicas.get(pool)
-    return observation.pools[pool].replicas if wanted is None else wanted
 
 
 def limited_condition(limited_by: str | None, generation: int) -> Condition:

@@ -117,6 +117,7 @@ class _Plan:
     held: dict[str, str] = field(default_factory=dict)  # pool -> why it was held
     running: Mapping[str, int] = field(default_factory=dict)  # pool -> replicas in force now
     unused: set[Role] = field(default_factory=set)  # roles no class of the plan sends demand to
+    above_need: set[str] = field(default_factory=set)  # pools whose replicas.min exceeds the demand's need
 
 
 def classes(spec: PlannerSpec) -> list[DemandClass]:
@@ -923,6 +924,7 @@ def size(
                 if report:
                     plan.caps.update({p.name: _cap(spec, p, d, st) for p in pools})
                 plan.targets.update({p.name: p.min_replicas for p in pools})
+                plan.above_need.update(p.name for p in pools if p.min_replicas > 0)
                 continue
             caps = {p.name: _cap(spec, p, d, st) for p in pools}
             if not any(c.rps > 0 for c in caps.values()):
@@ -932,6 +934,9 @@ def size(
                 plan.targets.update({p.name: None for p in pools})
                 continue
             alloc, short, caps = allocate_pooled(spec, pools, d, st)
+            if any(p.min_replicas for p in pools):  # what the demand alone would run
+                free, _ = allocate(d.rate, [replace(p, min_replicas=0) for p in pools], caps)
+                plan.above_need.update(p.name for p in pools if free[p.name] < p.min_replicas)
             plan.caps.update(caps)
             if not short and plan.running:
                 alloc = _prefer_running(spec, pools, caps, d.rate, alloc, plan.running)
@@ -1487,8 +1492,40 @@ def _signals(
     return sig
 
 
+def _after(out: Mapping[str, int | None], obs: Observation, pool: str) -> int:
+    """The replicas of ``pool`` once ``out`` is applied (``None``: what runs)."""
+    wanted = out.get(pool)
+    return obs.pools[pool].replicas if wanted is None else wanted
+
+
+def _limits(
+    spec: PlannerSpec,
+    obs: Observation,
+    st: PlannerState,
+    now: float,
+    plan: _Plan,
+    covered: Mapping[str, bool],
+    out: dict[str, int | None],
+) -> tuple[LimitedBy | None, bool, list[str]]:
+    """Clamp ``out`` to the bounds and the budget: (the bound that bit, whether the budget
+    cut, the pools a replicas.min keeps above the demand's need). The planner sizes every pool
+    from its min up, so a min binds where the demand alone would run fewer replicas and the
+    pool ends at its min (``min`` only when no max or budget bit)."""
+    limited = clamp_bounds(spec, obs, out) or plan.limited
+    budget_cut = apply_budget(spec, obs, out)
+    if budget_cut:
+        limited = "budget"
+        _after_budget(spec, obs, st, now, plan, covered, out)
+    at_min = sorted(
+        p.name for p in spec.pools if p.name in plan.above_need and _after(out, obs, p.name) == p.min_replicas
+    )
+    if limited is not None or not at_min:
+        return limited, budget_cut, []
+    return "min", budget_cut, at_min
+
+
 def _reason(
-    obs: Observation, out: Mapping[str, int | None], plan: _Plan, budget_cut: bool
+    obs: Observation, out: Mapping[str, int | None], plan: _Plan, budget_cut: bool, at_min: list[str]
 ) -> tuple[str, str]:
     ups = {k: v for k, v in out.items() if v is not None and v > obs.pools[k].replicas}
     downs = {k: v for k, v in out.items() if v is not None and v < obs.pools[k].replicas}
@@ -1512,6 +1549,8 @@ def _reason(
         return "StabilisingScaleDown", "Waiting out the scale-down window for " + ", ".join(
             sorted(plan.held)
         ) + "."
+    if at_min:
+        return "Steady", f"Demand needs fewer replicas than replicas.min keeps on {', '.join(at_min)}."
     return "Steady", "Capacity matches demand."
 
 
@@ -1549,11 +1588,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     threshold = route_threshold(spec, observation, st, held, planned)
     covered = record(spec, st, now, plan)
     out = stabilise(spec, observation, st, now, plan, covered)
-    limited = clamp_bounds(spec, observation, out) or plan.limited
-    budget_cut = apply_budget(spec, observation, out)
-    if budget_cut:
-        limited = "budget"
-        _after_budget(spec, observation, st, now, plan, covered, out)
+    limited, budget_cut, at_min = _limits(spec, observation, st, now, plan, covered, out)
     for name, value in out.items():
         if value is not None and value == observation.pools[name].replicas:
             out[name] = None
@@ -1567,7 +1602,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     changed_threshold = threshold if threshold != routed else None
     st.split_threshold = threshold
     st.last_time = now
-    reason, message = _reason(observation, out, plan, budget_cut)
+    reason, message = _reason(observation, out, plan, budget_cut, at_min)
     if unreachable >= UNREACHABLE_NOTE:
         longest = longest_reachable_prompt(spec, st)
         message += (
