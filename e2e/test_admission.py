@@ -66,6 +66,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "replicas.min must not exceed replicas.max",
     ),
     (
+        "min above the max left unset (the schema defaults nothing inside the pools list)",
+        edited(VALID_SERVICE, "spec.pools.1.replicas", {"min": 3}),
+        "replicas.min must not exceed replicas.max",
+    ),
+    (
         "prefill without decode",
         edited(VALID_SERVICE, "spec.pools.1.role", "mixed"),
         "a prefill pool needs a decode pool to hand its KV caches to",
@@ -238,6 +243,8 @@ def test_defaults_are_visible_after_admission(cluster: Any, crds: None, namespac
         or spec["slo"]["attainment"] == 0.9
     )
     assert spec["kvTransfer"] == {"connector": "nixl", "fabric": "auto"}
-    assert spec["pools"][0]["replicas"] == {"min": 1, "max": 1}
-    assert "maxUnavailable" not in spec["pools"][0]  # no default in a list item: GitOps re-applies stay clean
+    # nothing is defaulted inside the pools list, so GitOps re-applies stay clean: the models'
+    # defaults (replicas 1..1, tensorParallelSize 1, maxUnavailable 1) apply in the operator
+    assert spec["pools"][0] == VALID_SERVICE["spec"]["pools"][0]  # replicas, maxUnavailable unset
+    assert spec["pools"][1] == VALID_SERVICE["spec"]["pools"][1]  # tensorParallelSize, maxUnavailable unset
     assert spec["autoscaling"]["mode"] == "off"

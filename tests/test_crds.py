@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tandem.models import crdgen
+from tandem.models.inference_service import Replicas
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,11 +175,33 @@ def test_tolerations_are_validated_like_a_pods(toleration: dict[str, Any], valid
             Toleration.model_validate(toleration)
 
 
-def test_list_items_get_no_new_defaults() -> None:
+def _defaults_in_list_items(node: Any, path: str = "", in_items: bool = False) -> list[str]:
+    if isinstance(node, list):
+        return [
+            p for i, item in enumerate(node) for p in _defaults_in_list_items(item, f"{path}[{i}]", in_items)
+        ]
+    if not isinstance(node, dict):
+        return []
+    found = [path] if in_items and "default" in node else []
+    for key, value in node.items():
+        found += _defaults_in_list_items(value, f"{path}.{key}", in_items or key == "items")
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(crdgen.render_all()))
+def test_specs_default_nothing_inside_a_list(name: str) -> None:
     """A default inside a list item makes a client-side re-apply of an unchanged manifest that
     omits the field report "configured" (the live list differs from the manifest's), which GitOps
-    tools show as drift (e2e/test_gitops.py). tensorParallelSize and replicas predate this test."""
+    tools show as drift (e2e/test_gitops.py); the models' defaults apply instead."""
+    crd = yaml.safe_load(crdgen.render_all()[name])
+    spec = schema(crd)["properties"].get("spec", {})
+    assert _defaults_in_list_items(spec) == []
+
+
+def test_the_replicas_rule_reads_an_unset_bound_as_the_models_default() -> None:
+    """Without schema defaults in the pools list, the CEL rule itself stands in for them."""
     crd = yaml.safe_load(crdgen.render_all()["inference.tandem.dev_inferenceservices.yaml"])
     pool = schema(crd)["properties"]["spec"]["properties"]["pools"]["items"]["properties"]
-    defaulted = sorted(k for k, v in pool.items() if "default" in v)
-    assert defaulted == ["replicas", "tensorParallelSize"]
+    (check,) = pool["replicas"]["x-kubernetes-validations"]
+    assert check["rule"] == "(has(self.min) ? self.min : 1) <= (has(self.max) ? self.max : 1)"
+    assert Replicas().min == Replicas().max == 1

@@ -122,6 +122,22 @@ def schema_of(model: type[BaseModel]) -> Schema:
     return _structural(_resolve(raw, defs))  # type: ignore[no-any-return]
 
 
+def _no_defaults_in_list_items(node: Any, in_items: bool = False) -> None:
+    """Drops every ``default`` under a list's items, in place. A list is replaced whole by a
+    client-side apply (a CRD has no strategic merge keys), so a field the apiserver defaults
+    inside a list item makes the live list differ from an unchanged manifest that omits it:
+    every ``kubectl apply`` of it says "configured", and a GitOps tool comparing desired with
+    live shows the service OutOfSync for good. The models' own defaults apply instead."""
+    if isinstance(node, list):
+        for item in node:
+            _no_defaults_in_list_items(item, in_items)
+    elif isinstance(node, dict):
+        if in_items:
+            node.pop("default", None)
+        for key, value in node.items():
+            _no_defaults_in_list_items(value, in_items or key == "items")
+
+
 def _add_rules(node: Schema, path: list[str], rules: list[dict[str, str]]) -> None:
     for part in path:
         node = node["items"] if part == "[]" else node["properties"][part]
@@ -196,6 +212,7 @@ def _age_column() -> dict[str, Any]:
 def inference_service_crd() -> dict[str, Any]:
     spec = schema_of(isvc.InferenceServiceSpec)
     spec["description"] = "What to serve, on which AcceleratorPools, under which latency targets."
+    _no_defaults_in_list_items(spec)
     _add_rules(spec, [], isvc.SPEC_RULES)
     _add_rules(spec, ["model"], isvc.MODEL_RULES)
     _add_rules(spec, ["pools", "[]", "replicas"], isvc.REPLICAS_RULES)
@@ -236,6 +253,7 @@ def inference_service_crd() -> dict[str, Any]:
 def accelerator_pool_crd() -> dict[str, Any]:
     spec = schema_of(ap.AcceleratorPoolSpec)
     spec["description"] = "A vendor-labelled pool of accelerator nodes that InferenceServices may use."
+    _no_defaults_in_list_items(spec)
     _add_rules(spec, [], ap.SPEC_RULES)
     _add_rules(spec, ["tolerations", "[]"], TOLERATION_RULES)
     status = schema_of(ap.AcceleratorPoolStatus)

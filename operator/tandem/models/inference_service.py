@@ -73,9 +73,9 @@ class Replicas(Model):
         ge=0,
         le=1000,
         description="Fewest replicas: what autoscaling off pins the pool to, external and recommend "
-        "start with, and the planner never goes below.",
+        "start with, and the planner never goes below (unset: 1).",
     )
-    max: int = Field(default=1, ge=0, le=1000, description="Most replicas the planner may run.")
+    max: int = Field(default=1, ge=0, le=1000, description="Most replicas the planner may run (unset: 1).")
 
 
 class PoolSpec(Model):
@@ -90,9 +90,11 @@ class PoolSpec(Model):
     )
     accelerator_pool: str = Field(min_length=1, max_length=253, description="Name of an AcceleratorPool.")
     tensor_parallel_size: int = Field(
-        default=1, ge=1, le=64, description="Devices per replica (one pod), a power of two."
+        default=1, ge=1, le=64, description="Devices per replica (one pod), a power of two (unset: 1)."
     )
-    replicas: Replicas = Field(default_factory=Replicas, description="Bounds on the pool's replicas.")
+    replicas: Replicas = Field(
+        default_factory=Replicas, description="Bounds on the pool's replicas (unset: min 1, max 1)."
+    )
     resources: ResourceRequirements | None = Field(
         default=None,
         description="Extra requests and limits of the worker container (CPU, memory...); the "
@@ -267,7 +269,14 @@ MODEL_RULES = [
         "model needs exactly one of preset (a known architecture such as llama-3.1-8b) or architecture",
     ),
 ]
-REPLICAS_RULES = [rule("self.min <= self.max", "replicas.min must not exceed replicas.max")]
+# the schema has no defaults inside the pools list (crdgen), so an omitted bound is the model's
+_MIN, _MAX = Replicas.model_fields["min"].default, Replicas.model_fields["max"].default
+REPLICAS_RULES = [
+    rule(
+        f"(has(self.min) ? self.min : {_MIN}) <= (has(self.max) ? self.max : {_MAX})",
+        f"replicas.min must not exceed replicas.max (each is {_MAX} when unset)",
+    )
+]
 MAX_UNAVAILABLE_RULES = [
     rule(
         f"type(self) == int ? self >= 1 : self.matches('^{PERCENT}$')",
