@@ -387,9 +387,9 @@ def _arrivals(rates: list[float], spec: PlannerSpec = SPEC) -> tuple[PlannerStat
 
 
 def test_a_min_above_the_demands_need_is_reported_as_the_bound() -> None:
-    """The planner sizes every pool from its replicas.min up, so the min binds where the
-    demand alone would run fewer replicas and the pool stays at its min (HPA's
-    ScalingLimited/TooFewReplicas); a min the demand needs anyway is no bound."""
+    """The planner sizes every pool from its replicas.min up, so a min binds where the role
+    runs more replicas than the demand alone would and the pool stays at its min (HPA's
+    ScalingLimited/TooFewReplicas); a min replica the demand uses is no bound."""
     light = fleet(split_rps=0.5, replicas=(1, 0, 3, 1))
     high = replace(
         SPEC, pools=tuple(replace(p, min_replicas=3) if p.name == "decode-mi300x" else p for p in SPEC.pools)
@@ -397,10 +397,38 @@ def test_a_min_above_the_demands_need_is_reported_as_the_bound() -> None:
     d = decide(high, light, PlannerState(), 30.0)
     assert d.limited_by == "min" and d.replicas["decode-mi300x"] is None, (d.replicas, d.limited_by)
     assert d.reason == "Steady" and "decode-mi300x" in d.message and "replicas.min" in d.message
-    # a pool held at a min of 0 that the demand needs is within limits
+    # a min of 1 on a pool whose one replica the demand needs is within limits
     needed = fleet(split_rps=0.5, replicas=(1, 0, 1, 0))
-    alone = replace(SPEC, pools=tuple(replace(p, min_replicas=0) for p in SPEC.pools))
-    assert decide(alone, needed, PlannerState(), 30.0).limited_by is None
+    one = replace(
+        SPEC, pools=tuple(replace(p, min_replicas=1 if p.name == "decode-mi300x" else 0) for p in SPEC.pools)
+    )
+    assert decide(one, needed, PlannerState(), 30.0).limited_by is None
+    # a min replica on the dearer pool of a role that serves in place of the cheaper pool's:
+    # the role runs what the demand needs, so no bound (prefill-h100 costs more than MI300X)
+    h100 = replace(
+        SPEC,
+        pools=tuple(
+            replace(p, min_replicas=1)
+            if p.name == "prefill-h100"
+            else replace(p, min_replicas=0)
+            if p.role != "decode"
+            else p
+            for p in SPEC.pools
+        ),
+    )
+    on_h100 = Observation(
+        {
+            "prefill-mi300x": reading(0, metrics()),
+            "prefill-h100": reading(1, metrics(0.3, 2000.0, 1)),
+            "decode-mi300x": reading(1, metrics(0.0, 2000.0, 100, running=0.9)),
+            "mixed-mi300x": reading(0, metrics()),
+        }
+    )
+    served = decide(h100, on_h100, PlannerState(), 30.0)
+    assert served.replicas["prefill-mi300x"] in (None, 0) and served.limited_by is None, (
+        served.replicas,
+        served.limited_by,
+    )
     # a max that bites is what is reported, not the min
     capped = replace(
         high, pools=tuple(replace(p, max_replicas=1) if p.role == "prefill" else p for p in high.pools)
@@ -426,6 +454,9 @@ def test_bursty_arrivals_keep_a_floor_that_leaves_half_the_error_budget_beyond_i
     often = [20.0 if i % 3 == 2 else 2.0 for i in range(60)]
     n = SPEC.tuning.burst_min_intervals
     assert _arrivals(often[: n - 1])[1] == 0.0 and _arrivals(often[:n])[1] > 2.0
+    # ... or from as many as the burst memory holds, at intervals too long for that many
+    slow = replace(SPEC, interval_s=400.0)
+    assert _arrivals(often[:9], slow)[1] > 2.0
     # the load stopped: none once half a scale-down window passed without a request
     quiet_s = SPEC.tuning.down_window_s * SPEC.tuning.spare_window_share
     assert _arrivals(rates + [0.0] * int(quiet_s // SPEC.interval_s - 1))[1] > 2.0  # a gap between bursts

@@ -85,7 +85,7 @@ def test_the_pooled_allocation_covers_the_rate_at_its_own_counts_with_fewer_repl
     for i in range(30):
         burst_floor(POOLED, bursty, 20.0 if i % 10 == 9 else 1.0, POOLED.interval_s * (i + 1))
     assert allocate_pooled(POOLED, pools, demand, bursty)[0] == alone
-    # and before a whole scale-down window was watched
+    # and before ``burst_min_intervals`` intervals were watched
     assert allocate_pooled(POOLED, pools, demand, _smooth(POOLED, 1.5, intervals=5))[0] == alone
 
 

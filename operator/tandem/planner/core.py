@@ -117,7 +117,7 @@ class _Plan:
     held: dict[str, str] = field(default_factory=dict)  # pool -> why it was held
     running: Mapping[str, int] = field(default_factory=dict)  # pool -> replicas in force now
     unused: set[Role] = field(default_factory=set)  # roles no class of the plan sends demand to
-    above_need: set[str] = field(default_factory=set)  # pools whose replicas.min exceeds the demand's need
+    above_need: set[str] = field(default_factory=set)  # pools of roles whose mins add unneeded replicas
 
 
 def classes(spec: PlannerSpec) -> list[DemandClass]:
@@ -393,9 +393,10 @@ def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float
 def dispersion(spec: PlannerSpec, st: PlannerState) -> float | None:
     """The arrivals' index of dispersion over the memory (variance / mean of the counts per
     interval, the variance from successive differences so that a slow ramp does not count;
-    Poisson: 1); None until ``burst_min_intervals`` intervals were watched or while nothing
-    arrived."""
-    if len(st.arrivals) < max(3, spec.tuning.burst_min_intervals):
+    Poisson: 1); None until ``burst_min_intervals`` intervals were watched (or as many as the
+    memory holds, at long intervals) or while nothing arrived."""
+    memory = int(spec.tuning.burst_memory_s // max(spec.interval_s, 1e-9))  # entries it can hold
+    if len(st.arrivals) < max(3, min(spec.tuning.burst_min_intervals, memory)):
         return None
     counts = [r * spec.interval_s for _, r in st.arrivals]
     mean = sum(counts) / len(counts)
@@ -934,9 +935,10 @@ def size(
                 plan.targets.update({p.name: None for p in pools})
                 continue
             alloc, short, caps = allocate_pooled(spec, pools, d, st)
-            if any(p.min_replicas for p in pools):  # what the demand alone would run
+            if any(p.min_replicas for p in pools):  # the mins add replicas the demand does not need
                 free, _ = allocate(d.rate, [replace(p, min_replicas=0) for p in pools], caps)
-                plan.above_need.update(p.name for p in pools if free[p.name] < p.min_replicas)
+                if sum(alloc.values()) > sum(free.values()):
+                    plan.above_need.update(p.name for p in pools if p.min_replicas > 0)
             plan.caps.update(caps)
             if not short and plan.running:
                 alloc = _prefer_running(spec, pools, caps, d.rate, alloc, plan.running)
@@ -1509,8 +1511,9 @@ def _limits(
 ) -> tuple[LimitedBy | None, bool, list[str]]:
     """Clamp ``out`` to the bounds and the budget: (the bound that bit, whether the budget
     cut, the pools a replicas.min keeps above the demand's need). The planner sizes every pool
-    from its min up, so a min binds where the demand alone would run fewer replicas and the
-    pool ends at its min (``min`` only when no max or budget bit)."""
+    from its min up, so a min binds where the role runs more replicas than the demand alone
+    would (counted over the role's pools: a min replica that serves in place of a cheaper
+    pool's is needed) and the pool ends at its min (``min`` only when no max or budget bit)."""
     limited = clamp_bounds(spec, obs, out) or plan.limited
     budget_cut = apply_budget(spec, obs, out)
     if budget_cut:
@@ -1550,7 +1553,10 @@ def _reason(
             sorted(plan.held)
         ) + "."
     if at_min:
-        return "Steady", f"Demand needs fewer replicas than replicas.min keeps on {', '.join(at_min)}."
+        return (
+            "Steady",
+            f"Demand needs fewer replicas than replicas.min keeps ({', '.join(at_min)} at their min).",
+        )
     return "Steady", "Capacity matches demand."
 
 
