@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from tandem.autoscaler import Autoscaler, AutoscalerSettings
+from tandem.autoscaler import WARNING_REPEAT_S, Autoscaler, AutoscalerSettings
 from tandem.scaling import METRICS_AVAILABLE, SCALING_LIMITED
 
 URL = "http://prometheus.test:9090"
@@ -290,4 +290,30 @@ def test_a_slo_out_of_reach_or_a_binding_budget_posts_one_warning(sample_pools: 
         a.kube.replicas.update(auto.replicas)  # type: ignore[attr-defined]  # the reconcile applied them
     assert reasons == ["BudgetLimited"] * 3  # scaled up as far as the budget allows, then no more
     assert events == [("Warning", "BudgetLimited")]
+    a.forget(KEY)
+
+
+def test_a_warning_that_comes_and_goes_posts_again_only_after_the_repeat_interval(
+    sample_pools: dict[str, dict],
+) -> None:
+    """An SLO out of reach every other interval (sparse traffic) posts one Warning, not one per
+    return; once ``WARNING_REPEAT_S`` passed it posts again."""
+    strict = body()
+    strict["spec"]["slo"] = {"ttftSeconds": 0.001, "itlSeconds": 0.0001}
+    normal = body()
+    a, _, events = scaler(sample_pools, LightProm())
+    now, reasons = 100.0, []
+    for i in range(12):
+        spec = strict if i % 2 == 0 else normal
+        a.services[KEY] = spec
+        auto = asyncio.run(a.step(KEY, spec, now=now))
+        assert auto is not None and auto.last_decision is not None
+        reasons.append(auto.last_decision.reason)
+        now += 5.0
+    assert reasons[0::2] == ["SloInfeasible"] * 6 and "SloInfeasible" not in reasons[1::2]
+    warnings = [e for e in events if e[0] == "Warning"]
+    assert warnings == [("Warning", "SloInfeasible")]
+    a.services[KEY] = strict
+    asyncio.run(a.step(KEY, strict, now=now + WARNING_REPEAT_S))
+    assert [e for e in events if e[0] == "Warning"] == [("Warning", "SloInfeasible")] * 2
     a.forget(KEY)

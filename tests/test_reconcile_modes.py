@@ -339,3 +339,43 @@ def test_a_different_spec_problem_posts_again_an_unchanged_one_does_not(
     reconcile_with("max", "six")  # min fixed, max broken: news, with the same reason
     warnings = [(reason, note.split(": ")[1]) for type_, reason, note in events.posted if type_ == "Warning"]
     assert warnings == [("InvalidSpec", "pools.0.replicas.min"), ("InvalidSpec", "pools.0.replicas.max")]
+
+
+def test_when_one_of_two_spec_problems_is_fixed_the_other_is_not_posted_again(
+    sample_pools: dict[str, dict],
+) -> None:
+    """Ready's message joins every problem, so it changes when one is fixed or added; only a
+    problem not stated before posts a Warning then."""
+    from tandem.controller import Controller, Settings
+
+    class Events:
+        def __init__(self) -> None:
+            self.posted: list[tuple[str, str, str]] = []
+
+        def request(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Any:
+            assert body is not None
+            self.posted.append((body["type"], body["reason"], body["note"]))
+            return body
+
+    kube, events = SsaKube(), Events()
+    controller = Controller(events, Settings())  # type: ignore[arg-type]
+
+    def reconcile_on(prefill: str, decode: str, pools: dict[str, dict]) -> list[str]:
+        doc = spec("off")
+        doc["pools"][0]["acceleratorPool"], doc["pools"][1]["acceleratorPool"] = prefill, decode
+        body = {
+            "metadata": {"name": "llama", "namespace": "team-a", "uid": UID, "generation": 2},
+            "spec": doc,
+            "status": copy.deepcopy(kube.status),
+        }
+        outcome = asyncio.run(reconcile(body, kube=kube, pools=pools, images=Images()))  # type: ignore[arg-type]
+        before = len(events.posted)
+        asyncio.run(controller._post_events(body, outcome))
+        return [note for type_, _, note in events.posted[before:] if type_ == "Warning"]
+
+    first = reconcile_on("x-pool", "y-pool", sample_pools)
+    assert len(first) == 2 and "x-pool" in first[0] and "y-pool" in first[1], first
+    with_x = {**sample_pools, "x-pool": sample_pools["b200"]}
+    assert reconcile_on("x-pool", "y-pool", with_x) == []  # x fixed: y was told already
+    third = reconcile_on("z-pool", "y-pool", with_x)  # a new problem beside the old one
+    assert len(third) == 1 and "z-pool" in third[0], third

@@ -88,6 +88,11 @@ def utcnow() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# A Warning reason posts again only after this long (the planner's default scale-down window):
+# a situation that comes and goes every other interval must not post an Event each time.
+WARNING_REPEAT_S = 600.0
+
+
 @dataclass
 class _Service:
     state: PlannerState = field(default_factory=PlannerState)
@@ -99,6 +104,7 @@ class _Service:
     reasons: set[str] = field(default_factory=set)  # reasons counted for this service
     mode: str | None = None  # the autoscaling mode of the last step
     recommendation: tuple[Any, ...] | None = None  # recommend mode: the last one an Event told
+    warned: dict[str, float] = field(default_factory=dict)  # Warning reason -> when last posted
 
 
 class Autoscaler:
@@ -251,11 +257,11 @@ class Autoscaler:
 
         url = spec.autoscaling.prometheus_url or self.settings.prometheus_url
         if url is None:
-            return await self._hold(key, body, generation, PROMETHEUS_NOT_CONFIGURED, _NO_URL, stamp)
+            return await self._hold(key, body, generation, PROMETHEUS_NOT_CONFIGURED, _NO_URL, stamp, now)
         metrics = await self._read(st, url, key, spec, pspec.interval_s)
         if metrics is None or any(not m.complete for m in metrics.values()):
             message = f"Could not read the pools' metrics from {url}; holding every pool."
-            return await self._hold(key, body, generation, PROMETHEUS_UNAVAILABLE, message, stamp)
+            return await self._hold(key, body, generation, PROMETHEUS_UNAVAILABLE, message, stamp, now)
         observation = pool_readings(spec, deployments, metrics)
         assert observation is not None
         recommend = mode == "recommend"
@@ -267,10 +273,10 @@ class Autoscaler:
         st.state = decision.state
         post = bool(decision.changes(current)) or decision.split_threshold is not None
         if holding(decision.reason):  # the metrics could not be trusted (MetricsMissing, ...)
-            await self._hold_started(key, body, st, decision.reason, decision.message)
+            await self._hold_started(key, body, st, decision.reason, decision.message, moment)
         # the SLO may suffer: a Warning when that starts, even if no replica changes
         warning = decision.reason in WARNING_REASONS
-        started = warning and self._starts(st, decision.reason)
+        started = warning and self._starts(st, decision.reason, moment)
         if recommend:
             decision = as_recommendation(decision)
         autoscale = after_decision(spec, generation, decision, current, st.autoscale, stamp)
@@ -288,7 +294,14 @@ class Autoscaler:
         return self._store(key, body, autoscale)
 
     async def _hold(
-        self, key: Key, body: Mapping[str, Any], generation: int, reason: str, message: str, stamp: str
+        self,
+        key: Key,
+        body: Mapping[str, Any],
+        generation: int,
+        reason: str,
+        message: str,
+        stamp: str,
+        now: float | None = None,
     ) -> Autoscale:
         """No decision possible: nothing changes but MetricsAvailable (a Warning Event when it flips)."""
         st = self._state.setdefault(key, _Service())
@@ -297,7 +310,7 @@ class Autoscaler:
         self._clear_alerting(key, keep=(PLANNER_HOLDING, PLANNER_ATTAINMENT_TARGET))
         PLANNER_HOLDING.labels(*key).set(1)
         st.reasons.add(reason)
-        await self._hold_started(key, body, st, reason, message)
+        await self._hold_started(key, body, st, reason, message, time.time() if now is None else now)
         mode = _mode(body)
         return self._store(key, body, after_hold(generation, reason, message, st.autoscale, stamp, mode))
 
@@ -392,17 +405,25 @@ class Autoscaler:
             PLANNER_TTFT_WITHIN_TARGET.labels(*key).set(share)
 
     @staticmethod
-    def _starts(st: _Service, reason: str) -> bool:
-        """Whether a decision (or a hold) for ``reason`` starts a situation: the last decision had
-        another reason. Warnings are posted then, not once per interval while it lasts."""
+    def _starts(st: _Service, reason: str, now: float) -> bool:
+        """Whether a decision (or a hold) for ``reason`` starts a situation worth a Warning: the
+        last decision had another reason, and no Warning for ``reason`` went out in the last
+        ``WARNING_REPEAT_S`` (a reason that comes back every other interval, such as an SLO out
+        of reach on sparse traffic, would otherwise post one a minute). Records the post."""
         previous = st.autoscale.last_decision if st.autoscale else None
-        return previous is None or previous.reason != reason
+        if previous is not None and previous.reason == reason:
+            return False
+        last = st.warned.get(reason)
+        if last is not None and 0.0 <= now - last < WARNING_REPEAT_S:
+            return False
+        st.warned[reason] = now
+        return True
 
     async def _hold_started(
-        self, key: Key, body: Mapping[str, Any], st: _Service, reason: str, message: str
+        self, key: Key, body: Mapping[str, Any], st: _Service, reason: str, message: str, now: float
     ) -> None:
         """A Warning Event and a log line when a hold for ``reason`` starts."""
-        if not self._starts(st, reason):
+        if not self._starts(st, reason, now):
             return
         log.warning("Planner of %s/%s is holding: %s", *key, message)
         try:

@@ -301,17 +301,22 @@ class Controller:
             events.append(("Normal", "Applied", f"Applied {what}."))
         for what in outcome.pruned:
             events.append(("Normal", "Pruned", f"Pruned {what}: no longer in the spec."))
+        # a problem whose sentence the condition already stated was posted when it appeared:
+        # only the new ones post when the set changes
         if outcome.problems and outcome.ready_after != outcome.ready_before:
-            for p in outcome.problems:
-                events.append(("Warning", p.reason, p.sentence))
+            told = outcome.ready_before[1] if outcome.ready_before else ""
+            events += [("Warning", p.reason, p.sentence) for p in outcome.problems if p.sentence not in told]
         if (
             outcome.degraded_after in POD_FAILURE_REASONS
             and outcome.degraded_after != outcome.degraded_before
         ):
             events.append(("Warning", outcome.degraded_after, outcome.degraded_message))
         if outcome.kv_problems and outcome.kv_after != outcome.kv_before:
-            for p in outcome.kv_problems:  # one per incompatible prefill/decode pair
-                events.append(("Warning", p.reason, p.sentence))
+            told = outcome.kv_before[1] if outcome.kv_before else ""
+            # one per incompatible prefill/decode pair not stated before
+            events += [
+                ("Warning", p.reason, p.sentence) for p in outcome.kv_problems if p.sentence not in told
+            ]
         results = await asyncio.gather(
             *(asyncio.to_thread(post_event, self.kube, body, t, r, m) for t, r, m in events),
             return_exceptions=True,
