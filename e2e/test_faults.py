@@ -309,3 +309,5 @@ def test_apiserver_and_etcd_restart_under_the_operator(side: SideCluster, diagno
         assert op.healthy()
     finally:
         op.stop()
+        # the side cluster may outlive this session (`side_cluster` reuses a running one)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

@@ -274,7 +274,7 @@ _MIN, _MAX = Replicas.model_fields["min"].default, Replicas.model_fields["max"].
 REPLICAS_RULES = [
     rule(
         f"(has(self.min) ? self.min : {_MIN}) <= (has(self.max) ? self.max : {_MAX})",
-        f"replicas.min must not exceed replicas.max (each is {_MAX} when unset)",
+        f"replicas.min must not exceed replicas.max (unset: min {_MIN}, max {_MAX})",
     )
 ]
 MAX_UNAVAILABLE_RULES = [
