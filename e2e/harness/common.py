@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -65,8 +66,40 @@ def bin_dir() -> Path:
     return Path(lines[-1])
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` comes from the ephemeral range, which is also
+    where every outgoing connection (kubectl, httpx, the apiserver's to etcd) takes its local
+    port: between this call and the server's own bind, one of them can take it (the CI run saw
+    the operator's health endpoint fail with "address already in use"). Below that range only
+    servers bind, and none of this process's picks repeats. Not just below it either: kwokctl
+    takes its clusters' ports counting down from 32767."""
+    top = min(_ephemeral_range()[0], 30000)
+    if top > 12000:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(10000, top)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
