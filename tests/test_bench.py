@@ -129,3 +129,38 @@ def test_tandem_and_dynamo_read_the_first_tokens_clients_see() -> None:
     dynamo.observe_clients(((math.inf, 1.0),), 1.7)
     dynamo.decide(30.0, pools)
     assert dynamo._acc["ttft"] == pytest.approx(30.0 * 1.7)  # the frontend's, not the engine's 0.5
+
+
+def test_the_table_says_when_a_baseline_misses_the_attainment_target() -> None:
+    """A baseline far below the target is not compared at equal attainment: the report says so."""
+    from tandem.bench.cli import markdown
+
+    def policy(att: float) -> dict[str, object]:
+        return {
+            "slo_attainment": att,
+            "cost_per_1k_good": 1.0,
+            "cost_per_hour": 1.0,
+            "scale_actions": 0,
+            "fleet": "f",
+        }
+
+    entry = {
+        "requests": 10,
+        "duration_s": 60.0,
+        "policies": {
+            "tandem": policy(0.95),
+            "colocated-hpa": policy(0.93),
+            "dynamo-sla": policy(0.001),
+            "oracle": policy(0.9),
+        },
+        "ratios": {"colocated-hpa": 0.5, "dynamo-sla": 0.004, "oracle": 1.2},
+        "goals_met": {
+            "vs_colocated-hpa": True,
+            "vs_dynamo-sla": True,
+            "vs_oracle": False,
+            "attainment": True,
+        },
+    }
+    text = markdown({"slo": {"ttft_s": 2.0, "itl_s": 0.1}, "traces": {"t": entry}}, 0.9)
+    assert "Below the attainment target: dynamo-sla (0.001)" in text
+    assert "colocated-hpa (" not in text and "oracle (" not in text

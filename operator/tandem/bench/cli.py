@@ -87,6 +87,17 @@ def markdown(results: Mapping[str, Any], target: float) -> str:
             + f"; attainment >= target: {_yes(v['attainment'])}.",
             "",
         ]
+        short = [
+            b for b in GOALS if b in entry["policies"] and entry["policies"][b]["slo_attainment"] < target
+        ]
+        if short:
+            lines += [
+                "Below the attainment target: "
+                + ", ".join(f"{b} ({entry['policies'][b]['slo_attainment']:.3f})" for b in short)
+                + ". Cost per good request counts only the requests served within the SLO, so the "
+                "ratio against a policy below the target is not a comparison at equal attainment.",
+                "",
+            ]
         warm_r = entry.get("ratios_after_warmup")
         if warm_r:
             lines += [
