@@ -34,7 +34,7 @@ PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
 PROMETHEUS_NOT_CONFIGURED = "PrometheusNotConfigured"
 
 _LIMITED = {
-    "min": ("MinReplicas", "Demand needs fewer replicas than some pool's replicas.min allows."),
+    "min": ("MinReplicas", "Demand needs fewer replicas than replicas.min keeps on some pool."),
     "max": ("MaxReplicas", "Demand needs more replicas than some pool's replicas.max allows."),
     "budget": ("BudgetLimited", "The budget (maxDevices or maxCostPerHour) allows no more replicas."),
 }
