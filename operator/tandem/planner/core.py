@@ -1391,13 +1391,16 @@ def _over_budget(spec: PlannerSpec, counts: Mapping[str, int]) -> bool:
     return spec.max_cost_per_hour is not None and cost > spec.max_cost_per_hour + 1e-9
 
 
+def _after(out: Mapping[str, int | None], obs: Observation, pool: str) -> int:
+    """The replicas of ``pool`` once ``out`` is applied (``None``: what runs)."""
+    wanted = out.get(pool)
+    return obs.pools[pool].replicas if wanted is None else wanted
+
+
 def apply_budget(spec: PlannerSpec, obs: Observation, out: dict[str, int | None]) -> bool:
     """Remove replicas, most expensive first (increases before existing ones), until the
     budget holds or every pool is at its min. Returns True if anything was cut."""
-    counts: dict[str, int] = {}
-    for p in spec.pools:
-        want = out.get(p.name)
-        counts[p.name] = want if want is not None else obs.pools[p.name].replicas
+    counts = {p.name: _after(out, obs, p.name) for p in spec.pools}
     current = {p.name: obs.pools[p.name].replicas for p in spec.pools}
     cut = False
     while _over_budget(spec, counts):
@@ -1492,12 +1495,6 @@ def _signals(
     if planned in costs:
         sig["plannedCostPerHour"] = f"{costs[planned]:.3g}"
     return sig
-
-
-def _after(out: Mapping[str, int | None], obs: Observation, pool: str) -> int:
-    """The replicas of ``pool`` once ``out`` is applied (``None``: what runs)."""
-    wanted = out.get(pool)
-    return obs.pools[pool].replicas if wanted is None else wanted
 
 
 def _limits(
