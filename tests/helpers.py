@@ -61,3 +61,15 @@ def is_sentence(message: str) -> bool:
     """A condition's or an Event's message as the API conventions want it: a human-readable
     sentence (not empty, not starting in lower case, ending in a full stop)."""
     return bool(message) and not message[0].islower() and message.endswith(".")
+
+
+class EventKube:
+    """A Kube that records the Events posted (a POST of an events.k8s.io/v1 Event)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+
+    def request(self, method: str, path: str, body: dict | None = None, **_: object) -> dict:
+        assert method == "POST" and path.endswith("/events") and body is not None
+        self.events.append((body["type"], body["reason"], body["note"]))
+        return body

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from helpers import EventKube
 from tandem import controller as controller_module
 from tandem.controller import Controller, Key, Settings
 from tandem.kube import KubeError
@@ -165,18 +166,6 @@ def test_reconcile_errors_are_gauged_per_service_and_removed_with_it(monkeypatch
         assert (errors_in_a_row(broken), errors_in_a_row(fine)) == (None, None)
 
     asyncio.run(scenario())
-
-
-class EventKube:
-    """Records the Events posted (a POST of an events.k8s.io/v1 Event)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, str]] = []
-
-    def request(self, method: str, path: str, body: dict | None = None, **_: object) -> dict:
-        assert method == "POST" and path.endswith("/events") and body is not None
-        self.events.append((body["type"], body["reason"], body["note"]))
-        return body
 
 
 @pytest.mark.parametrize(

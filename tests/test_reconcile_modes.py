@@ -13,7 +13,7 @@ import copy
 import json
 from typing import Any
 
-from helpers import apply_merge_patch, is_sentence
+from helpers import EventKube, apply_merge_patch, is_sentence
 from tandem import names
 from tandem.builders.common import Images
 from tandem.kube import KubeError
@@ -311,16 +311,7 @@ def test_a_different_spec_problem_posts_again_an_unchanged_one_does_not(
     none on a resync while the problem stays."""
     from tandem.controller import Controller, Settings
 
-    class Events:
-        def __init__(self) -> None:
-            self.posted: list[tuple[str, str, str]] = []
-
-        def request(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Any:
-            assert body is not None
-            self.posted.append((body["type"], body["reason"], body["note"]))
-            return body
-
-    kube, events = SsaKube(), Events()
+    kube, events = SsaKube(), EventKube()
     controller = Controller(events, Settings())  # type: ignore[arg-type]
 
     def reconcile_with(field: str, value: Any) -> None:
@@ -337,7 +328,7 @@ def test_a_different_spec_problem_posts_again_an_unchanged_one_does_not(
     reconcile_with("min", "one")
     reconcile_with("min", "one")  # a resync: nothing new
     reconcile_with("max", "six")  # min fixed, max broken: news, with the same reason
-    warnings = [(reason, note.split(": ")[1]) for type_, reason, note in events.posted if type_ == "Warning"]
+    warnings = [(reason, note.split(": ")[1]) for type_, reason, note in events.events if type_ == "Warning"]
     assert warnings == [("InvalidSpec", "pools.0.replicas.min"), ("InvalidSpec", "pools.0.replicas.max")]
 
 
@@ -348,16 +339,7 @@ def test_when_one_of_two_spec_problems_is_fixed_the_other_is_not_posted_again(
     problem not stated before posts a Warning then."""
     from tandem.controller import Controller, Settings
 
-    class Events:
-        def __init__(self) -> None:
-            self.posted: list[tuple[str, str, str]] = []
-
-        def request(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Any:
-            assert body is not None
-            self.posted.append((body["type"], body["reason"], body["note"]))
-            return body
-
-    kube, events = SsaKube(), Events()
+    kube, events = SsaKube(), EventKube()
     controller = Controller(events, Settings())  # type: ignore[arg-type]
 
     def reconcile_on(prefill: str, decode: str, pools: dict[str, dict]) -> list[str]:
@@ -369,9 +351,9 @@ def test_when_one_of_two_spec_problems_is_fixed_the_other_is_not_posted_again(
             "status": copy.deepcopy(kube.status),
         }
         outcome = asyncio.run(reconcile(body, kube=kube, pools=pools, images=Images()))  # type: ignore[arg-type]
-        before = len(events.posted)
+        before = len(events.events)
         asyncio.run(controller._post_events(body, outcome))
-        return [note for type_, _, note in events.posted[before:] if type_ == "Warning"]
+        return [note for type_, _, note in events.events[before:] if type_ == "Warning"]
 
     first = reconcile_on("x-pool", "y-pool", sample_pools)
     assert len(first) == 2 and "x-pool" in first[0] and "y-pool" in first[1], first
