@@ -637,3 +637,28 @@ def test_a_jump_of_the_mean_prompt_is_sized_at_once_and_noise_is_smoothed() -> N
     slow = replace(SPEC, tuning=replace(SPEC.tuning, isl_jump=100.0))
     assert 1000.0 < level_after(6000.0, slow) < 4000.0  # without the restart: smoothed
     assert 1000.0 < level_after(1400.0) < 1400.0  # +40%: within the noise, smoothed
+
+
+def test_a_mean_prompt_over_a_few_requests_barely_moves_the_level() -> None:
+    """Three long prompts in a trickle are no workload change: the level moves by their
+    share of a full sample's weight, and the jump rule waits for a mean over enough requests.
+    After a silence longer than the forecast's gap, the trickle does not restart the level
+    either."""
+
+    def level_after(steps: list[tuple[float, float, float]]) -> float:
+        st = PlannerState()
+        for i in range(1, 11):
+            st = decide(SPEC, fleet(split_rps=1.0, isl=1000.0), st, 30.0 * i).state
+        for t, rps, isl in steps:
+            st = decide(SPEC, fleet(split_rps=rps, isl=isl), st, t).state
+        level = st.forecast["total.isl"].level
+        assert level is not None
+        return level
+
+    few = 3 / 30.0  # three requests in a 30-s interval
+    share = few * 30.0 / SPEC.tuning.isl_min_requests
+    assert level_after([(330.0, few, 4000.0)]) == pytest.approx(1000.0 + 0.5 * share * 3000.0)
+    assert level_after([(330.0, 1.0, 4000.0)]) == pytest.approx(4000.0)  # enough: a jump
+    # silence (no mean prompt) for 10 intervals, then the trickle
+    quiet = [(330.0 + 30.0 * i, 0.0, 0.0) for i in range(10)]
+    assert level_after([*quiet, (630.0, few, 4000.0)]) < 1300.0

@@ -235,6 +235,7 @@ class Entering:
     # the engines' own finished requests/s and mean prompt (the router's calibration)
     engines_rate: float = 0.0
     engines_isl: float | None = None
+    sampled: float = 0.0  # requests/s whose prompts the mean ``isl`` is over
 
 
 def _scaled_buckets(
@@ -283,8 +284,9 @@ def observe_total(
             "router",
             finished,
             isl,
+            arrived,
         )
-    return Entering(finished + backlog, isl, osl, hists, "pools", finished, isl)
+    return Entering(finished + backlog, isl, osl, hists, "pools", finished, isl, finished)
 
 
 def _span(spec: PlannerSpec, st: PlannerState, now: float) -> tuple[float, float]:
@@ -361,7 +363,14 @@ def plan_total(spec: PlannerSpec, obs: Observation, st: PlannerState, now: float
         if value is not None and value > 0:
             before = st.forecast.get(name)
             level = before.level if before is not None else None
-            if key == "isl" and level is not None and value > level * (1.0 + spec.tuning.isl_jump):
+            few = spec.tuning.isl_min_requests
+            sampled = entering.sampled * spec.interval_s
+            if key == "isl" and before is not None and level is not None and sampled < few:
+                # a mean over a handful of prompts is mostly noise: it moves the level in
+                # proportion to its count, and neither restarts nor re-times the series
+                weight = forecast.ALPHA * sampled / few
+                st.forecast[name] = replace(before, level=level + weight * (value - level))
+            elif key == "isl" and level is not None and value > level * (1.0 + spec.tuning.isl_jump):
                 # the workload changed, not the noise: the smoothing restarts at the new mean
                 st.forecast[name] = Trend(level=value, trend=0.0, updated=now)
             else:
