@@ -98,8 +98,12 @@ def test_a_new_threshold_waits_for_confirmation_while_the_fleet_serves_the_curre
     first, costs = plan_threshold(TUNED, total, st, serving)
     assert first == 1 and st.plan_beaten == 1
     assert min(costs.values()) < 0.9 * costs[1]
-    second, _ = plan_threshold(TUNED, total, st, serving)
-    assert second > 1 and st.plan_beaten == 0
+    confirm = TUNED.tuning.split_confirm_intervals
+    assert confirm > 1
+    for n in range(2, confirm):  # not confirmed yet
+        assert plan_threshold(TUNED, total, st, serving)[0] == 1 and st.plan_beaten == n
+    last, _ = plan_threshold(TUNED, total, st, serving)
+    assert last > 1 and st.plan_beaten == 0
     # the cheaper plan lost its lead for one decision: the count starts again
     st = replace(PlannerState(), plan_threshold=1, split_threshold=1)
     plan_threshold(TUNED, total, st, serving)
@@ -128,7 +132,8 @@ def test_a_threshold_cheaper_only_at_the_held_peak_does_not_start_replicas_in_a_
     assert min(costs.values()) < 0.9 * costs[nothing]  # the split is cheaper at the peak
     # sustained (today's demand is the peak): it is adopted once confirmed
     st = replace(PlannerState(), plan_threshold=nothing, split_threshold=nothing)
-    plan_threshold(TUNED, peak, st, running, peak)
+    for _ in range(TUNED.tuning.split_confirm_intervals - 1):
+        assert plan_threshold(TUNED, peak, st, running, peak)[0] == nothing
     assert plan_threshold(TUNED, peak, st, running, peak)[0] < nothing
     # what runs cannot serve today's demand at the current threshold: no reason to wait
     st = replace(PlannerState(), plan_threshold=nothing, split_threshold=nothing)
@@ -162,7 +167,10 @@ def test_a_hold_on_bad_data_restarts_the_confirmation() -> None:
 def test_short_prompts_on_few_replicas_plan_no_split_path() -> None:
     """Mixed and decode pools are paid for (min 1); a trickle of long prompts costs less on
     the mixed pool than on a new prefill replica: the planner splits nothing."""
-    steps = [(30.0 * i, fleet(split_rps=0.3, mixed_rps=0.5, replicas=(1, 0, 1, 1))) for i in range(1, 4)]
+    confirm = TUNED.tuning.split_confirm_intervals
+    steps = [
+        (30.0 * i, fleet(split_rps=0.3, mixed_rps=0.5, replicas=(1, 0, 1, 1))) for i in range(1, confirm + 2)
+    ]
     d = run(steps, TUNED)
     assert d.signals["split.plannedRps"] == "0"  # no prompt is planned on the split path
     assert d.signals["prefill-mi300x.recommended"] == "0"
