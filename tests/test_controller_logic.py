@@ -168,25 +168,58 @@ def test_reconcile_errors_are_gauged_per_service_and_removed_with_it(monkeypatch
     asyncio.run(scenario())
 
 
+def _failing(pool: str, pods: int, why: str) -> str:
+    """A pool's sentence as `status.failing_pools` writes it."""
+    return (
+        f"Pool {pool}: {pods} pod(s) with container engine in {why}; the planner adds no "
+        "replicas to it until they become ready."
+    )
+
+
+CRASH_DECODE = _failing("decode", 1, "CrashLoopBackOff")
+CRASH_DECODE_2 = _failing("decode", 2, "CrashLoopBackOff")  # another pod of the pool
+
+
 @pytest.mark.parametrize(
     ("before", "after", "posted"),
     [
-        ("AsExpected", "PoolCrashLooping", True),  # turned to a pod failure: one Warning
-        ("PoolCrashLooping", "PoolCrashLooping", False),  # still: no repeat every reconcile
-        ("PoolCrashLooping", "PoolImagePullFailing", True),  # another failure
-        ("AsExpected", "ChildRejected", False),  # a spec problem: its Warning comes with Ready
-        (None, "AsExpected", False),
+        # turned to a pod failure: one Warning
+        (("AsExpected", "No pod is failing."), ("PoolCrashLooping", CRASH_DECODE), [CRASH_DECODE]),
+        # still: no repeat every reconcile, nor when another pod of the pool fails too
+        (("PoolCrashLooping", CRASH_DECODE), ("PoolCrashLooping", CRASH_DECODE), []),
+        (("PoolCrashLooping", CRASH_DECODE), ("PoolCrashLooping", CRASH_DECODE_2), []),
+        # another failure of the same pool
+        (
+            ("PoolCrashLooping", CRASH_DECODE),
+            ("PoolImagePullFailing", _failing("decode", 1, "ImagePullBackOff")),
+            [_failing("decode", 1, "ImagePullBackOff")],
+        ),
+        # a second pool failing for the same reason: one Warning, naming it
+        (
+            ("PoolCrashLooping", CRASH_DECODE),
+            ("PoolCrashLooping", CRASH_DECODE + " " + _failing("prefill", 3, "CrashLoopBackOff")),
+            [_failing("prefill", 3, "CrashLoopBackOff")],
+        ),
+        # a spec problem: its Warning comes with Ready
+        (("AsExpected", ""), ("ChildRejected", "The apiserver refused a child."), []),
+        (None, ("AsExpected", "No pod of a pool is failing to run."), []),
     ],
 )
-def test_pods_failing_to_run_post_one_warning(before: str | None, after: str, posted: bool) -> None:
+def test_pods_failing_to_run_post_one_warning_per_pool(
+    before: tuple[str, str] | None, after: tuple[str, str], posted: list[str]
+) -> None:
     from tandem.reconcile import Outcome
 
     kube = EventKube()
     controller = Controller(kube, Settings())  # type: ignore[arg-type]
     outcome = Outcome(
-        degraded_before=before, degraded_after=after, degraded_message="Pool decode: 2 pod(s) ..."
+        degraded_before=before[0] if before else None,
+        degraded_told=before[1] if before else "",
+        degraded_after=after[0],
+        degraded_message=after[1],
     )
     body = {"metadata": {"name": "llama", "namespace": "ns", "uid": "u"}}
     asyncio.run(controller._post_events(body, outcome))
-    warnings = [e for e in kube.events if e[0] == "Warning"]
-    assert warnings == ([("Warning", after, "Pool decode: 2 pod(s) ...")] if posted else [])
+    warnings = [(e[1], e[2]) for e in kube.events if e[0] == "Warning"]
+    reasons = {"CrashLoopBackOff": "PoolCrashLooping", "ImagePullBackOff": "PoolImagePullFailing"}
+    assert warnings == [(next(r for w, r in reasons.items() if w in m), m) for m in posted]

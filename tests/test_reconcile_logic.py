@@ -320,6 +320,26 @@ def test_image_pull_failures_are_reported_per_pool() -> None:
     assert failing_pools([crashing_pod("a", "ContainerCreating")]) == {}
 
 
+def test_the_degraded_message_states_each_failing_pool_once() -> None:
+    """`stated_failures` reads back, from the message the Degraded condition joins, each pool's
+    failure (the key of its Warning Event): the pool and the waiting reason, not the pod count."""
+    from tandem.status import failing_pools, stated_failures
+
+    pods = [
+        crashing_pod("a.b", "CrashLoopBackOff"),
+        crashing_pod("a.b", "CrashLoopBackOff"),
+        crashing_pod("c", "ErrImagePull"),
+    ]
+    found = failing_pools(pods)
+    message = " ".join(m for _, m in found.values())  # as the Degraded condition writes it
+    stated = stated_failures(message)
+    assert stated == {
+        ("a.b", "CrashLoopBackOff"): found["a.b"],
+        ("c", "ErrImagePull"): found["c"],
+    }
+    assert stated_failures("No pod of a pool is failing to run.") == {}
+
+
 class RejectingKube:
     """apply() refuses one Deployment the way the apiserver or an admission policy does."""
 

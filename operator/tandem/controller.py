@@ -21,7 +21,7 @@ from tandem.builders import Images
 from tandem.kube import Kube, KubeError
 from tandem.peering import PeeringGate, PeeringSettings
 from tandem.reconcile import Outcome, reconcile, utcnow
-from tandem.status import POD_FAILURE_REASONS, pool_status_update
+from tandem.status import POD_FAILURE_REASONS, pool_status_update, stated_failures
 from tandem.telemetry import CHILD_WRITES, RECONCILE_ERRORS_IN_A_ROW, RECONCILE_SECONDS, RECONCILES
 
 log = logging.getLogger("tandem.controller")
@@ -306,11 +306,16 @@ class Controller:
         if outcome.problems and outcome.ready_after != outcome.ready_before:
             told = outcome.ready_before[1] if outcome.ready_before else ""
             events += [("Warning", p.reason, p.sentence) for p in outcome.problems if p.sentence not in told]
-        if (
-            outcome.degraded_after in POD_FAILURE_REASONS
-            and outcome.degraded_after != outcome.degraded_before
-        ):
-            events.append(("Warning", outcome.degraded_after, outcome.degraded_message))
+        if outcome.degraded_after in POD_FAILURE_REASONS:
+            # one per pool failure the previous Degraded message did not state (a second pool
+            # failing for the same reason is news; more pods of a pool already failing are not)
+            was_failing = outcome.degraded_before in POD_FAILURE_REASONS
+            stated = stated_failures(outcome.degraded_told) if was_failing else {}
+            events += [
+                ("Warning", reason, sentence)
+                for key, (reason, sentence) in stated_failures(outcome.degraded_message).items()
+                if key not in stated
+            ]
         if outcome.kv_problems and outcome.kv_after != outcome.kv_before:
             told = outcome.kv_before[1] if outcome.kv_before else ""
             # one per incompatible prefill/decode pair not stated before

@@ -65,11 +65,13 @@ class Outcome:
     # InvalidSpec, is news), not again on every resync while it stays
     ready_before: tuple[str, str] | None = None
     ready_after: tuple[str, str] | None = None
-    # the Degraded condition's reason before and after, and its message after: pods that fail to
-    # run (crash loops, image pulls) get a Warning Event when the service turns Degraded for it
+    # the Degraded condition's reason before and after, and its message before and after: each
+    # pool whose pods fail to run (crash loops, image pulls) gets a Warning Event when the message
+    # first states it (`status.stated_failures`), not again while it stays
     degraded_before: str | None = None
     degraded_after: str | None = None
     degraded_message: str = ""
+    degraded_told: str = ""
     # KVTransferReady's (reason, message) before and after (as for Ready: a pair incompatible for
     # another reason, or another pair, is news), and the incompatible prefill/decode pairs
     kv_before: tuple[str, str] | None = None
@@ -88,11 +90,6 @@ class Outcome:
 
 def _condition(status: InferenceServiceStatus, kind: str) -> Condition | None:
     return next((c for c in status.conditions if c.type == kind), None)
-
-
-def _reason(status: InferenceServiceStatus, kind: str) -> str | None:
-    c = _condition(status, kind)
-    return c.reason if c else None
 
 
 def _said(status: InferenceServiceStatus, kind: str) -> tuple[str, str] | None:
@@ -139,7 +136,12 @@ async def reconcile(
     generation = int(meta.get("generation", 1))
     raw_status = body.get("status") or {}
     previous = InferenceServiceStatus.model_validate(raw_status) if raw_status else InferenceServiceStatus()
-    outcome = Outcome(ready_before=_said(previous, "Ready"), degraded_before=_reason(previous, "Degraded"))
+    degraded_before = _said(previous, "Degraded")
+    outcome = Outcome(
+        ready_before=_said(previous, "Ready"),
+        degraded_before=degraded_before[0] if degraded_before else None,
+        degraded_told=degraded_before[1] if degraded_before else "",
+    )
     now = now or utcnow()
 
     # gather

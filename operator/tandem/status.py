@@ -7,6 +7,7 @@ when the condition's status flips.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from math import gcd
 from typing import Any, Literal
@@ -287,6 +288,22 @@ def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str
             "replicas to it until they become ready.",
         )
         for pool, (reason, container, why, count) in sorted(found.items())
+    }
+
+
+# One pool's sentence in a Degraded message of `failing_pools` (container names are DNS labels:
+# no dots, so the sentence ends at the first full stop after the waiting reason).
+_FAILURE_SENTENCE = re.compile(r"Pool (?P<pool>\S+): \d+ pod\(s\) with container \S+ in (?P<why>\w+);[^.]*\.")
+
+
+def stated_failures(message: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """(pool, kubelet waiting reason) -> (Degraded reason, the pool's sentence) for every pool
+    failure a Degraded message of `failing_pools` states. The pod count is left out of the key:
+    a crash-looping pool whose second pod starts crash-looping too is no news."""
+    return {
+        (m["pool"], m["why"]): (_FAILING[m["why"]], m.group(0))
+        for m in _FAILURE_SENTENCE.finditer(message)
+        if m["why"] in _FAILING
     }
 
 
