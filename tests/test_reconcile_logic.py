@@ -320,6 +320,40 @@ def test_image_pull_failures_are_reported_per_pool() -> None:
     assert failing_pools([crashing_pod("a", "ContainerCreating")]) == {}
 
 
+def _between_crashes(pool: str, ready: bool, exit_code: int, state: str = "running") -> dict[str, Any]:
+    """A pod whose engine restarted after exiting with ``exit_code`` and now ``state``."""
+    return {
+        "metadata": {"labels": {"inference.tandem.dev/pool": pool}},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "engine",
+                    "ready": ready,
+                    "restartCount": 3,
+                    "state": {state: {"reason": "Error"} if state == "terminated" else {}},
+                    "lastState": {
+                        "terminated": {"exitCode": exit_code, "reason": "Error" if exit_code else "Completed"}
+                    },
+                }
+            ]
+        },
+    }
+
+
+def test_a_crash_loop_between_back_offs_still_fails() -> None:
+    """The kubelet says CrashLoopBackOff only while it backs off; between two back-offs the
+    container runs (or just exited) again. Still failing until it is ready: Degraded and its
+    Warning do not flap with every crash cycle."""
+    from tandem.status import failing_pools
+
+    for state in ("running", "terminated"):
+        found = failing_pools([_between_crashes("d", ready=False, exit_code=1, state=state)])
+        assert found["d"][0] == "PoolCrashLooping"
+        assert "CrashLoopBackOff" in found["d"][1]
+    assert failing_pools([_between_crashes("d", ready=True, exit_code=1)]) == {}  # recovered
+    assert failing_pools([_between_crashes("d", ready=False, exit_code=0)]) == {}  # exited cleanly
+
+
 def test_the_degraded_message_states_each_failing_pool_once() -> None:
     """`stated_failures` reads back, from the message the Degraded condition joins, each pool's
     failure (the key of its Warning Event): the pool and the waiting reason, not the pod count."""

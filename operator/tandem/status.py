@@ -275,6 +275,8 @@ def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str
         status = pod.get("status") or {}
         for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
             waiting = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+            if waiting not in _FAILING and _restarting_after_crash(cs):
+                waiting = _CRASH_LOOP
             if waiting in _FAILING:
                 reason, container, why, count = found.get(
                     pool, (_FAILING[waiting], cs.get("name", "?"), waiting, 0)
@@ -289,6 +291,27 @@ def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str
         )
         for pool, (reason, container, why, count) in sorted(found.items())
     }
+
+
+_CRASH_LOOP = "CrashLoopBackOff"
+
+
+def _restarting_after_crash(cs: Mapping[str, Any]) -> bool:
+    """Whether a container that is not ready was restarted after it last exited with an error:
+    a crash loop between two back-offs (running again, or just terminated). The kubelet reports
+    ``waiting: CrashLoopBackOff`` only during the back-off itself, so without this a container
+    that runs for a while between crashes (an engine loading weights, then running out of
+    memory) turned ``Degraded`` back to ``AsExpected`` and posted its Warning again every cycle.
+    One that became ready again has recovered."""
+    if cs.get("ready") or not cs.get("restartCount"):
+        return False
+    last = (cs.get("lastState") or {}).get("terminated") or {}
+    state = cs.get("state") or {}
+    if "waiting" in state and "running" not in state and "terminated" not in state:
+        reason = (state.get("waiting") or {}).get("reason")
+        if reason not in (None, "", "PodInitializing", "ContainerCreating"):
+            return False  # another waiting state: reported by its own reason, or benign
+    return bool(last) and (last.get("exitCode", 0) != 0 or last.get("reason") in ("Error", "OOMKilled"))
 
 
 # One pool's sentence in a Degraded message of `failing_pools` (container names are DNS labels:
