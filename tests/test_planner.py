@@ -228,7 +228,10 @@ CASES = [
         [(30.0, fleet(split_rps=100.0))],
         "ScaledUp",
         lambda d: (
-            d.replicas["prefill-mi300x"] == 8 and d.replicas["prefill-h100"] == 8 and d.limited_by == "max"
+            d.replicas["prefill-mi300x"] == 8
+            and d.replicas["prefill-h100"] == 8
+            and d.limited_by == "max"
+            and d.limited_pools == ("decode-mi300x", "prefill-h100", "prefill-mi300x")
         ),
     ),
     Case(
@@ -237,6 +240,8 @@ CASES = [
         {"BudgetLimited"},
         lambda d: (
             d.limited_by == "budget"
+            and d.limited_pools != ()
+            and all((d.replicas[p] or 0) < 20 for p in d.limited_pools)
             and _total_devices(d, fleet(split_rps=20.0)) <= 6
             and (d.replicas["prefill-h100"] or 0) == 0
         ),
@@ -396,6 +401,7 @@ def test_a_min_above_the_demands_need_is_reported_as_the_bound() -> None:
     )
     d = decide(high, light, PlannerState(), 30.0)
     assert d.limited_by == "min" and d.replicas["decode-mi300x"] is None, (d.replicas, d.limited_by)
+    assert d.limited_pools == ("decode-mi300x", "mixed-mi300x")  # no mixed demand at all
     assert d.reason == "Steady" and "decode-mi300x" in d.message and "replicas.min" in d.message
     # a min of 1 on a pool whose one replica the demand needs is within limits
     needed = fleet(split_rps=0.5, replicas=(1, 0, 1, 0))
@@ -433,10 +439,9 @@ def test_a_min_above_the_demands_need_is_reported_as_the_bound() -> None:
     capped = replace(
         high, pools=tuple(replace(p, max_replicas=1) if p.role == "prefill" else p for p in high.pools)
     )
-    assert (
-        decide(capped, fleet(split_rps=100.0, replicas=(1, 1, 3, 1)), PlannerState(), 30.0).limited_by
-        == "max"
-    )
+    at_max = decide(capped, fleet(split_rps=100.0, replicas=(1, 1, 3, 1)), PlannerState(), 30.0)
+    assert at_max.limited_by == "max"
+    assert at_max.limited_pools == ("decode-mi300x", "prefill-h100", "prefill-mi300x"), at_max.replicas
 
 
 def test_bursty_arrivals_keep_a_floor_that_leaves_half_the_error_budget_beyond_it() -> None:

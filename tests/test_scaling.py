@@ -71,6 +71,7 @@ def decision(
     reason: str = "ScaledUp",
     limited: Any = None,
     threshold: int | None = 512,
+    limited_pools: tuple[str, ...] = (),
 ) -> Decision:
     return Decision(
         replicas=replicas,
@@ -80,6 +81,7 @@ def decision(
         signals={"split.rps": "3"},
         limited_by=limited,
         state=PlannerState(split_threshold=threshold),
+        limited_pools=limited_pools,
     )
 
 
@@ -188,6 +190,33 @@ def test_after_decision_merges_replicas_threshold_ratio_and_conditions() -> None
         "MaxReplicas",
     )
     assert second.last_decision is not None and second.last_decision.time == LATER
+
+
+@pytest.mark.parametrize(
+    ("limited", "pools", "reason", "message"),
+    [
+        ("max", ("p",), "MaxReplicas", "Demand needs more replicas than replicas.max allows on pool p."),
+        (
+            "min",
+            ("d", "x"),
+            "MinReplicas",
+            "Demand needs fewer replicas than replicas.min keeps on pools d and x.",
+        ),
+        (
+            "budget",
+            ("d", "p", "x"),
+            "BudgetLimited",
+            "The budget (maxDevices or maxCostPerHour) allows no more replicas; it cut pools d, p and x.",
+        ),
+        ("max", (), "MaxReplicas", "Demand needs more replicas than replicas.max allows on some pool."),
+    ],
+)
+def test_scaling_limited_names_the_pools_the_bound_binds_on(
+    limited: str, pools: tuple[str, ...], reason: str, message: str
+) -> None:
+    out = after_decision(spec(), 1, decision({}, "Steady", limited, limited_pools=pools), {"p": 1}, None, NOW)
+    c = cond(out, SCALING_LIMITED)
+    assert (c.status, c.reason, c.message) == ("True", reason, message)
 
 
 def test_an_unchanged_decision_keeps_last_decision_so_status_is_not_rewritten() -> None:

@@ -10,7 +10,7 @@ The planner never writes a Deployment itself. Everything here is pure: no I/O, t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,9 +34,12 @@ PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
 PROMETHEUS_NOT_CONFIGURED = "PrometheusNotConfigured"
 
 _LIMITED = {
-    "min": ("MinReplicas", "Demand needs fewer replicas than replicas.min keeps on some pool."),
-    "max": ("MaxReplicas", "Demand needs more replicas than some pool's replicas.max allows."),
-    "budget": ("BudgetLimited", "The budget (maxDevices or maxCostPerHour) allows no more replicas."),
+    "min": ("MinReplicas", "Demand needs fewer replicas than replicas.min keeps on {pools}."),
+    "max": ("MaxReplicas", "Demand needs more replicas than replicas.max allows on {pools}."),
+    "budget": (
+        "BudgetLimited",
+        "The budget (maxDevices or maxCostPerHour) allows no more replicas; it cut {pools}.",
+    ),
 }
 
 _WITHIN_LIMITS = "No replicas.min, replicas.max or budget bound the planner's last decision."
@@ -182,11 +185,21 @@ def metrics_condition(reason: str, message: str, generation: int) -> Condition:
     )
 
 
-def limited_condition(limited_by: str | None, generation: int) -> Condition:
+def limited_condition(limited_by: str | None, generation: int, pools: Sequence[str] = ()) -> Condition:
+    """``ScalingLimited`` for the bound that bit (``None``: none did), naming the ``pools``
+    it bit on."""
     if limited_by is None:
         return _cond(SCALING_LIMITED, "False", "WithinLimits", _WITHIN_LIMITS, generation)
-    reason, message = _LIMITED[limited_by]
-    return _cond(SCALING_LIMITED, "True", reason, message, generation)
+    reason, template = _LIMITED[limited_by]
+    named = _pool_list(pools) if pools else "some pool"
+    return _cond(SCALING_LIMITED, "True", reason, template.format(pools=named), generation)
+
+
+def _pool_list(pools: Sequence[str]) -> str:
+    """'pool a', 'pools a and b', 'pools a, b and c'."""
+    if len(pools) == 1:
+        return f"pool {pools[0]}"
+    return f"pools {', '.join(pools[:-1])} and {pools[-1]}"
 
 
 def _last_decision(
@@ -242,7 +255,7 @@ def after_decision(
         target_ratio=target_ratio(spec, recommended if mode == "recommend" else replicas, current),
         conditions=(
             metrics_condition(decision.reason, decision.message, generation),
-            limited_condition(decision.limited_by, generation),
+            limited_condition(decision.limited_by, generation, decision.limited_pools),
         ),
         recommended=recommended,
         mode=mode,

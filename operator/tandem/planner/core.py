@@ -112,6 +112,7 @@ class _Plan:
     targets: dict[str, int | None] = field(default_factory=dict)
     caps: dict[str, Capacity] = field(default_factory=dict)
     limited: LimitedBy | None = None
+    limited_pools: list[str] = field(default_factory=list)  # pools at their max that fall short
     infeasible: list[str] = field(default_factory=list)
     unmet: float = 0.0  # requests/s no allowed fleet serves within the SLO (per role)
     held: dict[str, str] = field(default_factory=dict)  # pool -> why it was held
@@ -954,6 +955,7 @@ def size(
             plan.targets.update(alloc)
             if short:
                 plan.limited = "max"
+                plan.limited_pools += [p.name for p in pools if alloc.get(p.name) == p.max_replicas]
                 plan.unmet += max(0.0, d.rate - sum(n * caps[k].rps for k, n in alloc.items()))
     _keep_decode_for_prefill(spec, plan)
 
@@ -1375,9 +1377,12 @@ def _after_budget(
 # ------------------------------------------------------------------------- 8. bounds and budget
 
 
-def clamp_bounds(spec: PlannerSpec, obs: Observation, out: dict[str, int | None]) -> LimitedBy | None:
-    """Force every pool into [min, max] (even when the planner has no opinion)."""
-    limited: LimitedBy | None = None
+def clamp_bounds(
+    spec: PlannerSpec, obs: Observation, out: dict[str, int | None]
+) -> tuple[LimitedBy | None, list[str]]:
+    """Force every pool into [min, max] (even when the planner has no opinion). Returns
+    ("max", the pools brought down to their max) when one was, else (None, [])."""
+    at_max: list[str] = []
     for pool in spec.pools:
         want = out.get(pool.name)
         reading = obs.pools.get(pool.name)
@@ -1388,8 +1393,8 @@ def clamp_bounds(spec: PlannerSpec, obs: Observation, out: dict[str, int | None]
             out[pool.name] = pool.min_replicas
         elif value > pool.max_replicas:
             out[pool.name] = pool.max_replicas
-            limited = "max"
-    return limited
+            at_max.append(pool.name)
+    return ("max" if at_max else None), at_max
 
 
 def _over_budget(spec: PlannerSpec, counts: Mapping[str, int]) -> bool:
@@ -1406,12 +1411,12 @@ def _after(out: Mapping[str, int | None], obs: Observation, pool: str) -> int:
     return obs.pools[pool].replicas if wanted is None else wanted
 
 
-def apply_budget(spec: PlannerSpec, obs: Observation, out: dict[str, int | None]) -> bool:
+def apply_budget(spec: PlannerSpec, obs: Observation, out: dict[str, int | None]) -> list[str]:
     """Remove replicas, most expensive first (increases before existing ones), until the
-    budget holds or every pool is at its min. Returns True if anything was cut."""
+    budget holds or every pool is at its min. Returns the pools it cut (sorted)."""
     counts = {p.name: _after(out, obs, p.name) for p in spec.pools}
     current = {p.name: obs.pools[p.name].replicas for p in spec.pools}
-    cut = False
+    cut: set[str] = set()
     while _over_budget(spec, counts):
         options = [p for p in spec.pools if counts[p.name] > p.min_replicas]
         if not options:
@@ -1419,8 +1424,8 @@ def apply_budget(spec: PlannerSpec, obs: Observation, out: dict[str, int | None]
         victim = max(options, key=lambda p: (counts[p.name] > current[p.name], p.price_per_hour, p.name))
         counts[victim.name] -= 1
         out[victim.name] = counts[victim.name]
-        cut = True
-    return cut
+        cut.add(victim.name)
+    return sorted(cut)
 
 
 # ------------------------------------------------------------------------- decide
@@ -1460,10 +1465,10 @@ def _hold(
     spec: PlannerSpec, obs: Observation, st: PlannerState, now: float, reason: str, message: str
 ) -> Decision:
     out: dict[str, int | None] = {p.name: None for p in spec.pools}
-    limited = clamp_bounds(spec, obs, out)
+    limited, at_max = clamp_bounds(spec, obs, out)
     st.last_time = now
     _unconfirmed(st)  # a threshold's lead must be confirmed on good data, in a row
-    return Decision(out, None, reason, message, {"held": "all"}, limited, st)
+    return Decision(out, None, reason, message, {"held": "all"}, limited, st, tuple(at_max))
 
 
 def _signals(
@@ -1514,23 +1519,26 @@ def _limits(
     plan: _Plan,
     covered: Mapping[str, bool],
     out: dict[str, int | None],
-) -> tuple[LimitedBy | None, bool, list[str]]:
-    """Clamp ``out`` to the bounds and the budget: (the bound that bit, whether the budget
-    cut, the pools a replicas.min keeps above the demand's need). The planner sizes every pool
-    from its min up, so a min binds where the role runs more replicas than the demand alone
-    would (counted over the role's pools: a min replica that serves in place of a cheaper
-    pool's is needed) and the pool ends at its min (``min`` only when no max or budget bit)."""
-    limited = clamp_bounds(spec, obs, out) or plan.limited
-    budget_cut = apply_budget(spec, obs, out)
-    if budget_cut:
-        limited = "budget"
+) -> tuple[LimitedBy | None, list[str], bool, list[str]]:
+    """Clamp ``out`` to the bounds and the budget: (the bound that bit, the pools it bit on,
+    whether the budget cut, the pools a replicas.min keeps above the demand's need). The
+    planner sizes every pool from its min up, so a min binds where the role runs more replicas
+    than the demand alone would (counted over the role's pools: a min replica that serves in
+    place of a cheaper pool's is needed) and the pool ends at its min (``min`` only when no max
+    or budget bit)."""
+    clamped, at_max = clamp_bounds(spec, obs, out)
+    limited = clamped or plan.limited
+    pools = sorted(set(at_max) | set(plan.limited_pools)) if limited == "max" else []
+    cut = apply_budget(spec, obs, out)
+    if cut:
+        limited, pools = "budget", cut
         _after_budget(spec, obs, st, now, plan, covered, out)
     at_min = sorted(
         p.name for p in spec.pools if p.name in plan.above_need and _after(out, obs, p.name) == p.min_replicas
     )
     if limited is not None or not at_min:
-        return limited, budget_cut, []
-    return "min", budget_cut, at_min
+        return limited, pools, bool(cut), []
+    return "min", at_min, bool(cut), at_min
 
 
 def _reason(
@@ -1600,7 +1608,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     threshold = route_threshold(spec, observation, st, held, planned)
     covered = record(spec, st, now, plan)
     out = stabilise(spec, observation, st, now, plan, covered)
-    limited, budget_cut, at_min = _limits(spec, observation, st, now, plan, covered, out)
+    limited, limited_pools, budget_cut, at_min = _limits(spec, observation, st, now, plan, covered, out)
     for name, value in out.items():
         if value is not None and value == observation.pools[name].replicas:
             out[name] = None
@@ -1625,7 +1633,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     if floor > 0:
         signals["burstFloorRps"] = f"{floor:.3g}"
     signals["demandSource"] = total.source
-    return Decision(out, changed_threshold, reason, message, signals, limited, st)
+    return Decision(out, changed_threshold, reason, message, signals, limited, st, tuple(limited_pools))
 
 
 def with_state(decision: Decision, state: PlannerState) -> Decision:

@@ -482,7 +482,8 @@ class Decision:
     ``split_threshold``: prompts of at least this many tokens go prefill -> decode (``None``
     = keep). ``reason`` is CamelCase (for ``status.lastDecision.reason``), ``message`` a
     sentence, ``signals`` the numbers that drove it (strings, for the status). ``state`` is
-    the memory to pass to the next call.
+    the memory to pass to the next call. ``limited_by``: the bound that kept a pool from the
+    replicas the demand needs (``min``, ``max``, ``budget``), on ``limited_pools``.
     """
 
     replicas: dict[str, int | None]
@@ -492,6 +493,7 @@ class Decision:
     signals: dict[str, str]
     limited_by: LimitedBy | None
     state: PlannerState
+    limited_pools: tuple[str, ...] = ()  # the pools ``limited_by`` binds on (sorted)
 
     def changes(self, current: Mapping[str, int]) -> dict[str, int]:
         """The pools whose desired replicas differ from ``current``."""
