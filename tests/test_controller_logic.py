@@ -178,6 +178,7 @@ def _failing(pool: str, pods: int, why: str) -> str:
 
 CRASH_DECODE = _failing("decode", 1, "CrashLoopBackOff")
 CRASH_DECODE_2 = _failing("decode", 2, "CrashLoopBackOff")  # another pod of the pool
+CRASH_DECODE_OOM = _failing("decode", 1, "CrashLoopBackOff (last exit: OOMKilled, code 137)")
 
 
 @pytest.mark.parametrize(
@@ -188,6 +189,9 @@ CRASH_DECODE_2 = _failing("decode", 2, "CrashLoopBackOff")  # another pod of the
         # still: no repeat every reconcile, nor when another pod of the pool fails too
         (("PoolCrashLooping", CRASH_DECODE), ("PoolCrashLooping", CRASH_DECODE), []),
         (("PoolCrashLooping", CRASH_DECODE), ("PoolCrashLooping", CRASH_DECODE_2), []),
+        # the same crash loop, now stating its last exit (or an operator before it did not)
+        (("PoolCrashLooping", CRASH_DECODE), ("PoolCrashLooping", CRASH_DECODE_OOM), []),
+        (("AsExpected", "No pod is failing."), ("PoolCrashLooping", CRASH_DECODE_OOM), [CRASH_DECODE_OOM]),
         # another failure of the same pool
         (
             ("PoolCrashLooping", CRASH_DECODE),

@@ -349,7 +349,7 @@ def test_a_crash_loop_between_back_offs_still_fails() -> None:
     for state in ("running", "terminated"):
         found = failing_pools([_between_crashes("d", ready=False, exit_code=1, state=state)])
         assert found["d"][0] == "PoolCrashLooping"
-        assert "CrashLoopBackOff" in found["d"][1]
+        assert "in CrashLoopBackOff (last exit: Error, code 1);" in found["d"][1]
     assert failing_pools([_between_crashes("d", ready=True, exit_code=1)]) == {}  # recovered
     assert failing_pools([_between_crashes("d", ready=False, exit_code=0)]) == {}  # exited cleanly
 
@@ -372,6 +372,43 @@ def test_the_degraded_message_states_each_failing_pool_once() -> None:
         ("c", "ErrImagePull"): found["c"],
     }
     assert stated_failures("No pod of a pool is failing to run.") == {}
+
+
+def test_a_crash_loop_states_how_the_container_last_exited() -> None:
+    """The Degraded message says how a crash-looping container last ended (the kubelet's
+    lastState), so the cause (OOMKilled, an exit code) shows without kubectl describe; the
+    restart count is left out, or each crash would rewrite the status. `stated_failures` reads
+    the sentence back with and without it (a message an earlier operator wrote)."""
+    from tandem.status import failing_pools, stated_failures
+
+    oom = _between_crashes("d", ready=False, exit_code=137)
+    oom["status"]["containerStatuses"][0]["lastState"]["terminated"]["reason"] = "OOMKilled"
+    backing_off = crashing_pod("p", "CrashLoopBackOff")
+    backing_off["status"]["containerStatuses"][1]["lastState"] = {"terminated": {"exitCode": 2}}
+    found = failing_pools([oom, backing_off, crashing_pod("x", "CrashLoopBackOff")])
+    assert found["d"][1].startswith(
+        "Pool d: 1 pod(s) with container engine in CrashLoopBackOff (last exit: OOMKilled, code 137);"
+    )
+    assert "in CrashLoopBackOff (last exit: code 2);" in found["p"][1]
+    assert "in CrashLoopBackOff;" in found["x"][1]  # no lastState: nothing to add
+    again = failing_pools(
+        [
+            {
+                **oom,
+                "status": {
+                    "containerStatuses": [{**oom["status"]["containerStatuses"][0], "restartCount": 9}]
+                },
+            }
+        ]
+    )
+    assert again["d"] == found["d"]  # another crash, the same message
+    message = " ".join(m for _, m in found.values())
+    assert set(stated_failures(message)) == {
+        ("d", "CrashLoopBackOff"),
+        ("p", "CrashLoopBackOff"),
+        ("x", "CrashLoopBackOff"),
+    }
+    assert stated_failures(message)[("d", "CrashLoopBackOff")] == found["d"]
 
 
 class RejectingKube:

@@ -266,7 +266,8 @@ def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str
     Pods being deleted are ignored (an old ReplicaSet's crash-looping pods do not count once a
     rollout replaced them). Pools are reported in name order, so the message is stable.
     """
-    found: dict[str, tuple[str, str, str, int]] = {}  # pool -> (reason, container, waiting, pods)
+    # pool -> (reason, container, waiting, its last exit, pods)
+    found: dict[str, tuple[str, str, str, str, int]] = {}
     for pod in pods:
         meta = pod.get("metadata") or {}
         pool = (meta.get("labels") or {}).get(names.LABEL_POOL)
@@ -278,19 +279,31 @@ def failing_pools(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str
             if waiting not in _FAILING and _restarting_after_crash(cs):
                 waiting = _CRASH_LOOP
             if waiting in _FAILING:
-                reason, container, why, count = found.get(
-                    pool, (_FAILING[waiting], cs.get("name", "?"), waiting, 0)
+                reason, container, why, exited, count = found.get(
+                    pool, (_FAILING[waiting], cs.get("name", "?"), waiting, _last_exit(cs, waiting), 0)
                 )
-                found[pool] = (reason, container, why, count + 1)
+                found[pool] = (reason, container, why, exited, count + 1)
                 break
     return {
         pool: (
             reason,
-            f"Pool {pool}: {count} pod(s) with container {container} in {why}; the planner adds no "
-            "replicas to it until they become ready.",
+            f"Pool {pool}: {count} pod(s) with container {container} in {why}{exited}; the planner "
+            "adds no replicas to it until they become ready.",
         )
-        for pool, (reason, container, why, count) in sorted(found.items())
+        for pool, (reason, container, why, exited, count) in sorted(found.items())
     }
+
+
+def _last_exit(cs: Mapping[str, Any], waiting: str) -> str:
+    """' (last exit: OOMKilled, code 137)' for a crash-looping container whose last
+    termination the kubelet reports, else ''. The restart count is left out: it grows with
+    every crash and would rewrite the message (and the status) each time."""
+    last = (cs.get("lastState") or {}).get("terminated") or {}
+    if waiting != _CRASH_LOOP or not last:
+        return ""
+    reason, code = last.get("reason"), last.get("exitCode")
+    parts = [str(x) for x in (reason, None if code is None else f"code {code}") if x not in (None, "")]
+    return f" (last exit: {', '.join(parts)})" if parts else ""
 
 
 _CRASH_LOOP = "CrashLoopBackOff"
@@ -316,7 +329,9 @@ def _restarting_after_crash(cs: Mapping[str, Any]) -> bool:
 
 # One pool's sentence in a Degraded message of `failing_pools` (container names are DNS labels:
 # no dots, so the sentence ends at the first full stop after the waiting reason).
-_FAILURE_SENTENCE = re.compile(r"Pool (?P<pool>\S+): \d+ pod\(s\) with container \S+ in (?P<why>\w+);[^.]*\.")
+_FAILURE_SENTENCE = re.compile(
+    r"Pool (?P<pool>\S+): \d+ pod\(s\) with container \S+ in (?P<why>\w+)(?: \([^)]*\))?;[^.]*\."
+)
 
 
 def stated_failures(message: str) -> dict[tuple[str, str], tuple[str, str]]:
