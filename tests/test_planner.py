@@ -667,3 +667,31 @@ def test_a_mean_prompt_over_a_few_requests_barely_moves_the_level() -> None:
     # silence (no mean prompt) for 10 intervals, then the trickle
     quiet = [(330.0 + 30.0 * i, 0.0, 0.0) for i in range(10)]
     assert level_after([*quiet, (630.0, few, 4000.0)]) < 1300.0
+
+
+def test_before_burstiness_is_known_a_spent_budget_prices_the_mixed_path_dearer() -> None:
+    """A service that starts under load cannot yet tell smooth arrivals from bursts, and the
+    mixed model assumes smooth ones. While the error budget is spent then, mixed pools are
+    sized at ``cold_mixed_factor`` times the model's service times at least (they lose most in
+    a burst); with the budget fine, or once arrivals were watched long enough, they are not."""
+    obs = fleet(mixed_rps=3.0, replicas=(1, 0, 1, 2))
+    spent = PlannerState(slo_met=800.0, slo_seen=1000.0)
+    fine = PlannerState(slo_met=990.0, slo_seen=1000.0)
+    cold = decide(SPEC, obs, spent, 30.0)
+    calm = decide(SPEC, obs, fine, 30.0)
+    assert cold.signals["coldMixedFactor"] == "2" and "coldMixedFactor" not in calm.signals
+    assert (
+        cold.signals["mixed-mi300x.correction"] == calm.signals["mixed-mi300x.correction"]
+    )  # learned: the same
+    assert float(cold.signals["mixed-mi300x.capacityRps"]) < 0.75 * float(
+        calm.signals["mixed-mi300x.capacityRps"]
+    )
+    # prefill and decode pools are priced as before
+    for pool in ("prefill-mi300x", "decode-mi300x"):
+        assert cold.signals[f"{pool}.capacityRps"] == calm.signals[f"{pool}.capacityRps"]
+    # arrivals watched for ``burst_min_intervals`` intervals: told, so the model's own price
+    watched = replace(spent, arrivals=[(30.0 * i, 3.0) for i in range(SPEC.tuning.burst_min_intervals)])
+    told = decide(SPEC, obs, watched, 30.0 * SPEC.tuning.burst_min_intervals)
+    assert "coldMixedFactor" not in told.signals
+    off = replace(SPEC, tuning=replace(SPEC.tuning, cold_mixed_factor=1.0))
+    assert "coldMixedFactor" not in decide(off, obs, spent, 30.0).signals

@@ -750,11 +750,26 @@ def _servers(spec: PlannerSpec, st: PlannerState, replicas: int) -> int:
     return min(replicas, spec.tuning.pooled_servers_max)
 
 
+def cold_mixed(spec: PlannerSpec, st: PlannerState) -> bool:
+    """Whether mixed pools are priced at ``cold_mixed_factor`` at least: arrivals not yet
+    told smooth or bursty, and the error budget spent."""
+    return spec.tuning.cold_mixed_factor > 1 and dispersion(spec, st) is None and budget_spent(spec, st)
+
+
+def priced_correction(spec: PlannerSpec, st: PlannerState, pool: PoolTarget) -> float:
+    """The correction ``pool`` is sized at: its own (`correction`), for a mixed pool at least
+    ``cold_mixed_factor`` while `cold_mixed`."""
+    corr = correction(spec, st, pool)
+    if pool.role == "mixed" and cold_mixed(spec, st):
+        return max(corr, spec.tuning.cold_mixed_factor)
+    return corr
+
+
 def _cap(spec: PlannerSpec, pool: PoolTarget, d: Demand, st: PlannerState, replicas: int = 1) -> Capacity:
     """Per-replica capacity of ``pool`` for ``d`` when it runs ``replicas`` (queueing as one)."""
     return capacity(
         pool, spec.model, d.isl, d.osl, spec.ttft_s, spec.itl_s, spec.attainment, spec.tuning,
-        correction(spec, st, pool), d.typical, d.spread, _servers(spec, st, replicas),
+        priced_correction(spec, st, pool), d.typical, d.spread, _servers(spec, st, replicas),
     )  # fmt: skip
 
 
@@ -1502,6 +1517,8 @@ def _signals(
         "unknown" if met_share(spec, st) is None else ("spent" if budget_spent(spec, st) else "ok")
     )
     sig["scaleDownWindowSeconds"] = f"{down_window(spec, st, now):.0f}"
+    if spec.by_role("mixed") and cold_mixed(spec, st):
+        sig["coldMixedFactor"] = f"{spec.tuning.cold_mixed_factor:.3g}"
     for role, since in sorted(st.idle_since.items()):
         sig[f"{role}.idleSeconds"] = f"{now - since:.0f}"
     sig["splitThreshold"] = str(threshold)

@@ -215,6 +215,19 @@ class Tuning:
     # 1.654, 0.882 / 1.439, 0.862 / 1.746 uncapped, 0.848 / 1.581, 0.874 / 1.359, 0.862 /
     # 1.746 at 1.5). The synthetic traces are not bursty enough for it to apply.
     burst_correction_max: float = 1.5
+    # Before arrivals can be told smooth or bursty (``burst_min_intervals``) and while the
+    # error budget is spent, a mixed pool is priced as if its service times were at least
+    # this many times the model's. The mixed model assumes smooth arrivals; in a burst, a
+    # mixed replica's prefills stall the decode batch it shares them with (prefill-decode
+    # interference, DistServe arXiv 2401.09670 Sec. 2.2), which split pools isolate, and an
+    # overloaded pool's samples are queues, not corrections. A service that starts under
+    # bursty load otherwise sized the mixed path first, then moved to the split path when the
+    # mixed replicas were ready (Azure block resample 36: "split nothing" at 2 min, "split
+    # everything" at 5.5). Development seeds 31-40: the resamples' mean attainment 0.850 ->
+    # 0.869 (lowest 0.805 -> 0.838), their cost vs the oracle 1.24 -> 1.21, nothing else
+    # changed (1.5: 0.866 / 1.19; 3: 0.871 / 1.28); held-out seeds 11-13: resample 13 0.777
+    # -> 0.832, nothing else changed. 1 turns it off.
+    cold_mixed_factor: float = 2.0
     # Queueing across a pool's replicas: the router sends each prompt to the least-loaded
     # replica, so n replicas queue more like one M/M/c queue than n M/M/1 queues, and carry
     # more per replica at the same TTFT quantile (measured in the simulator: 5 replicas
