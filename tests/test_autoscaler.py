@@ -317,3 +317,37 @@ def test_a_warning_that_comes_and_goes_posts_again_only_after_the_repeat_interva
     asyncio.run(a.step(KEY, strict, now=now + WARNING_REPEAT_S))
     assert [e for e in events if e[0] == "Warning"] == [("Warning", "SloInfeasible")] * 2
     a.forget(KEY)
+
+
+def test_a_warning_situation_that_lasts_through_a_restart_is_not_told_again(
+    sample_pools: dict[str, dict],
+) -> None:
+    """The planner's memory is the operator's: after a restart (or a handover to another
+    replica) it has decided nothing yet. The last decision is then the one the status holds,
+    so an SLO still out of reach posts no second Warning; one that starts now does."""
+    strict = body()
+    strict["spec"]["slo"] = {"ttftSeconds": 0.001, "itlSeconds": 0.0001}
+    first, _, events = scaler(sample_pools, LightProm())
+    first.services[KEY] = strict
+    auto = asyncio.run(first.step(KEY, strict, now=100.0))
+    assert auto is not None and auto.last_decision is not None
+    assert events == [("Warning", "SloInfeasible")]
+    stored = {**strict, "status": {"lastDecision": auto.last_decision.model_dump(by_alias=True)}}
+
+    restarted, _, after = scaler(sample_pools, LightProm())
+    restarted.services[KEY] = stored
+    again = asyncio.run(restarted.step(KEY, stored, now=105.0))
+    assert again is not None and again.last_decision is not None
+    assert again.last_decision.reason == "SloInfeasible" and after == []
+    restarted.forget(KEY)
+
+    # the status told another reason: the situation starts now
+    told_other = {
+        **strict,
+        "status": {"lastDecision": {"reason": "Steady", "message": "Capacity matches demand."}},
+    }
+    fresh, _, new = scaler(sample_pools, LightProm())
+    fresh.services[KEY] = told_other
+    asyncio.run(fresh.step(KEY, told_other, now=105.0))
+    assert new == [("Warning", "SloInfeasible")]
+    fresh.forget(KEY)

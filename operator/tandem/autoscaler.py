@@ -88,6 +88,13 @@ def utcnow() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _stored_reason(body: Mapping[str, Any]) -> str | None:
+    """The reason of ``status.lastDecision`` as stored (None when there is none)."""
+    last = (body.get("status") or {}).get("lastDecision")
+    reason = last.get("reason") if isinstance(last, Mapping) else None
+    return reason if isinstance(reason, str) and reason else None
+
+
 # A Warning reason posts again only after this long (the planner's default scale-down window):
 # a situation that comes and goes every other interval must not post an Event each time.
 WARNING_REPEAT_S = 600.0
@@ -276,7 +283,7 @@ class Autoscaler:
             await self._hold_started(key, body, st, decision.reason, decision.message, moment)
         # the SLO may suffer: a Warning when that starts, even if no replica changes
         warning = decision.reason in WARNING_REASONS
-        started = warning and self._starts(st, decision.reason, moment)
+        started = warning and self._starts(st, body, decision.reason, moment)
         if recommend:
             decision = as_recommendation(decision)
         autoscale = after_decision(spec, generation, decision, current, st.autoscale, stamp)
@@ -405,13 +412,20 @@ class Autoscaler:
             PLANNER_TTFT_WITHIN_TARGET.labels(*key).set(share)
 
     @staticmethod
-    def _starts(st: _Service, reason: str, now: float) -> bool:
+    def _starts(st: _Service, body: Mapping[str, Any], reason: str, now: float) -> bool:
         """Whether a decision (or a hold) for ``reason`` starts a situation worth a Warning: the
         last decision had another reason, and no Warning for ``reason`` went out in the last
         ``WARNING_REPEAT_S`` (a reason that comes back every other interval, such as an SLO out
-        of reach on sparse traffic, would otherwise post one a minute). Records the post."""
-        previous = st.autoscale.last_decision if st.autoscale else None
-        if previous is not None and previous.reason == reason:
+        of reach on sparse traffic, would otherwise post one a minute). Records the post.
+
+        Before this operator's first decision for the service (it restarted, or took over as
+        the active replica) the last decision is the one the status holds: a situation that
+        lasts through a restart was told already."""
+        if st.autoscale is not None:
+            previous = st.autoscale.last_decision.reason if st.autoscale.last_decision else None
+        else:
+            previous = _stored_reason(body)
+        if previous == reason:
             return False
         last = st.warned.get(reason)
         if last is not None and 0.0 <= now - last < WARNING_REPEAT_S:
@@ -423,7 +437,7 @@ class Autoscaler:
         self, key: Key, body: Mapping[str, Any], st: _Service, reason: str, message: str, now: float
     ) -> None:
         """A Warning Event and a log line when a hold for ``reason`` starts."""
-        if not self._starts(st, reason, now):
+        if not self._starts(st, body, reason, now):
             return
         log.warning("Planner of %s/%s is holding: %s", *key, message)
         try:
