@@ -205,3 +205,31 @@ def test_the_replicas_rule_reads_an_unset_bound_as_the_models_default() -> None:
     (check,) = pool["replicas"]["x-kubernetes-validations"]
     assert check["rule"] == "(has(self.min) ? self.min : 1) <= (has(self.max) ? self.max : 1)"
     assert Replicas().min == Replicas().max == 1
+
+
+def test_a_property_called_default_or_items_inside_a_list_is_kept() -> None:
+    """Dropping defaults inside list items removes the keyword, not a property of that name."""
+    schema_ = {
+        "type": "object",
+        "properties": {
+            "entries": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "default": {},
+                    "properties": {
+                        "default": {"type": "boolean", "default": False},
+                        "items": {"type": "array", "items": {"type": "string"}},
+                        "name": {"type": "string", "default": "x"},
+                    },
+                },
+            },
+            "default": {"type": "string", "default": "top"},
+        },
+    }
+    crdgen._no_defaults_in_list_items(schema_)
+    item = schema_["properties"]["entries"]["items"]
+    assert "default" not in item and set(item["properties"]) == {"default", "items", "name"}
+    assert item["properties"]["default"] == {"type": "boolean"}
+    assert item["properties"]["name"] == {"type": "string"}
+    assert schema_["properties"]["default"] == {"type": "string", "default": "top"}  # not in a list

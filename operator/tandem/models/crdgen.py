@@ -135,7 +135,12 @@ def _no_defaults_in_list_items(node: Any, in_items: bool = False) -> None:
         if in_items:
             node.pop("default", None)
         for key, value in node.items():
-            _no_defaults_in_list_items(value, in_items or key == "items")
+            if key == "properties" and isinstance(value, dict):
+                # property name -> schema: a property may be called "default" or "items"
+                for schema in value.values():
+                    _no_defaults_in_list_items(schema, in_items)
+            else:
+                _no_defaults_in_list_items(value, in_items or key == "items")
 
 
 def _add_rules(node: Schema, path: list[str], rules: list[dict[str, str]]) -> None:
