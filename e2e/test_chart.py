@@ -325,6 +325,12 @@ def test_operator_runs_with_only_the_charts_permissions(
             k.split("verb=")[1].split(",")[0].rstrip("}") for k, v in metrics.items() if "verb=" in k and v
         }
         assert {"GET", "PATCH", "POST", "DELETE"} <= verbs, verbs
+        # the chart's CRDs, read with the chart's permissions, are what this operator generates
+        crds = {k: v for k, v in metrics.items() if k.startswith("tandem_crd_missing_fields{")}
+        assert crds == {
+            "tandem_crd_missing_fields{crd=acceleratorpools.inference.tandem.dev}": 0.0,
+            "tandem_crd_missing_fields{crd=inferenceservices.inference.tandem.dev}": 0.0,
+        }, crds
         bad = [line for line in log_text.splitlines() if FORBIDDEN.search(line)]
         assert not bad, "forbidden calls:\n" + "\n".join(bad[:20])
     finally:

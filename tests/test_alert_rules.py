@@ -54,7 +54,9 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
         "TandemPlannerSloInfeasible",
         "TandemReconcileErrors",
         "TandemSloAttainmentLow",
+        "TandemCrdOutdated",
     }
+    crd = "inferenceservices.inference.tandem.dev"
 
     inputs = [
         gauge("tandem_planner_holding", "held", "1x40"),  # Prometheus unreachable all along
@@ -83,6 +85,14 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
         # removed: Prometheus marks it stale at the next scrape)
         gauge("tandem_reconcile_consecutive_errors", "recovered", "1+1x14 0x25"),
         gauge("tandem_reconcile_consecutive_errors", "deleted", "1+1x14 stale"),
+        # the cluster's InferenceService CRD lacks 3 fields (reported by both pods of a
+        # hand-over for a while); the AcceleratorPool CRD is current
+        {"series": f'tandem_crd_missing_fields{{crd="{crd}",pod="op-a"}}', "values": "3x40"},
+        {"series": f'tandem_crd_missing_fields{{crd="{crd}",pod="op-b"}}', "values": "3x14"},
+        {
+            "series": 'tandem_crd_missing_fields{crd="acceleratorpools.inference.tandem.dev"}',
+            "values": "0x40",
+        },
     ]
     fired = {  # alert -> the labels of the one alert it should raise
         "TandemPlannerHolding": {"service": "held"},
@@ -110,6 +120,11 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
                     # pending, not firing, before the `for` (10 minutes) has passed
                     {"eval_time": "5m", "alertname": "TandemPlannerHolding", "exp_alerts": []},
                     *at_25m,
+                    {
+                        "eval_time": "25m",
+                        "alertname": "TandemCrdOutdated",
+                        "exp_alerts": [expected(rules["TandemCrdOutdated"], crd=crd)],
+                    },
                     # while failing, one alert per failing service, none for the others
                     {
                         "eval_time": "12m",
@@ -136,6 +151,7 @@ def test_alert_rules_parse_and_fire_for_the_right_services(tmp_path: Path) -> No
                     gauge("tandem_planner_holding", "fine", "0x40"),
                     gauge("tandem_planner_limited", "fine", "0x40", by="budget"),
                     gauge("tandem_reconcile_consecutive_errors", "fine", "0x40"),
+                    {"series": f'tandem_crd_missing_fields{{crd="{crd}"}}', "values": "0x40"},
                 ],
                 "alert_rule_test": [
                     {"eval_time": "30m", "alertname": name, "exp_alerts": []} for name in rules

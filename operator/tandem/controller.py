@@ -15,14 +15,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem import names
+from tandem import crdcheck, names
 from tandem.autoscaler import Autoscaler, AutoscalerSettings
 from tandem.builders import Images
 from tandem.kube import Kube, KubeError
 from tandem.peering import PeeringGate, PeeringSettings
 from tandem.reconcile import Outcome, reconcile, utcnow
 from tandem.status import POD_FAILURE_REASONS, pool_status_update, stated_failures
-from tandem.telemetry import CHILD_WRITES, RECONCILE_ERRORS_IN_A_ROW, RECONCILE_SECONDS, RECONCILES
+from tandem.telemetry import (
+    CHILD_WRITES,
+    CRD_MISSING_FIELDS,
+    RECONCILE_ERRORS_IN_A_ROW,
+    RECONCILE_SECONDS,
+    RECONCILES,
+)
 
 log = logging.getLogger("tandem.controller")
 
@@ -61,6 +67,7 @@ class Controller:
         self.reconciles = 0
         self._gie = False  # the cluster serves GIE's InferencePool (inference_pools_served)
         self._gie_checked: float | None = None
+        self._crds_told: dict[str, tuple[str, ...]] = {}  # CRD -> the missing fields last logged
         # kopf pauses a standby replica's watches, not these tasks: they ask the gate
         self.gate = (
             PeeringGate(kube, self.settings.peering, self._peering_changed) if self.settings.peering else None
@@ -264,9 +271,43 @@ class Controller:
                         await self.update_pool_statuses()
             except Exception:  # reported, retried next period; never stops the loop
                 log.exception("Could not update the AcceleratorPools' status")
+            try:
+                await asyncio.to_thread(self.check_crds)
+            except Exception:  # reported, retried next period
+                log.exception("Could not compare the cluster's CRDs with this operator's")
             await asyncio.sleep(self.settings.resync_seconds)
             for key in list(self.services):
                 self.request(key)  # a standby replica's requests are ignored
+
+    def check_crds(self) -> dict[str, list[str]]:
+        """Compare the cluster's CRDs with this operator's (`tandem.crdcheck`): set the gauge
+        ``tandem_crd_missing_fields`` per CRD and log a warning when the fields a CRD lacks
+        change (once, not every resync). A CRD that cannot be read (absent, or no permission to
+        list CRDs) is left unreported. Returns CRD -> missing fields, for those read."""
+        found: dict[str, list[str]] = {}
+        for name, expected in crdcheck.expected_crds().items():
+            try:
+                page = self.kube.request(
+                    "GET",
+                    "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                    query=[("fieldSelector", f"metadata.name={name}")],
+                )
+            except KubeError as exc:
+                log.debug("Could not read CRD %s: %s", name, exc)
+                continue
+            items = page.get("items") or []
+            if not items:
+                continue
+            missing = crdcheck.missing_fields(items[0], expected)
+            found[name] = missing
+            CRD_MISSING_FIELDS.labels(name).set(len(missing))
+            if tuple(missing) != self._crds_told.get(name, ()):
+                if missing:
+                    log.warning("%s", crdcheck.summary(name, missing))
+                else:
+                    log.info("The cluster's CRD %s is current.", name)
+            self._crds_told[name] = tuple(missing)
+        return found
 
     async def update_pool_statuses(self) -> int:
         """Recomputes every AcceleratorPool's status from one list of nodes and one of pods;

@@ -24,6 +24,12 @@ RECONCILE_SECONDS = Histogram(
     "Time one InferenceService reconcile took.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+CRD_MISSING_FIELDS = Gauge(
+    "tandem_crd_missing_fields",
+    "Fields of this operator's CRD that the cluster's lacks (the apiserver drops them from every "
+    "object it stores): 0 when the installed CRD is current; absent when it could not be read.",
+    ["crd"],
+)
 CHILD_WRITES = Counter(
     "tandem_child_writes_total", "Objects applied or pruned for InferenceServices.", ["action", "kind"]
 )
