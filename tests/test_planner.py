@@ -673,12 +673,13 @@ def test_before_burstiness_is_known_a_spent_budget_prices_the_mixed_path_dearer(
     """A service that starts under load cannot yet tell smooth arrivals from bursts, and the
     mixed model assumes smooth ones. While the error budget is spent then, mixed pools are
     sized at ``cold_mixed_factor`` times the model's service times at least (they lose most in
-    a burst); with the budget fine, or once arrivals were watched long enough, they are not."""
+    a burst); with the budget fine, once arrivals were watched long enough, or when the planner
+    does not choose the split threshold (disaggregation always or never), they are not."""
     obs = fleet(mixed_rps=3.0, replicas=(1, 0, 1, 2))
     spent = PlannerState(slo_met=800.0, slo_seen=1000.0)
     fine = PlannerState(slo_met=990.0, slo_seen=1000.0)
-    cold = decide(SPEC, obs, spent, 30.0)
-    calm = decide(SPEC, obs, fine, 30.0)
+    cold = decide(TUNED, obs, spent, 30.0)
+    calm = decide(TUNED, obs, fine, 30.0)
     assert cold.signals["coldMixedFactor"] == "2" and "coldMixedFactor" not in calm.signals
     assert (
         cold.signals["mixed-mi300x.correction"] == calm.signals["mixed-mi300x.correction"]
@@ -690,8 +691,21 @@ def test_before_burstiness_is_known_a_spent_budget_prices_the_mixed_path_dearer(
     for pool in ("prefill-mi300x", "decode-mi300x"):
         assert cold.signals[f"{pool}.capacityRps"] == calm.signals[f"{pool}.capacityRps"]
     # arrivals watched for ``burst_min_intervals`` intervals: told, so the model's own price
-    watched = replace(spent, arrivals=[(30.0 * i, 3.0) for i in range(SPEC.tuning.burst_min_intervals)])
-    told = decide(SPEC, obs, watched, 30.0 * SPEC.tuning.burst_min_intervals)
+    watched = replace(spent, arrivals=[(30.0 * i, 3.0) for i in range(TUNED.tuning.burst_min_intervals)])
+    told = decide(TUNED, obs, watched, 30.0 * TUNED.tuning.burst_min_intervals)
     assert "coldMixedFactor" not in told.signals
-    off = replace(SPEC, tuning=replace(SPEC.tuning, cold_mixed_factor=1.0))
+    off = replace(TUNED, tuning=replace(TUNED.tuning, cold_mixed_factor=1.0))
     assert "coldMixedFactor" not in decide(off, obs, spent, 30.0).signals
+    assert "coldMixedFactor" not in decide(SPEC, obs, spent, 30.0).signals  # a fixed threshold
+
+
+def test_a_service_without_a_split_path_is_not_priced_dearer_in_a_cold_start() -> None:
+    """With nothing to choose between, pricing the mixed pools dearer would only start more of
+    them: a mixed-only service is sized by the model alone."""
+    mixed_only = replace(SPEC, pools=tuple(p for p in SPEC.pools if p.role == "mixed"))
+    obs = Observation({"mixed-mi300x": fleet(mixed_rps=3.0, replicas=(1, 0, 1, 2)).pools["mixed-mi300x"]})
+    spent = PlannerState(slo_met=800.0, slo_seen=1000.0)
+    fine = PlannerState(slo_met=990.0, slo_seen=1000.0)
+    cold, calm = decide(mixed_only, obs, spent, 30.0), decide(mixed_only, obs, fine, 30.0)
+    assert "coldMixedFactor" not in cold.signals
+    assert cold.signals["mixed-mi300x.capacityRps"] == calm.signals["mixed-mi300x.capacityRps"]

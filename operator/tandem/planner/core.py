@@ -751,9 +751,16 @@ def _servers(spec: PlannerSpec, st: PlannerState, replicas: int) -> int:
 
 
 def cold_mixed(spec: PlannerSpec, st: PlannerState) -> bool:
-    """Whether mixed pools are priced at ``cold_mixed_factor`` at least: arrivals not yet
-    told smooth or bursty, and the error budget spent."""
-    return spec.tuning.cold_mixed_factor > 1 and dispersion(spec, st) is None and budget_spent(spec, st)
+    """Whether mixed pools are priced at ``cold_mixed_factor`` at least: the planner chooses
+    between the mixed and the split path, arrivals are not yet told smooth or bursty, and the
+    error budget is spent. (Without a split path to choose, pricing the mixed pools dearer
+    would only start more of them.)"""
+    return (
+        spec.tuning.cold_mixed_factor > 1
+        and _splits(spec)
+        and dispersion(spec, st) is None
+        and budget_spent(spec, st)
+    )
 
 
 def priced_correction(spec: PlannerSpec, st: PlannerState, pool: PoolTarget) -> float:

@@ -215,9 +215,10 @@ class Tuning:
     # 1.654, 0.882 / 1.439, 0.862 / 1.746 uncapped, 0.848 / 1.581, 0.874 / 1.359, 0.862 /
     # 1.746 at 1.5). The synthetic traces are not bursty enough for it to apply.
     burst_correction_max: float = 1.5
-    # Before arrivals can be told smooth or bursty (``burst_min_intervals``) and while the
-    # error budget is spent, a mixed pool is priced as if its service times were at least
-    # this many times the model's. The mixed model assumes smooth arrivals; in a burst, a
+    # When the planner chooses the split threshold, before arrivals can be told smooth or
+    # bursty (``burst_min_intervals``) and while the error budget is spent, a mixed pool is
+    # priced as if its service times were at least this many times the model's. The mixed
+    # model assumes smooth arrivals; in a burst, a
     # mixed replica's prefills stall the decode batch it shares them with (prefill-decode
     # interference, DistServe arXiv 2401.09670 Sec. 2.2), which split pools isolate, and an
     # overloaded pool's samples are queues, not corrections. A service that starts under
