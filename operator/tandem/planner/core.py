@@ -1316,6 +1316,19 @@ def _unused_and_idle(spec: PlannerSpec, role: Role, st: PlannerState, now: float
     return role in plan.unused and idle is not None and now - idle >= spec.tuning.idle_release_s
 
 
+def remembered(spec: PlannerSpec, st: PlannerState, total: Total, threshold: int, plan: _Plan) -> _Plan:
+    """The plan the scale-down window remembers for this decision: ``plan``, or, when the
+    forecast asks for more than the demand observed and the error budget is not spent, the
+    fleet for the observed demand. Up is at once either way (``plan`` is applied); a trend
+    that does not come true then holds its replicas only while they start, not for the whole
+    window. With the budget spent the window holds what the forecast asked for, as before."""
+    if spec.tuning.hold_forecast or total.rate <= total.observed or budget_spent(spec, st):
+        return plan
+    observed = _Plan(running=plan.running)
+    size(spec, class_demand(spec, replace(total, rate=total.observed), threshold), st, observed, report=False)
+    return observed
+
+
 def record(spec: PlannerSpec, st: PlannerState, now: float, plan: _Plan) -> dict[str, bool]:
     """Add this decision's recommendations to the pools' windows (kept for the whole
     ``down_window_s``); per pool, whether the window in force (`down_window`) is spanned
@@ -1630,7 +1643,7 @@ def decide(spec: PlannerSpec, observation: Observation, state: PlannerState, now
     plan = _Plan(running=running)
     size(spec, demand, st, plan)
     threshold = route_threshold(spec, observation, st, held, planned)
-    covered = record(spec, st, now, plan)
+    covered = record(spec, st, now, remembered(spec, st, total, planned, plan))
     out = stabilise(spec, observation, st, now, plan, covered)
     limited, limited_pools, budget_cut, at_min = _limits(spec, observation, st, now, plan, covered, out)
     for name, value in out.items():
