@@ -276,6 +276,11 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
             ]
             == 1
         )
+        # its memory, kept for a restart in a ConfigMap the service owns (not a managed child)
+        kept = get(cluster, namespace, "configmap", f"{SERVICE}.planner-state")
+        svc = get(cluster, namespace, "inferenceservice", SERVICE)
+        assert [o["uid"] for o in kept["metadata"]["ownerReferences"]] == [svc["metadata"]["uid"]]
+        assert json.loads(kept["data"]["state"])["recommendations"], kept["data"]["state"][:200]
         # the error budget it read, beside the target, for alerting (the chart's PrometheusRule)
         slo = f"{{namespace={namespace},service={SERVICE}}}"
         assert metrics[f"tandem_planner_attainment_target_ratio{slo}"] == 0.9

@@ -5,11 +5,13 @@ reconcile."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 from prometheus_client import REGISTRY
 
-from tandem.autoscaler import WARNING_REPEAT_S, Autoscaler, AutoscalerSettings
+from tandem.autoscaler import WARNING_REPEAT_S, Autoscaler, AutoscalerSettings, state_configmap
+from tandem.planner import PlannerState
 from tandem.scaling import METRICS_AVAILABLE, SCALING_LIMITED
 
 URL = "http://prometheus.test:9090"
@@ -44,6 +46,24 @@ def body() -> dict[str, Any]:
 class Deployments:
     def __init__(self) -> None:
         self.replicas = {"prefill": 1, "decode": 1}  # what runs (an HPA may change it)
+        self.configmaps: dict[str, dict[str, Any]] = {}  # the planner's state ConfigMaps, by path
+        self.applies = 0
+
+    def request(self, method: str, path: str, query: list[tuple[str, str]] | None = None, **_: Any) -> dict:
+        """A LIST of ConfigMaps by name (the chart's RBAC grants list, not get)."""
+        assert method == "GET" and path.endswith("/configmaps"), (method, path)
+        name = dict(query or [])["fieldSelector"].removeprefix("metadata.name=")
+        found = self.configmaps.get(f"{path}/{name}")
+        return {"items": [copy.deepcopy(found)] if found else []}
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        assert manifest["kind"] == "ConfigMap"
+        meta = manifest["metadata"]
+        self.configmaps[f"/api/v1/namespaces/{meta['namespace']}/configmaps/{meta['name']}"] = copy.deepcopy(
+            manifest
+        )
+        self.applies += 1
+        return manifest
 
     def list_objects(self, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         assert kind == "Deployment" and namespace == "team-a"
@@ -351,3 +371,55 @@ def test_a_warning_situation_that_lasts_through_a_restart_is_not_told_again(
     asyncio.run(fresh.step(KEY, told_other, now=105.0))
     assert new == [("Warning", "SloInfeasible")]
     fresh.forget(KEY)
+
+
+STATE_PATH = f"/api/v1/namespaces/team-a/configmaps/{state_configmap('chat')}"
+
+
+def test_the_planners_memory_is_kept_in_a_configmap_the_service_owns(sample_pools: dict[str, dict]) -> None:
+    a, _, _ = scaler(sample_pools, BusyProm())
+    asyncio.run(a.step(KEY, body(), now=100.0))
+    cm = a.kube.configmaps[STATE_PATH]  # type: ignore[attr-defined]
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "u"  # deleted with the service
+    # neither pruned by the reconcile nor watched as a child (both select app.kubernetes.io/managed-by)
+    assert "app.kubernetes.io/managed-by" not in cm["metadata"]["labels"]
+    stored = PlannerState.from_json(cm["data"]["state"])
+    assert stored.last_time == 100.0 and stored.recommendations
+    # written at most every persist_seconds, not every decision
+    asyncio.run(a.step(KEY, body(), now=105.0))
+    assert a.kube.applies == 1  # type: ignore[attr-defined]
+    asyncio.run(a.step(KEY, body(), now=100.0 + a.settings.persist_seconds))
+    assert a.kube.applies == 2  # type: ignore[attr-defined]
+    a.forget(KEY)
+
+
+def test_a_restarted_operator_starts_from_the_stored_memory(sample_pools: dict[str, dict]) -> None:
+    """What the planner learned survives a restart (or a handover): the first decision of the
+    new operator starts from the ConfigMap, when it is this service's and at most a scale-down
+    window old; else afresh. After a gap of more than ``gap_intervals`` the planner restarts its
+    scale-down window as after any gap, but keeps the rest (the burst memory here)."""
+    first, _, _ = scaler(sample_pools, BusyProm())
+    asyncio.run(first.step(KEY, body(), now=100.0))
+    stored = copy.deepcopy(first.kube.configmaps)  # type: ignore[attr-defined]
+    first.forget(KEY)
+
+    def restarted(now: float, owner: dict[str, Any] | None = None) -> PlannerState:
+        a, _, _ = scaler(sample_pools, BusyProm())
+        a.kube.configmaps = copy.deepcopy(stored)  # type: ignore[attr-defined]
+        asyncio.run(a.step(KEY, owner or body(), now=now))
+        state = a._state[KEY].state
+        a.forget(KEY)
+        return state
+
+    soon = restarted(105.0)  # within the gap: the window goes on
+    assert [t for t, _ in soon.recommendations["prefill"]] == [100.0, 105.0]
+    assert [t for t, _ in soon.arrivals] == [100.0, 105.0]
+    later = restarted(160.0)  # past the gap (2.5 intervals of 5 s): a new window, the memory kept
+    assert [t for t, _ in later.recommendations["prefill"]] == [160.0]
+    assert [t for t, _ in later.arrivals] == [100.0, 160.0]
+    # a namesake service (another uid) or a memory older than the scale-down window: afresh
+    other = body()
+    other["metadata"]["uid"] = "v"
+    assert [t for t, _ in restarted(105.0, other).arrivals] == [105.0]
+    stale = 100.0 + first.settings.tuning.down_window_s + 1.0
+    assert [t for t, _ in restarted(stale).arrivals] == [stale]

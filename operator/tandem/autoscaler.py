@@ -14,8 +14,12 @@ for one service delays no other):
 
 Missing data never scales anything down: the planner holds on incomplete readings, and when
 Prometheus cannot be read at all the step does not call the planner (``MetricsAvailable=False``,
-reason ``PrometheusUnavailable``). The state lives in the operator's memory: after a restart
-the planner starts afresh from the replicas that run (its scale-down window starts over).
+reason ``PrometheusUnavailable``). The planner's memory (scale-down window, corrections,
+forecasts, error budget, burst memory) lives in the operator and, every ``persist_seconds``, in
+the ConfigMap ``<service>.planner-state`` the service owns. After a restart, or on the replica
+that takes over, the first decision starts from it when it is this service's and at most a
+scale-down window old; else the planner starts afresh from the replicas that run (its window
+starts over, so nothing goes down before a whole window was watched).
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ class AutoscalerSettings:
     query_timeout_seconds: float = 5.0  # per PromQL query (client and server side)
     tick_seconds: float = 1.0
     tuning: Tuning = field(default_factory=Tuning)  # defaults; annotations override per service
+    # how often, at most, a service's planner memory is written to its state ConfigMap (0: never)
+    persist_seconds: float = 120.0
 
 
 def window_seconds(interval_s: float) -> float:
@@ -93,6 +99,65 @@ def _stored_reason(body: Mapping[str, Any]) -> str | None:
     last = (body.get("status") or {}).get("lastDecision")
     reason = last.get("reason") if isinstance(last, Mapping) else None
     return reason if isinstance(reason, str) and reason else None
+
+
+def _switch_mode(st: _Service, mode: str) -> None:
+    """planner <-> recommend (after_decision ignores the other mode's Autoscale): the router
+    runs the spec's threshold after recommend (its own was never applied)."""
+    if st.mode is not None and st.mode != mode:
+        st.recommendation = None
+        if mode == "planner":
+            st.state = dataclasses.replace(st.state, split_threshold=None, route_changed=None)
+    st.mode = mode
+
+
+def state_configmap(service: str) -> str:
+    """The ConfigMap that keeps a service's planner memory across operator restarts (a dot
+    cannot appear in a child's name, which joins the service and a pool name with '-')."""
+    return f"{service}.planner-state"
+
+
+def state_manifest(body: Mapping[str, Any], state: PlannerState) -> dict[str, Any]:
+    """The state ConfigMap of the service ``body``: owned by it (deleted with it), and without
+    the managed-by label, so that neither the reconcile's prune nor the operator's watch of
+    its children sees it."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": state_configmap(meta["name"]),
+            "namespace": meta.get("namespace") or "default",
+            "labels": {names.LABEL_SERVICE: meta["name"], names.LABEL_COMPONENT: "planner-state"},
+            "ownerReferences": [
+                {
+                    "apiVersion": body.get("apiVersion", names.API_VERSION),
+                    "kind": body.get("kind", names.KIND_SERVICE),
+                    "name": meta["name"],
+                    "uid": meta.get("uid"),
+                }
+            ],
+        },
+        "data": {"state": state.to_json()},
+    }
+
+
+def restorable(
+    cm: Mapping[str, Any], body: Mapping[str, Any], now: float, max_age_s: float
+) -> PlannerState | None:
+    """The planner memory a state ConfigMap holds, if it belongs to this very service (its
+    owner's uid: not a deleted namesake's) and is at most ``max_age_s`` old; else None. A
+    memory older than a few intervals is safe too: the planner restarts its scale-down window
+    after a gap in its decisions."""
+    uid = (body.get("metadata") or {}).get("uid")
+    owners = (cm.get("metadata") or {}).get("ownerReferences") or []
+    if not uid or not any(o.get("uid") == uid for o in owners):
+        return None
+    text = (cm.get("data") or {}).get("state") or ""
+    state = PlannerState.from_json(text)
+    if state.last_time is None or not 0.0 <= now - state.last_time <= max_age_s:
+        return None
+    return state
 
 
 # A Warning reason posts again only after this long (the planner's default scale-down window):
@@ -112,6 +177,8 @@ class _Service:
     mode: str | None = None  # the autoscaling mode of the last step
     recommendation: tuple[Any, ...] | None = None  # recommend mode: the last one an Event told
     warned: dict[str, float] = field(default_factory=dict)  # Warning reason -> when last posted
+    restored: bool = False  # the state ConfigMap was read (once, before the first decision)
+    persisted: float | None = None  # when the state was last written to it
 
 
 class Autoscaler:
@@ -242,13 +309,7 @@ class Autoscaler:
             return None  # the reconcile reports what is wrong with the spec
         st = self._state.setdefault(key, _Service())
         mode = spec.autoscaling.mode
-        if st.mode is not None and st.mode != mode:
-            # planner <-> recommend (after_decision ignores the other mode's Autoscale): the
-            # router runs the spec's threshold after recommend (its own was never applied)
-            st.recommendation = None
-            if mode == "planner":
-                st.state = dataclasses.replace(st.state, split_threshold=None, route_changed=None)
-        st.mode = mode
+        _switch_mode(st, mode)
         items = await asyncio.to_thread(self.kube.list_objects, "Deployment", namespace, owned_labels(name))
         deployments = {
             d["metadata"]["labels"][names.LABEL_POOL]: d
@@ -272,12 +333,16 @@ class Autoscaler:
         observation = pool_readings(spec, deployments, metrics)
         assert observation is not None
         recommend = mode == "recommend"
+        moment = time.time() if now is None else now
+        if not st.restored:  # the first decision since this operator started, or took over
+            st.restored = True
+            await self._restore(key, body, st, pspec, moment)
         state = st.state
         if recommend:  # the router keeps the spec's threshold: the planner's was never applied
             state = dataclasses.replace(state, split_threshold=None, route_changed=None)
-        moment = time.time() if now is None else now
         decision = decide(pspec, observation, state, moment)
         st.state = decision.state
+        await self._persist(key, body, st, moment)
         post = bool(decision.changes(current)) or decision.split_threshold is not None
         if holding(decision.reason):  # the metrics could not be trusted (MetricsMissing, ...)
             await self._hold_started(key, body, st, decision.reason, decision.message, moment)
@@ -299,6 +364,46 @@ class Autoscaler:
         if post:
             await self._post(body, decision, "Warning" if warning else "Normal")
         return self._store(key, body, autoscale)
+
+    async def _restore(
+        self, key: Key, body: Mapping[str, Any], st: _Service, pspec: PlannerSpec, now: float
+    ) -> bool:
+        """Take the planner memory of the state ConfigMap (written before a restart or by the
+        replica that was active before this one), if it is this service's and recent. Returns
+        whether it did. Any failure leaves the fresh state: the planner then starts afresh, as it
+        always could (nothing scales down before a whole window was watched)."""
+        if self.settings.persist_seconds <= 0:
+            return False
+        namespace, name = key
+        query = [("fieldSelector", f"metadata.name={state_configmap(name)}")]
+        try:  # a LIST: the chart grants list on ConfigMaps, not get
+            page = await asyncio.to_thread(
+                self.kube.request, "GET", f"/api/v1/namespaces/{namespace}/configmaps", query=query
+            )
+        except KubeError as exc:
+            log.warning("Could not read the planner state of %s/%s: %s", namespace, name, exc)
+            return False
+        items = page.get("items") or []
+        state = restorable(items[0], body, now, pspec.tuning.down_window_s) if items else None
+        if state is None:
+            return False
+        st.state = state
+        st.persisted = now  # what is stored is this memory
+        log.info("Restored the planner memory of %s/%s", namespace, name)
+        return True
+
+    async def _persist(self, key: Key, body: Mapping[str, Any], st: _Service, now: float) -> None:
+        """Write the planner memory to the state ConfigMap, at most every ``persist_seconds``.
+        A failed write is logged and retried at the next decision."""
+        every = self.settings.persist_seconds
+        if every <= 0 or (st.persisted is not None and 0.0 <= now - st.persisted < every):
+            return
+        try:
+            await asyncio.to_thread(self.kube.apply, state_manifest(body, st.state))
+        except KubeError as exc:
+            log.warning("Could not write the planner state of %s/%s: %s", *key, exc)
+            return
+        st.persisted = now
 
     async def _hold(
         self,
