@@ -298,6 +298,11 @@ def test_planner_scales_prefill_for_long_prompts_and_holds_without_metrics(
         shown = explain_events(explain.stdout)
         assert ("Warning", "PrometheusUnavailable") in shown, explain.stdout
         assert {"ScaledUp", "Rebalanced"} & {reason for _, reason in shown}, explain.stdout
+        # a restarted operator starts from that memory, not afresh
+        op.stop()
+        op.start()
+        restored = f"Restored the planner memory of {namespace}/{SERVICE}"
+        wait_for(lambda: restored in op.log_text(), timeout=60, what="the planner memory restored")
         print(
             f"planner e2e: reasons {watch.decision_reasons()}, thresholds {agent.stats.split_thresholds}, "
             f"{len(load.report.samples)} requests, dropped {load.report.dropped}"

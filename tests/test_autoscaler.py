@@ -395,8 +395,8 @@ def test_the_planners_memory_is_kept_in_a_configmap_the_service_owns(sample_pool
 
 def test_a_restarted_operator_starts_from_the_stored_memory(sample_pools: dict[str, dict]) -> None:
     """What the planner learned survives a restart (or a handover): the first decision of the
-    new operator starts from the ConfigMap, when it is this service's and at most a scale-down
-    window old; else afresh. After a gap of more than ``gap_intervals`` the planner restarts its
+    new operator starts from the ConfigMap, when it is this service's and at most the error
+    budget's window old; else afresh. After a gap of more than ``gap_intervals`` the planner restarts its
     scale-down window as after any gap, but keeps the rest (the burst memory here)."""
     first, _, _ = scaler(sample_pools, BusyProm())
     asyncio.run(first.step(KEY, body(), now=100.0))
@@ -417,9 +417,9 @@ def test_a_restarted_operator_starts_from_the_stored_memory(sample_pools: dict[s
     later = restarted(160.0)  # past the gap (2.5 intervals of 5 s): a new window, the memory kept
     assert [t for t, _ in later.recommendations["prefill"]] == [160.0]
     assert [t for t, _ in later.arrivals] == [100.0, 160.0]
-    # a namesake service (another uid) or a memory older than the scale-down window: afresh
+    # a namesake service (another uid) or a memory older than the error budget's window: afresh
     other = body()
     other["metadata"]["uid"] = "v"
     assert [t for t, _ in restarted(105.0, other).arrivals] == [105.0]
-    stale = 100.0 + first.settings.tuning.down_window_s + 1.0
+    stale = 100.0 + first.settings.tuning.slo_window_s + 1.0
     assert [t for t, _ in restarted(stale).arrivals] == [stale]

@@ -17,9 +17,10 @@ Prometheus cannot be read at all the step does not call the planner (``MetricsAv
 reason ``PrometheusUnavailable``). The planner's memory (scale-down window, corrections,
 forecasts, error budget, burst memory) lives in the operator and, every ``persist_seconds``, in
 the ConfigMap ``<service>.planner-state`` the service owns. After a restart, or on the replica
-that takes over, the first decision starts from it when it is this service's and at most a
-scale-down window old; else the planner starts afresh from the replicas that run (its window
-starts over, so nothing goes down before a whole window was watched).
+that takes over, the first decision starts from it when it is this service's and at most the
+error budget's window (``slo_window_s``) old; else the planner starts afresh from the replicas
+that run. Either way a pause of more than ``gap_intervals`` restarts the scale-down window, so
+nothing goes down before a whole window was watched after it.
 """
 
 from __future__ import annotations
@@ -369,7 +370,8 @@ class Autoscaler:
         self, key: Key, body: Mapping[str, Any], st: _Service, pspec: PlannerSpec, now: float
     ) -> bool:
         """Take the planner memory of the state ConfigMap (written before a restart or by the
-        replica that was active before this one), if it is this service's and recent. Returns
+        replica that was active before this one), if it is this service's and at most
+        ``slo_window_s`` old (the longest window of its memory but the burst memory). Returns
         whether it did. Any failure leaves the fresh state: the planner then starts afresh, as it
         always could (nothing scales down before a whole window was watched)."""
         if self.settings.persist_seconds <= 0:
@@ -384,7 +386,7 @@ class Autoscaler:
             log.warning("Could not read the planner state of %s/%s: %s", namespace, name, exc)
             return False
         items = page.get("items") or []
-        state = restorable(items[0], body, now, pspec.tuning.down_window_s) if items else None
+        state = restorable(items[0], body, now, pspec.tuning.slo_window_s) if items else None
         if state is None:
             return False
         st.state = state
