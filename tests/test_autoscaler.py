@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from tandem.autoscaler import WARNING_REPEAT_S, Autoscaler, AutoscalerSettings, state_configmap
+from tandem.kube import KubeError
 from tandem.planner import PlannerState
 from tandem.scaling import METRICS_AVAILABLE, SCALING_LIMITED
 
@@ -423,3 +424,27 @@ def test_a_restarted_operator_starts_from_the_stored_memory(sample_pools: dict[s
     assert [t for t, _ in restarted(105.0, other).arrivals] == [105.0]
     stale = 100.0 + first.settings.tuning.slo_window_s + 1.0
     assert [t for t, _ in restarted(stale).arrivals] == [stale]
+
+
+class ForbiddenConfigMaps(Deployments):
+    """An operator without permission on ConfigMaps (rbac.create=false, an old role)."""
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.applies += 1
+        raise KubeError(403, "Forbidden")
+
+
+def test_a_memory_that_cannot_be_written_is_tried_again_only_every_persist_seconds(
+    sample_pools: dict[str, dict],
+) -> None:
+    """The planner goes on deciding; the write is retried after ``persist_seconds``, so a missing
+    permission logs one warning per service every few minutes, not one per interval."""
+    a, _, _ = scaler(sample_pools, BusyProm())
+    a.kube = ForbiddenConfigMaps()
+    for now in (100.0, 105.0, 110.0):
+        auto = asyncio.run(a.step(KEY, body(), now=now))
+        assert auto is not None and auto.last_decision is not None
+    assert a.kube.applies == 1
+    asyncio.run(a.step(KEY, body(), now=100.0 + a.settings.persist_seconds))
+    assert a.kube.applies == 2
+    a.forget(KEY)

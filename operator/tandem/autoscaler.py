@@ -396,16 +396,16 @@ class Autoscaler:
 
     async def _persist(self, key: Key, body: Mapping[str, Any], st: _Service, now: float) -> None:
         """Write the planner memory to the state ConfigMap, at most every ``persist_seconds``.
-        A failed write is logged and retried at the next decision."""
+        A failed write (no permission, say) is logged and tried again ``persist_seconds`` later,
+        not at every decision."""
         every = self.settings.persist_seconds
         if every <= 0 or (st.persisted is not None and 0.0 <= now - st.persisted < every):
             return
+        st.persisted = now
         try:
             await asyncio.to_thread(self.kube.apply, state_manifest(body, st.state))
         except KubeError as exc:
             log.warning("Could not write the planner state of %s/%s: %s", *key, exc)
-            return
-        st.persisted = now
 
     async def _hold(
         self,
