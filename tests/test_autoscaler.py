@@ -10,10 +10,10 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from tandem.autoscaler import WARNING_REPEAT_S, Autoscaler, AutoscalerSettings, state_configmap
+from tandem.autoscaler import WARNING_REPEAT_S, Autoscaler, AutoscalerSettings
 from tandem.kube import KubeError
 from tandem.planner import PlannerState
-from tandem.scaling import METRICS_AVAILABLE, SCALING_LIMITED
+from tandem.scaling import METRICS_AVAILABLE, SCALING_LIMITED, state_configmap
 
 URL = "http://prometheus.test:9090"
 KEY = ("team-a", "chat")

@@ -56,6 +56,9 @@ from tandem.scaling import (
     as_recommendation,
     holding,
     pool_readings,
+    restorable,
+    state_configmap,
+    state_manifest,
     tuning_from,
 )
 from tandem.telemetry import (
@@ -110,55 +113,6 @@ def _switch_mode(st: _Service, mode: str) -> None:
         if mode == "planner":
             st.state = dataclasses.replace(st.state, split_threshold=None, route_changed=None)
     st.mode = mode
-
-
-def state_configmap(service: str) -> str:
-    """The ConfigMap that keeps a service's planner memory across operator restarts (a dot
-    cannot appear in a child's name, which joins the service and a pool name with '-')."""
-    return f"{service}.planner-state"
-
-
-def state_manifest(body: Mapping[str, Any], state: PlannerState) -> dict[str, Any]:
-    """The state ConfigMap of the service ``body``: owned by it (deleted with it), and without
-    the managed-by label, so that neither the reconcile's prune nor the operator's watch of
-    its children sees it."""
-    meta = body["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": state_configmap(meta["name"]),
-            "namespace": meta.get("namespace") or "default",
-            "labels": {names.LABEL_SERVICE: meta["name"], names.LABEL_COMPONENT: "planner-state"},
-            "ownerReferences": [
-                {
-                    "apiVersion": body.get("apiVersion", names.API_VERSION),
-                    "kind": body.get("kind", names.KIND_SERVICE),
-                    "name": meta["name"],
-                    "uid": meta.get("uid"),
-                }
-            ],
-        },
-        "data": {"state": state.to_json()},
-    }
-
-
-def restorable(
-    cm: Mapping[str, Any], body: Mapping[str, Any], now: float, max_age_s: float
-) -> PlannerState | None:
-    """The planner memory a state ConfigMap holds, if it belongs to this very service (its
-    owner's uid: not a deleted namesake's) and is at most ``max_age_s`` old; else None. A
-    memory older than a few intervals is safe too: the planner restarts its scale-down window
-    after a gap in its decisions."""
-    uid = (body.get("metadata") or {}).get("uid")
-    owners = (cm.get("metadata") or {}).get("ownerReferences") or []
-    if not uid or not any(o.get("uid") == uid for o in owners):
-        return None
-    text = (cm.get("data") or {}).get("state") or ""
-    state = PlannerState.from_json(text)
-    if state.last_time is None or not 0.0 <= now - state.last_time <= max_age_s:
-        return None
-    return state
 
 
 # A Warning reason posts again only after this long (the planner's default scale-down window):
@@ -368,14 +322,14 @@ class Autoscaler:
 
     async def _restore(
         self, key: Key, body: Mapping[str, Any], st: _Service, pspec: PlannerSpec, now: float
-    ) -> bool:
+    ) -> None:
         """Take the planner memory of the state ConfigMap (written before a restart or by the
         replica that was active before this one), if it is this service's and at most
-        ``slo_window_s`` old (the longest window of its memory but the burst memory). Returns
-        whether it did. Any failure leaves the fresh state: the planner then starts afresh, as it
-        always could (nothing scales down before a whole window was watched)."""
+        ``slo_window_s`` old (the longest window of its memory but the burst memory). Any failure
+        leaves the fresh state: the planner then starts afresh, as it always could (nothing
+        scales down before a whole window was watched)."""
         if self.settings.persist_seconds <= 0:
-            return False
+            return
         namespace, name = key
         query = [("fieldSelector", f"metadata.name={state_configmap(name)}")]
         try:  # a LIST: the chart grants list on ConfigMaps, not get
@@ -384,15 +338,13 @@ class Autoscaler:
             )
         except KubeError as exc:
             log.warning("Could not read the planner state of %s/%s: %s", namespace, name, exc)
-            return False
+            return
         items = page.get("items") or []
         state = restorable(items[0], body, now, pspec.tuning.slo_window_s) if items else None
-        if state is None:
-            return False
-        st.state = state
-        st.persisted = now  # what is stored is this memory
-        log.info("Restored the planner memory of %s/%s", namespace, name)
-        return True
+        if state is not None:
+            st.state = state
+            st.persisted = now  # what is stored is this memory
+            log.info("Restored the planner memory of %s/%s", namespace, name)
 
     async def _persist(self, key: Key, body: Mapping[str, Any], st: _Service, now: float) -> None:
         """Write the planner memory to the state ConfigMap, at most every ``persist_seconds``.

@@ -18,7 +18,15 @@ from tandem import names
 from tandem.models.common import Condition, ConditionStatus
 from tandem.models.inference_service import Decision as DecisionStatus
 from tandem.models.inference_service import InferenceServiceSpec, InferenceServiceStatus
-from tandem.planner.types import CLIENT, Decision, Observation, PoolObservation, PoolReading, Tuning
+from tandem.planner.types import (
+    CLIENT,
+    Decision,
+    Observation,
+    PlannerState,
+    PoolObservation,
+    PoolReading,
+    Tuning,
+)
 from tandem.status import ratio, set_conditions
 
 METRICS_AVAILABLE = "MetricsAvailable"
@@ -326,3 +334,55 @@ def planner_status(
     if stored is not None and (stored.mode or "planner") != mode:
         return without_planner(status)
     return status
+
+
+# ---- the planner's memory across operator restarts (tandem.autoscaler reads and writes it)
+
+
+def state_configmap(service: str) -> str:
+    """The ConfigMap that keeps a service's planner memory across operator restarts (a dot
+    cannot appear in a child's name, which joins the service and a pool name with '-')."""
+    return f"{service}.planner-state"
+
+
+def state_manifest(body: Mapping[str, Any], state: PlannerState) -> dict[str, Any]:
+    """The state ConfigMap of the service ``body``: owned by it (deleted with it), and without
+    the managed-by label, so that neither the reconcile's prune nor the operator's watch of
+    its children sees it."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": state_configmap(meta["name"]),
+            "namespace": meta.get("namespace") or "default",
+            "labels": {names.LABEL_SERVICE: meta["name"], names.LABEL_COMPONENT: "planner-state"},
+            "ownerReferences": [
+                {
+                    "apiVersion": body.get("apiVersion", names.API_VERSION),
+                    "kind": body.get("kind", names.KIND_SERVICE),
+                    "name": meta["name"],
+                    "uid": meta.get("uid"),
+                }
+            ],
+        },
+        "data": {"state": state.to_json()},
+    }
+
+
+def restorable(
+    cm: Mapping[str, Any], body: Mapping[str, Any], now: float, max_age_s: float
+) -> PlannerState | None:
+    """The planner memory a state ConfigMap holds, if it belongs to this very service (its
+    owner's uid: not a deleted namesake's) and is at most ``max_age_s`` old; else None. A
+    memory older than a few intervals is safe too: the planner restarts its scale-down window
+    after a gap in its decisions."""
+    uid = (body.get("metadata") or {}).get("uid")
+    owners = (cm.get("metadata") or {}).get("ownerReferences") or []
+    if not uid or not any(o.get("uid") == uid for o in owners):
+        return None
+    text = (cm.get("data") or {}).get("state") or ""
+    state = PlannerState.from_json(text)
+    if state.last_time is None or not 0.0 <= now - state.last_time <= max_age_s:
+        return None
+    return state

@@ -301,8 +301,9 @@ def _last_exit(cs: Mapping[str, Any], waiting: str) -> str:
     last = (cs.get("lastState") or {}).get("terminated") or {}
     if waiting != _CRASH_LOOP or not last:
         return ""
-    reason, code = last.get("reason"), last.get("exitCode")
-    parts = [str(x) for x in (reason, None if code is None else f"code {code}") if x not in (None, "")]
+    parts = [str(last["reason"])] if last.get("reason") else []
+    if last.get("exitCode") is not None:
+        parts.append(f"code {last['exitCode']}")
     return f" (last exit: {', '.join(parts)})" if parts else ""
 
 

@@ -1537,7 +1537,7 @@ def _signals(
         "unknown" if met_share(spec, st) is None else ("spent" if budget_spent(spec, st) else "ok")
     )
     sig["scaleDownWindowSeconds"] = f"{down_window(spec, st, now):.0f}"
-    if spec.by_role("mixed") and cold_mixed(spec, st):
+    if cold_mixed(spec, st):
         sig["coldMixedFactor"] = f"{spec.tuning.cold_mixed_factor:.3g}"
     for role, since in sorted(st.idle_since.items()):
         sig[f"{role}.idleSeconds"] = f"{now - since:.0f}"

@@ -218,9 +218,9 @@ class Tuning:
     # When the planner chooses the split threshold, before arrivals can be told smooth or
     # bursty (``burst_min_intervals``) and while the error budget is spent, a mixed pool is
     # priced as if its service times were at least this many times the model's. The mixed
-    # model assumes smooth arrivals; in a burst, a
-    # mixed replica's prefills stall the decode batch it shares them with (prefill-decode
-    # interference, DistServe arXiv 2401.09670 Sec. 2.2), which split pools isolate, and an
+    # model assumes smooth arrivals; in a burst, a mixed replica's prefills stall the decode
+    # batch it shares them with (prefill-decode interference, DistServe arXiv 2401.09670
+    # Sec. 2.2), which split pools isolate, and an
     # overloaded pool's samples are queues, not corrections. A service that starts under
     # bursty load otherwise sized the mixed path first, then moved to the split path when the
     # mixed replicas were ready (Azure block resample 36: "split nothing" at 2 min, "split
