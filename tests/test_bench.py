@@ -48,9 +48,16 @@ def test_bench_writes_results_table_and_timelines(tmp_path: Path) -> None:
         warm = metrics["after_warmup"]
         assert warm["from_s"] == 600.0 and 0.0 <= warm["slo_attainment"] <= 1.0
         assert warm["cost_per_1k_good"] is None or warm["cost_per_1k_good"] > 0
+        windows = metrics["windows"]
+        assert windows["seconds"] == 600.0 and windows["count"] >= 1
+        assert 0 <= windows["meeting_target"] <= windows["count"]
+        assert 0.0 <= windows["lowest_attainment"] <= metrics["slo_attainment"]
     assert set(results["traces"]["tiny"]["ratios_after_warmup"]) == {"colocated-hpa", "dynamo-sla", "oracle"}
     md = (out / "results.md").read_text()
     assert "| tandem |" in md and "After the first 600 s only" in md
+    assert "Windows at target" in md
+    w = entry["tandem"]["windows"]
+    assert f"| {w['meeting_target']}/{w['count']} ({w['lowest_attainment']:.3f}) |" in md
     assert (out / "tiny.png").stat().st_size > 0
 
 

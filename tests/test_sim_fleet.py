@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 from tandem.perf import get_accelerator, get_model, prefill_seconds
-from tandem.sim.fleet import SLO, FleetSpec, PoolSpec, SimConfig, _Engine, _Req, simulate
+from tandem.sim.fleet import (
+    SLO,
+    FleetSpec,
+    PoolSpec,
+    RequestResult,
+    SimConfig,
+    SimResult,
+    _Engine,
+    _Req,
+    simulate,
+)
 from tandem.sim.policies import PoolObservation, PoolState, QueuePolicy, RouterPolicy, StaticPolicy
 from tandem.sim.trace import TraceRequest, load_trace, scale_rate, synthetic, window
 
@@ -387,3 +397,22 @@ def test_on_the_split_path_each_request_is_counted_once_per_pool() -> None:
     assert total("decode", "requests_per_s") == pytest.approx(handed_over)
     arrived = sum((a.requests_per_s or 0.0) * 30.0 for a in policy.arrivals if a is not None)
     assert arrived == pytest.approx(len(outputs))
+
+
+def test_attainment_per_window_by_arrival() -> None:
+    """Each window's share of SLO-met requests among those arriving in it, in time order;
+    a window without arrivals is left out, and the whole run's attainment hides a bad one."""
+    slo = SLO(1.0, 0.1)
+
+    def req(at: float, ttft: float) -> RequestResult:
+        return RequestResult(at, 100, 10, "mixed", ttft, 0.05, ttft + 0.5)
+
+    requests = [req(10, 0.2), req(20, 0.3), req(30, 0.2), req(40, 0.2)]  # window 0: all met
+    requests += [req(610, 0.2), req(620, 3.0)]  # window 1: half
+    requests += [req(1810, 5.0), req(1820, 0.2), req(1830, 0.2), req(1840, 0.2)]  # window 3 (window 2: none)
+    result = SimResult(colocated(1), slo, requests, 1900.0, 1900.0, 0.0, 0.0, 0.0, {})
+    assert result.windows(600.0) == [1.0, 0.5, 0.75]
+    assert result.slo_attainment == pytest.approx(0.8)
+    assert result.windows(3600.0) == [pytest.approx(0.8)]
+    with pytest.raises(ValueError):
+        result.windows(0.0)

@@ -163,6 +163,19 @@ class SimResult:
         attainment = met / len(late) if late else 1.0
         return attainment, (self.cost_from(start) / met * 1000.0 if met else math.inf)
 
+    def windows(self, window_s: float) -> list[float]:
+        """SLO attainment of the requests arriving in each ``window_s``-long window of the
+        run, in order (windows without arrivals left out): the attainment an SLO judged per
+        window sees, where the whole run's can trade a bad window for good ones."""
+        if window_s <= 0:
+            raise ValueError("window_s must be positive")
+        counts: dict[int, list[int]] = {}
+        for r in self.requests:
+            seen = counts.setdefault(int(r.arrival // window_s), [0, 0])
+            seen[0] += r.meets(self.slo)
+            seen[1] += 1
+        return [met / total for _, (met, total) in sorted(counts.items())]
+
     @property
     def completed(self) -> int:
         return sum(1 for r in self.requests if r.e2e is not None)
