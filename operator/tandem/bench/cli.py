@@ -58,12 +58,15 @@ def markdown(results: Mapping[str, Any], target: float) -> str:
         f"SLO: TTFT {results['slo']['ttft_s']} s, mean ITL {results['slo']['itl_s']} s, "
         f"attainment target {target}. Costs in USD (catalog prices).",
         "",
-        f"Windows at target: of the {results.get('window_s', 600):.0f}-s windows of the trace (by "
-        "arrival), those whose attainment met the target, and the lowest window's. The goal "
-        "counts the whole trace, where one window's surplus pays for another's misses; the "
-        "oracle chooses its fleet knowing all of them.",
-        "",
     ]
+    if results.get("window_s"):
+        lines += [
+            f"Windows at target: of the {results['window_s']:.0f}-s windows of the trace (by "
+            "arrival), those whose attainment met the target, and the lowest window's. The goal "
+            "counts the whole trace, where one window's surplus pays for another's misses; the "
+            "oracle chooses its fleet knowing all of them.",
+            "",
+        ]
     for name, entry in results["traces"].items():
         lines += [f"## {name} ({entry['requests']} requests, {entry['duration_s']:.0f} s)", ""]
         lines += [
